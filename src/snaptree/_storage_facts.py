@@ -1,0 +1,38 @@
+"""What a storage can tell about itself where ZODB has no public API for it.
+
+Every private attribute snaptree reads from ZODB or RelStorage is read here,
+in one place, with the versions it was checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ZODB.Connection import Connection
+from ZODB.utils import p64, u64
+
+
+def visible_tid(conn: Connection) -> bytes:
+    """The tid of the last transaction a connection's current transaction can see.
+
+    There is no public API for this. Checked against ZODB 6.x: a connection's
+    ``_storage`` is an MVCCAdapterInstance whose ``_start`` is one past the
+    visible tid, or a HistoricalStorageAdapter with ``_before``; storages
+    that do MVCC themselves (RelStorage) answer ``lastTransaction()`` for
+    their own snapshot.
+    """
+    instance = conn._storage
+    for name in ("_start", "_before"):
+        bound = getattr(instance, name, None)
+        if bound is not None:
+            return p64(u64(bound) - 1)
+    return instance.lastTransaction()
+
+
+def keeps_history(storage: Any) -> bool:
+    """False for storages that keep only current records (RelStorage history-free)."""
+    keep = getattr(storage, "keep_history", None)  # RelStorage history-free says False
+    if keep is None:
+        options = getattr(storage, "_options", None)
+        keep = getattr(options, "keep_history", True)
+    return bool(keep() if callable(keep) else keep)

@@ -1,0 +1,64 @@
+"""snaptree's error hierarchy.
+
+Every error derives from :class:`Error`, so a caller can catch everything
+snaptree raises with one clause. Subclasses exist only where a caller would
+handle them differently. All of them pickle and unpickle unchanged (their
+constructors take positional arguments only), because they cross process
+boundaries: exporter processes, ZEO clients, test harnesses.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every error snaptree raises on purpose."""
+
+
+class OpenError(Error):
+    """A store could not be opened: bad URI, missing directory, locked file."""
+
+
+class RetriesExhausted(Error):
+    """A transaction kept conflicting until its attempts or deadline ran out.
+
+    ``attempts`` is the number of attempts made, ``oid`` (hex string or None)
+    and ``class_name`` name the object that conflicted last; the last
+    conflict is chained as ``__cause__``.
+    """
+
+    def __init__(self, attempts: int, oid: str | None, class_name: str | None, reason: str = ""):
+        self.attempts = attempts
+        self.oid = oid
+        self.class_name = class_name
+        self.reason = reason
+        where = f" on {class_name} oid {oid}" if class_name or oid else ""
+        why = f" ({reason})" if reason else ""
+        super().__init__(attempts, oid, class_name, reason)
+        self._message = (
+            f"gave up after {attempts} attempt(s){why}: the last conflict was{where}; "
+            "many threads writing the same object is a hot spot: spread the writes "
+            "(snaptree mappings, Counter) or raise retries"
+        )
+
+    def __str__(self) -> str:
+        return self._message
+
+
+class MisuseError(Error):
+    """The store was used in a way that would silently lose or corrupt data."""
+
+
+class WrongThreadError(MisuseError):
+    """A persistent object was changed outside the transaction that loaded it."""
+
+
+class UnstorableValueError(Error, TypeError):
+    """A value cannot be stored in the tree (or written in a format); ``path`` says where."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path
+        self.detail = detail
+        super().__init__(path, detail)
+
+    def __str__(self) -> str:
+        return f"{self.path or '/'}: {self.detail}"

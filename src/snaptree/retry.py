@@ -1,0 +1,137 @@
+"""The retry policy for conflicting transactions, and the accounting of conflicts.
+
+Only errors that ZODB and the transaction package mark as transient
+(``transaction.interfaces.TransientError``: ConflictError, ReadConflictError,
+ZEO disconnects...) or that a data manager declares retryable are retried;
+anything else is a bug or bad input and propagates at once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter as _Tally
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ZODB.utils import oid_repr
+
+from .errors import RetriesExhausted
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How many times, and how patiently, to retry a conflicting transaction.
+
+    Attempt *n* (n >= 1) that fails is followed by a sleep drawn uniformly from
+    ``[0, min(max_delay, base_delay * 2 ** (n - 1))]``: binary exponential
+    backoff with *full jitter*. The randomness matters more than the
+    exponent: threads that collided once pick different delays, so the next
+    round usually has a winner instead of the same collision again.
+
+    ``attempts`` bounds the total number of attempts (the first included);
+    ``deadline`` (seconds, optional) bounds the total time: no new attempt
+    starts, and no sleep extends, past it.
+    """
+
+    attempts: int = 20
+    base_delay: float = 0.002
+    max_delay: float = 0.25
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("base_delay and max_delay must not be negative")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError(f"deadline must be positive seconds, not {self.deadline}")
+
+    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to sleep after failed attempt number *attempt* (1-based)."""
+        cap = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return cap * rand()
+
+
+def describe_conflict(exc: BaseException) -> tuple[str | None, str | None]:
+    """Return (oid as hex, class name) of the object a ZODB conflict names, if any."""
+    oid = getattr(exc, "oid", None)
+    class_name = None
+    get_class_name = getattr(exc, "get_class_name", None)
+    if get_class_name is not None:
+        class_name = get_class_name()
+    return (oid_repr(oid) if oid is not None else None), class_name
+
+
+class ConflictStats:
+    """Thread-safe counters of commits, conflicts, retries and hot classes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = _Tally[str]()
+        self._hot = _Tally[str]()
+
+    def count(self, what: str, class_name: str | None = None) -> None:
+        with self._lock:
+            self._counts[what] += 1
+            if class_name:
+                self._hot[class_name] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "commits": self._counts["commits"],
+                "conflicts": self._counts["conflicts"],
+                "retries": self._counts["retries"],
+                "exhausted": self._counts["exhausted"],
+                "hot_classes": self._hot.most_common(),
+            }
+
+
+class Retry(Exception):
+    """Raised by one attempt to say: this failure is transient, try again.
+
+    Classification must happen inside the attempt, before its transaction is
+    aborted: afterwards the transaction manager can no longer tell.
+    """
+
+    def __init__(self, cause: BaseException):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def run_with_retries(
+    attempt: Callable[[], Any],
+    policy: RetryPolicy,
+    stats: ConflictStats,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rand: Callable[[], float] = random.random,
+) -> Any:
+    """Call *attempt* until it returns, raises a non-transient error, or the policy gives up."""
+    started = clock()
+    number = 0
+    while True:
+        number += 1
+        try:
+            return attempt()
+        except Retry as retry:
+            cause = retry.cause
+        oid, class_name = describe_conflict(cause)
+        stats.count("conflicts", class_name)
+        reason = ""
+        delay = policy.backoff(number, rand)
+        if number >= policy.attempts:
+            reason = f"{policy.attempts} attempts allowed"
+        elif policy.deadline is not None:
+            remaining = policy.deadline - (clock() - started)
+            if remaining <= delay:
+                reason = f"deadline of {policy.deadline:g} s reached"
+        if reason:
+            stats.count("exhausted")
+            raise RetriesExhausted(number, oid, class_name, reason) from cause
+        stats.count("retries")
+        sleep(delay)
