@@ -4,13 +4,19 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
     Error,
+    ExportError,
+    InputError,
     MisuseError,
     OpenError,
     RetriesExhausted,
     UnstorableValueError,
+    VerifyError,
     WrongThreadError,
 )
+from .exports import ExportInfo, verify
+from .imports import ImportResult, load_source
 from .retry import RetryPolicy
+from .schedule import Exporter
 from .store import Snapshot, Store, open, read_current
 from .tree import Counter, FlatMapping, List, Mapping, to_persistent, to_plain
 
@@ -22,7 +28,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "Counter",
     "Error",
+    "ExportError",
+    "ExportInfo",
+    "Exporter",
     "FlatMapping",
+    "ImportResult",
+    "InputError",
     "List",
     "Mapping",
     "MisuseError",
@@ -32,10 +43,13 @@ __all__ = [
     "Snapshot",
     "Store",
     "UnstorableValueError",
+    "VerifyError",
     "WrongThreadError",
     "__version__",
+    "load_source",
     "open",
     "read_current",
     "to_persistent",
     "to_plain",
+    "verify",
 ]

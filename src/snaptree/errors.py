@@ -62,3 +62,15 @@ class UnstorableValueError(Error, TypeError):
 
     def __str__(self) -> str:
         return f"{self.path or '/'}: {self.detail}"
+
+
+class InputError(Error):
+    """An import source is malformed or hostile; the message says where (line, column, path)."""
+
+
+class ExportError(Error):
+    """An export could not be written; earlier exports are untouched."""
+
+
+class VerifyError(ExportError):
+    """A dump does not match its manifest, or cannot be loaded."""

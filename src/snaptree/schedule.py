@@ -1,0 +1,5 @@
+"""Placeholder, replaced by the export issue (#4)."""
+
+
+class Exporter:
+    pass
