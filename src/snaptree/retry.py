@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter as _Tally
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ZODB.utils import oid_repr
@@ -33,13 +33,18 @@ class RetryPolicy:
 
     ``attempts`` bounds the total number of attempts (the first included);
     ``deadline`` (seconds, optional) bounds the total time: no new attempt
-    starts, and no sleep extends, past it.
+    starts, and no sleep extends, past it. ``sleep``, ``clock`` and ``rand``
+    are the policy's sense of time and chance; replace them to test code
+    that retries without really waiting.
     """
 
     attempts: int = 20
     base_delay: float = 0.002
     max_delay: float = 0.25
     deadline: float | None = None
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+    rand: Callable[[], float] = field(default=random.random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -49,10 +54,10 @@ class RetryPolicy:
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError(f"deadline must be positive seconds, not {self.deadline}")
 
-    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    def backoff(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number *attempt* (1-based)."""
         cap = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return cap * rand()
+        return cap * self.rand()
 
 
 def describe_conflict(exc: BaseException) -> tuple[str | None, str | None]:
@@ -102,17 +107,9 @@ class Retry(Exception):
         self.cause = cause
 
 
-def run_with_retries(
-    attempt: Callable[[], Any],
-    policy: RetryPolicy,
-    stats: ConflictStats,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-    rand: Callable[[], float] = random.random,
-) -> Any:
+def run_with_retries(attempt: Callable[[], Any], policy: RetryPolicy, stats: ConflictStats) -> Any:
     """Call *attempt* until it returns, raises a non-transient error, or the policy gives up."""
-    started = clock()
+    started = policy.clock()
     number = 0
     while True:
         number += 1
@@ -123,15 +120,15 @@ def run_with_retries(
         oid, class_name = describe_conflict(cause)
         stats.count("conflicts", class_name)
         reason = ""
-        delay = policy.backoff(number, rand)
+        delay = policy.backoff(number)
         if number >= policy.attempts:
             reason = f"{policy.attempts} attempts allowed"
         elif policy.deadline is not None:
-            remaining = policy.deadline - (clock() - started)
+            remaining = policy.deadline - (policy.clock() - started)
             if remaining <= delay:
                 reason = f"deadline of {policy.deadline:g} s reached"
         if reason:
             stats.count("exhausted")
             raise RetriesExhausted(number, oid, class_name, reason) from cause
         stats.count("retries")
-        sleep(delay)
+        policy.sleep(delay)

@@ -6,11 +6,11 @@ transaction manager, so threads share nothing but the database itself.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,9 +67,13 @@ def parse_point(at: datetime.datetime | str | bytes) -> bytes:
     if isinstance(at, datetime.datetime):
         if at.tzinfo is None:
             raise Error(f"{at.isoformat()}: give a timezone (for example {at.isoformat()}+00:00)")
-        at = at.astimezone(datetime.UTC)
-        seconds = at.second + at.microsecond / 1e6
-        return TimeStamp(at.year, at.month, at.day, at.hour, at.minute, seconds).raw()
+        # A datetime has microseconds, a tid finer steps: "at" a datetime means
+        # up to the end of that microsecond, so a commit time read back from a
+        # tid (and so truncated) still includes that commit.
+        end = at.astimezone(datetime.UTC) + datetime.timedelta(microseconds=1)
+        seconds = end.second + end.microsecond / 1e6
+        stamp = TimeStamp(end.year, end.month, end.day, end.hour, end.minute, seconds)
+        return p64(u64(stamp.raw()) - 1)
     if isinstance(at, str):
         text = at.strip()
         if len(text) == 16:
@@ -166,7 +170,6 @@ class Store:
         self._slots = threading.BoundedSemaphore(pool_size)
         self._stats = ConflictStats()
         self._local = threading.local()
-        self._sleep: Callable[[float], None] = time.sleep
 
     # -- connections ---------------------------------------------------------
 
@@ -231,7 +234,9 @@ class Store:
                 result = _detach(result)
                 tm.commit()
             except Exception as exc:
-                retryable = isinstance(exc, TransientError) or txn.isRetryableError(exc)
+                retryable = not isinstance(exc, Error) and (
+                    isinstance(exc, TransientError) or txn.isRetryableError(exc)
+                )
                 if retryable:
                     raise Retry(exc) from exc
                 raise
@@ -263,9 +268,7 @@ class Store:
 
     def _run(self, fn: Callable[..., R], args: tuple, kwargs: dict, policy: RetryPolicy) -> R:
         with self._writing():
-            return run_with_retries(
-                lambda: self._attempt(fn, args, kwargs), policy, self._stats, sleep=self._sleep
-            )
+            return run_with_retries(lambda: self._attempt(fn, args, kwargs), policy, self._stats)
 
     def transactional(
         self,
@@ -279,13 +282,10 @@ class Store:
         ``retries`` is the total number of attempts allowed.
         """
         policy = self.retry_policy
-        if retries is not None or deadline is not None:
-            policy = RetryPolicy(
-                attempts=retries if retries is not None else policy.attempts,
-                base_delay=policy.base_delay,
-                max_delay=policy.max_delay,
-                deadline=deadline if deadline is not None else policy.deadline,
-            )
+        if retries is not None:
+            policy = dataclasses.replace(policy, attempts=retries)
+        if deadline is not None:
+            policy = dataclasses.replace(policy, deadline=deadline)
 
         def decorate(func: Callable[..., R]) -> Callable[..., R]:
             @functools.wraps(func)
@@ -365,7 +365,11 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         """Commits, conflicts, retries, exhausted calls, and the classes that conflict most."""
-        return self._stats.snapshot()
+        stats = self._stats.snapshot()
+        stats["connections_open"] = sum(
+            1 for info in self.db.connectionDebugInfo() if info["opened"]
+        )
+        return stats
 
     def last_tid(self) -> str:
         """The tid of the newest committed transaction, as hex."""
