@@ -103,13 +103,6 @@ class Mapping(OOBTree):
         check_writable(self)
         super().clear()
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping | FlatMapping | dict):
-            return dict(self.items()) == dict(other.items())
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"<snaptree.Mapping with {len(self)} keys>"
 
