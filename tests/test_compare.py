@@ -8,6 +8,7 @@ The same forced interleavings against snaptree find nothing wrong.
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 import time
@@ -245,3 +246,21 @@ def test_a_short_run_finds_bad_dumps_only_where_they_can_happen() -> None:
     table = comparison.to_markdown()
     for name in compare.DESIGNS:
         assert f"| {name} |" in table
+
+
+def test_main_prints_only_json_on_stdout_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--seconds", "0.2", "--accounts", "100", "--writers", "1", "--design", "snaptree"]
+    assert compare.main([*argv, "--json"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    (design,) = result["designs"]
+    assert design["design"] == "snaptree"
+    assert design["dumps_crashed"] == design["dumps_torn"] == 0
+    assert design["dump_path"] in out.err
+
+
+def test_main_rejects_a_workload_that_makes_no_sense(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--accounts", "1"])
+    assert exit_info.value.code == 2
+    assert "accounts must be at least 2" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +36,63 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(runs: list[compare.Comparison]) -> list[dict[str, Any]]:
-    """One row per design: dump counts summed, rates and latencies as medians over the runs."""
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One design over several runs: dump counts summed, rates and latencies as medians."""
+    row: dict[str, Any] = {"design": results[-1]["design"], "note": results[-1]["note"]}
+    for key in (
+        "dumps_attempted",
+        "dumps_crashed",
+        "dumps_unreadable",
+        "dumps_torn",
+        "dumps_consistent",
+    ):
+        row[key] = sum(r[key] for r in results)
+    for key in ("writer_ops_per_s", "latency_ms_p50", "latency_ms_p99", "latency_ms_max"):
+        row[key] = _median([r[key] for r in results])
+    row["dump_ms_p50"] = _median([r["dump_ms_p50"] for r in results if r["dump_ms_p50"]])
+    row["runs"] = len(results)
+    row["writer_errors"] = [e for r in results for e in r["writer_errors"]]
+    crashes: dict[str, int] = {}
+    for r in results:
+        for message, count in r["crash_messages"].items():
+            crashes[message] = crashes.get(message, 0) + count
+    row["crash_messages"] = crashes
+    return row
+
+
+def summarize(
+    runs: list[compare.Comparison], baselines: list[compare.Comparison]
+) -> list[dict[str, Any]]:
+    """One row per design, with ratios against the naive design and against no dumps."""
+
+    def merged(comparisons: list[compare.Comparison], name: str) -> dict[str, Any] | None:
+        results = [r.summary() for c in comparisons for r in c.results if r.name == name]
+        return _merge(results) if results else None
+
     rows = []
     for name in compare.DESIGNS:
-        results = [
-            s for run in runs for s in (r.summary() for r in run.results) if s["design"] == name
-        ]
-        if not results:
+        row = merged(runs, name)
+        if row is None:
             continue
-        row: dict[str, Any] = {"design": name, "note": results[-1]["note"]}
-        for key in (
-            "dumps_attempted",
-            "dumps_crashed",
-            "dumps_unreadable",
-            "dumps_torn",
-            "dumps_consistent",
-        ):
-            row[key] = sum(r[key] for r in results)
-        for key in ("writer_ops_per_s", "latency_ms_p50", "latency_ms_p99", "latency_ms_max"):
-            row[key] = _median([r[key] for r in results])
-        row["dump_ms_p50"] = _median([r["dump_ms_p50"] for r in results if r["dump_ms_p50"]])
-        row["runs"] = len(results)
-        row["writer_errors"] = [e for r in results for e in r["writer_errors"]]
-        crashes: dict[str, int] = {}
-        for r in results:
-            for message, count in r["crash_messages"].items():
-                crashes[message] = crashes.get(message, 0) + count
-        row["crash_messages"] = crashes
+        alone = merged(baselines, name)
+        if alone is not None:
+            row["alone_ops_per_s"] = alone["writer_ops_per_s"]
+            row["alone_latency_ms_p99"] = alone["latency_ms_p99"]
+            row["alone_latency_ms_max"] = alone["latency_ms_max"]
+            row["throughput_vs_alone"] = row["writer_ops_per_s"] / alone["writer_ops_per_s"]
+            row["p99_vs_alone"] = row["latency_ms_p99"] / alone["latency_ms_p99"]
+            row["writer_errors"] += alone["writer_errors"]
         rows.append(row)
     base = next((r for r in rows if r["design"] == "naive"), None)
     for row in rows:
         if base:
             row["throughput_vs_naive"] = row["writer_ops_per_s"] / base["writer_ops_per_s"]
-            row["p99_vs_naive"] = row["latency_ms_p99"] / base["latency_ms_p99"]
     return rows
+
+
+def _ratio(row: dict[str, Any], key: str, digits: int) -> str:
+    value = row.get(key)
+    return "-" if value is None or value != value else f"{value:.{digits}f}x"
 
 
 def _ms(value: float) -> str:
@@ -87,21 +110,23 @@ def markdown(rows: list[dict[str, Any]], workload: compare.Workload, reps: int, 
         f"{workload.dump_interval:g} s (back to back if 0); writers do transfers (debit, "
         "history entry, credit) and add/remove session keys. A dump is *torn* when it "
         "loads but the balances do not add up. Dump counts are totals over the runs; rates "
-        "and latencies are medians over the runs; ratios are against the naive design "
-        "measured in the same run.",
+        "and latencies are medians over the runs. Baselines, measured in the same run: each "
+        "design with its writers alone (no dumps), and the naive design.",
         "",
         "| design | dumps | crashed | unreadable | torn | consistent | dump ms p50 "
-        "| writer ops/s | vs naive | latency ms p50 | p99 | p99 vs naive | max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| writer ops/s | vs no dumps | vs naive | latency ms p50 | p99 | p99 vs no dumps "
+        "| max | max with no dumps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['design']} | {r['dumps_attempted']} | {r['dumps_crashed']} "
             f"| {r['dumps_unreadable']} | {r['dumps_torn']} | {r['dumps_consistent']} "
             f"| {_ms(r['dump_ms_p50'])} | {r['writer_ops_per_s']:,.0f} "
-            f"| {r.get('throughput_vs_naive', float('nan')):.3f}x "
+            f"| {_ratio(r, 'throughput_vs_alone', 2)} | {_ratio(r, 'throughput_vs_naive', 3)} "
             f"| {r['latency_ms_p50']:.3f} | {r['latency_ms_p99']:.2f} "
-            f"| {r.get('p99_vs_naive', float('nan')):.1f}x | {r['latency_ms_max']:.1f} |"
+            f"| {_ratio(r, 'p99_vs_alone', 1)} | {r['latency_ms_max']:.1f} "
+            f"| {_ms(r.get('alone_latency_ms_max', float('nan')))} |"
         )
     lines.append("")
     lines.extend(f"- **{r['design']}**: {r['note']}" for r in rows)
@@ -173,15 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         workload, reps = compare.Workload(seconds=2.0, accounts=10_000, writers=2), 1
     else:
         workload, reps = compare.Workload(seconds=5.0, accounts=10_000, writers=2), 3
-    runs = []
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    runs, baselines = [], []
     for rep in range(reps):
-        print(f"run {rep + 1} of {reps}", file=sys.stderr, flush=True)
-        runs.append(
-            compare.run_comparison(
-                workload, progress=lambda text: print(text, file=sys.stderr, flush=True)
-            )
-        )
-    rows = summarize(runs)
+        progress(f"run {rep + 1} of {reps}: writers alone")
+        baselines.append(compare.run_comparison(replace(workload, dumps=False), progress=progress))
+        progress(f"run {rep + 1} of {reps}: writers and dumps")
+        runs.append(compare.run_comparison(workload, progress=progress))
+    rows = summarize(runs, baselines)
     cmd = command_line(__file__, argv)
     figure = ROOT / FIGURE
     plot(runs[-1], figure)
@@ -197,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             "facts": facts(),
             "rows": rows,
             "runs": [run.to_json() for run in runs],
+            "baselines": [run.to_json() for run in baselines],
         }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 1 if any(row["writer_errors"] for row in rows) else 0

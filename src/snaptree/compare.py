@@ -477,6 +477,8 @@ class Workload:
     dump_interval: float = 0.1
     history_cap: int = 2_000
     seed: int = 1
+    #: False runs the writers alone: the baseline a design's dumps are measured against.
+    dumps: bool = True
 
     def __post_init__(self) -> None:
         if self.seconds <= 0:
@@ -529,8 +531,8 @@ def _measure(design: _Design, workload: Workload, directory: Path) -> DesignResu
         latencies, starts = array("d"), array("d")
         ops = transfers = 0
         apply, cap = design.apply, workload.history_cap
-        go.wait()
         try:
+            go.wait()
             while not stop.is_set():
                 fn, args = plan.next(cap)
                 started = clock()
@@ -546,7 +548,7 @@ def _measure(design: _Design, workload: Workload, directory: Path) -> DesignResu
     def dumper() -> None:
         number = 0
         go.wait()
-        while not stop.is_set():
+        while workload.dumps and not stop.is_set():
             number += 1
             dumps.append(attempt_dump(design.dump, directory / f"dump-{number:05d}.pickle", clock))
             stop.wait(workload.dump_interval)
