@@ -1,17 +1,648 @@
-"""Placeholder, replaced by the export issue (#4)."""
+"""Writing one committed snapshot of the tree to a file, with its manifest, and checking it back.
+
+Three formats:
+
+``pickle``
+    ``pickle.load`` gives the tree as plain Python data: snaptree mappings
+    become dicts, lists lists, counters ints; the user's own classes stay
+    themselves. The pickler converts the persistent containers *while* it
+    writes (``reducer_override``), so no plain copy of the tree is ever
+    built, and it trims the ZODB cache as it goes, so a tree far larger
+    than the cache is exported in bounded memory.
+``json``
+    The same tree as JSON, streamed the same way. A value JSON cannot hold
+    (bytes, a datetime, NaN, a tuple key ...) is an error naming its path.
+``zodb``
+    ZODB's own export format (what ``Connection.exportFile`` writes),
+    importable with ``Connection.importFile``. It is copied record by record
+    from the storage; nothing is unpickled.
+
+Every dump is written atomically (see :mod:`snaptree._atomic`) and followed
+by a manifest ``<dump>.manifest.json``: format, tid, commit time, object
+count, size, sha256, snaptree version and the source with its password
+masked. The manifest is written last, so a dump with a manifest is complete.
+"""
 
 from __future__ import annotations
 
+import collections
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from persistent import Persistent
+from ZODB.ExportImport import export_end_marker
+from ZODB.serialize import referencesf
+from ZODB.utils import p64
 
+from . import _atomic
+from .errors import ExportError, UnstorableValueError, VerifyError
+from .tree import Counter, FlatMapping, List, Mapping
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("pickle", "json", "zodb")
+#: File name suffix of each format.
+SUFFIXES = {"pickle": ".pickle", "json": ".json", "zodb": ".zexp"}
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_VERSION = 1
+
+#: How many tree nodes are written between two trims of the ZODB cache.
+_GC_EVERY = 2000
+#: Pickle protocol: 4 or more frames the output, which lets the C pickler
+#: hand each 64 KiB frame to the file as it goes instead of buffering it all.
+_PICKLE_PROTOCOL = 5
+
+
+@dataclass(frozen=True)
 class ExportInfo:
-    pass
+    """What an export wrote (or what :func:`verify` found): one dump and its manifest."""
+
+    path: Path
+    format: str
+    tid: str
+    committed_at: datetime.datetime
+    objects: int
+    bytes: int
+    sha256: str
+    subtree: str = "/"
+    source: str = ""
+    seconds: float = 0.0
+    snaptree_version: str = ""
+    #: Filled in by :func:`verify`: a short description of what the dump holds.
+    summary: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def manifest_path(self) -> Path:
+        return manifest_path(self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (the ``--json`` output and the manifest)."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["committed_at"] = self.committed_at.isoformat()
+        return data
 
 
-def export(store: Any, path: Any, **options: Any) -> ExportInfo:
-    raise NotImplementedError
+def manifest_path(dump: Path | str) -> Path:
+    dump = Path(dump)
+    return dump.with_name(dump.name + MANIFEST_SUFFIX)
 
 
-def verify(path: Any) -> ExportInfo:
-    raise NotImplementedError
+def check_format(format: str) -> str:  # noqa: A002
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -- the public entry point ----------------------------------------------------
+
+
+def export(
+    store: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "pickle",  # noqa: A002 - the name users know from the CLI
+    at: datetime.datetime | str | bytes | None = None,
+    subtree: str = "/",
+) -> ExportInfo:
+    """Write one committed snapshot of the tree (or of *subtree*) to *path*, atomically.
+
+    The snapshot is a read-only connection that never syncs until the dump
+    is written, so writers carry on committing while it runs and the dump
+    still shows exactly one committed state. ``at`` (an aware datetime or a
+    hex tid) exports the tree as it was then, where the storage keeps
+    history.
+
+    This runs in the calling process. For repeated exports from an
+    application whose threads write to the store, use
+    :class:`snaptree.Exporter`: it runs them in a separate process, because
+    a CPU-bound export sharing the writers' interpreter lock slows every
+    writer down (see docs/export.md).
+    """
+    info = export_snapshot(
+        store, lambda snap: Path(path), format=format, at=at, subtree=subtree, unless_tid=None
+    )
+    assert info is not None
+    return info
+
+
+def export_snapshot(
+    store: Any,
+    target: Callable[[Any], Path],
+    *,
+    format: str,  # noqa: A002
+    at: datetime.datetime | str | bytes | None,
+    subtree: str,
+    unless_tid: str | None,
+) -> ExportInfo | None:
+    """Take one snapshot, name the dump with ``target(snapshot)`` and write it.
+
+    Returns None, writing nothing, when the snapshot's tid is *unless_tid*
+    (nothing was committed since that export). Shared by :func:`export` and
+    the schedule, whose file names depend on the snapshot taken.
+    """
+    check_format(format)
+    started = time.perf_counter()
+    with store.snapshot(at=at) as snap:
+        if unless_tid is not None and snap.tid == unless_tid:
+            return None
+        node = resolve_subtree(snap.root, subtree)
+        final = Path(target(snap))
+        if final.is_dir():
+            raise ExportError(f"cannot write {final}: it is a directory; name a file inside it")
+        if not final.parent.is_dir():
+            raise ExportError(
+                f"cannot write {final}: directory {final.parent} does not exist; create it first"
+            )
+        with _atomic.staged_file(final) as (writer, temp):
+            objects = _WRITERS[format](node, writer, snap.connection, subtree)
+        tid, committed_at = snap.tid, snap.committed_at
+    # The snapshot's connection is back in the pool; what is left is renames.
+    manifest_temp = None
+    try:
+        info = ExportInfo(
+            path=final,
+            format=format,
+            tid=tid,
+            committed_at=committed_at,
+            objects=objects,
+            bytes=writer.bytes,
+            sha256=writer.sha256,
+            subtree=normalize_subtree(subtree),
+            source=store.source,
+            seconds=round(time.perf_counter() - started, 6),
+            snaptree_version=_version(),
+        )
+        # Both files are complete and fsynced before either is renamed, so the
+        # window in which a crash leaves a dump without its manifest is the
+        # span between two renames.
+        with _atomic.staged_file(manifest_path(final)) as (mwriter, manifest_temp):
+            mwriter.write(_manifest_bytes(info))
+        _atomic.commit(temp, final)
+        _atomic.commit(manifest_temp, manifest_path(final))
+    except BaseException:
+        _atomic.discard(temp)
+        if manifest_temp is not None:
+            _atomic.discard(manifest_temp)
+        raise
+    return info
+
+
+def _manifest_bytes(info: ExportInfo) -> bytes:
+    data = info.to_json()
+    del data["summary"]
+    data["path"] = info.path.name  # relative: the pair can be moved together
+    data = {"snaptree_manifest": MANIFEST_VERSION, **data}
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+# -- subtrees --------------------------------------------------------------------
+
+
+def normalize_subtree(subtree: str) -> str:
+    parts = [p for p in subtree.split("/") if p]
+    return "/" + "/".join(parts)
+
+
+def resolve_subtree(root: Any, subtree: str) -> Any:
+    """The value at *subtree* (``/accounts/42``); integer keys and list indexes are accepted."""
+    node = root
+    walked = ""
+    for part in [p for p in subtree.split("/") if p]:
+        candidates: list[Any] = [part]
+        if part.lstrip("-").isdigit():
+            candidates.append(int(part))
+        for key in candidates:
+            try:
+                if isinstance(node, List | list | tuple):
+                    if not isinstance(key, int):
+                        continue
+                    node = node[key]
+                elif isinstance(node, Mapping | FlatMapping | dict):
+                    node = node[key]
+                else:
+                    raise ExportError(
+                        f"subtree {subtree}: {walked or '/'} is a {type(node).__name__}, "
+                        "not a mapping or list"
+                    )
+                break
+            except (KeyError, IndexError, TypeError):
+                continue
+        else:
+            raise ExportError(f"subtree {subtree}: {walked or '/'} has no key {part!r}")
+        walked += "/" + part
+    return node
+
+
+# -- pickle -----------------------------------------------------------------------
+
+
+class _PlainPickler(pickle.Pickler):
+    """Writes snaptree nodes as dicts, lists and ints while it pickles.
+
+    ``reducer_override`` is only consulted for objects the C pickler has no
+    fast path for (never for str, int, dict, list, tuple ...), so plain
+    values inside the tree cost what they cost in ``pickle.dump``. A Mapping's
+    items are handed over as an iterator: its BTree buckets are loaded one
+    at a time and the cache is trimmed every few thousand nodes.
+    """
+
+    def __init__(self, file: Any, connection: Any) -> None:
+        super().__init__(file, protocol=_PICKLE_PROTOCOL)
+        self.nodes = 0
+        self._connection = connection
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Exact-type dispatch first: isinstance() against these ABC-backed
+        # classes costs more than the rest of this method together.
+        reduce = _PLAIN_REDUCERS.get(type(obj))
+        if reduce is None:
+            reduce = _subclass_reducer(obj)
+            if reduce is None:
+                return NotImplemented
+        self.nodes += 1
+        if self.nodes % _GC_EVERY == 0 and self._connection is not None:
+            self._connection.cacheGC()
+        return reduce(obj)
+
+
+def _reduce_mapping(obj: Any) -> Any:
+    return (dict, (), None, None, iter(obj.items()))
+
+
+def _reduce_flat(obj: Any) -> Any:
+    return (dict, (obj.data,))
+
+
+def _reduce_list(obj: Any) -> Any:
+    return (list, (obj.data,))
+
+
+def _reduce_counter(obj: Any) -> Any:
+    return (int, (obj.value,))
+
+
+def _reduce_own_class(obj: Any) -> Any:
+    return NotImplemented  # the user's own persistent class, pickled as itself
+
+
+_PLAIN_REDUCERS: dict[type, Callable[[Any], Any]] = {
+    Mapping: _reduce_mapping,
+    FlatMapping: _reduce_flat,
+    List: _reduce_list,
+    Counter: _reduce_counter,
+}
+
+
+def _subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
+    for base, reduce in _PLAIN_REDUCERS.items():
+        if isinstance(obj, base):
+            return reduce
+    if isinstance(obj, Persistent):
+        return _reduce_own_class
+    return None
+
+
+def _write_pickle(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    pickler = _PlainPickler(out, connection)
+    try:
+        pickler.dump(node)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise ExportError(f"cannot pickle the tree at {normalize_subtree(subtree)}: {exc}") from exc
+    return pickler.nodes
+
+
+# -- json ---------------------------------------------------------------------------
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_JSON_KEYS = (str, int)
+
+
+class _JsonWriter:
+    """Streams a tree as JSON, naming the path of any value JSON cannot hold."""
+
+    def __init__(self, out: Any, connection: Any) -> None:
+        self._out = out
+        self._parts: list[str] = []
+        self._size = 0
+        self._connection = connection
+        self._encode = json.JSONEncoder(
+            ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
+        ).encode
+        self.nodes = 0
+
+    def _emit(self, text: str) -> None:
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size > 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            self._out.write("".join(self._parts).encode())
+            self._parts = []
+            self._size = 0
+
+    def _node(self) -> None:
+        self.nodes += 1
+        if self.nodes % _GC_EVERY == 0 and self._connection is not None:
+            self._connection.cacheGC()
+
+    def _scalar(self, value: Any, path: str) -> str:
+        if type(value) is float and not math.isfinite(value):
+            raise UnstorableValueError(path, f"JSON cannot hold the float {value!r}")
+        if isinstance(value, _JSON_SCALARS) and not isinstance(value, Persistent):
+            return self._encode(value)
+        raise UnstorableValueError(
+            path,
+            f"JSON cannot hold a {type(value).__module__}.{type(value).__qualname__}; "
+            "export this tree as pickle or zodb, or store it as str/int/float",
+        )
+
+    def write(self, value: Any, path: str) -> None:
+        if isinstance(value, Mapping | FlatMapping | dict):
+            if isinstance(value, Persistent):
+                self._node()
+            items = value.items()
+            if isinstance(value, Mapping):
+                # Small leaf mappings (the common case: a record) go through
+                # the C encoder in one call; anything else item by item.
+                items = list(items) if len(value) <= 64 else items
+                if isinstance(items, list) and all(
+                    type(v) in _JSON_SCALARS and type(k) in _JSON_KEYS for k, v in items
+                ):
+                    try:
+                        self._emit(self._encode(dict(items)))
+                        return
+                    except (TypeError, ValueError):
+                        pass  # find and name the offending value below
+            self._emit("{")
+            first = True
+            for key, item in items:
+                if not isinstance(key, _JSON_KEYS) or isinstance(key, bool):
+                    raise UnstorableValueError(
+                        f"{path}/{key!r}",
+                        f"JSON object keys are strings; cannot write the "
+                        f"{type(key).__name__} key {key!r}",
+                    )
+                child = f"{path}/{key}"
+                self._emit(("" if first else ",") + self._encode(str(key)) + ":")
+                first = False
+                self._value(item, child)
+            self._emit("}")
+        elif isinstance(value, List | list | tuple):
+            if isinstance(value, Persistent):
+                self._node()
+            self._emit("[")
+            for index, item in enumerate(value):
+                if index:
+                    self._emit(",")
+                self._value(item, f"{path}/{index}")
+            self._emit("]")
+        elif isinstance(value, Counter):
+            self._node()
+            self._emit(str(value.value))
+        else:
+            self._emit(self._scalar(value, path))
+
+    def _value(self, item: Any, path: str) -> None:
+        if type(item) in _JSON_SCALARS:
+            self._emit(self._scalar(item, path))
+        else:
+            self.write(item, path)
+
+
+def _write_json(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    writer = _JsonWriter(out, connection)
+    base = normalize_subtree(subtree).rstrip("/")
+    writer.write(node, base)
+    writer._emit("\n")
+    writer.flush()
+    return writer.nodes
+
+
+# -- zodb -----------------------------------------------------------------------------
+
+
+def _write_zodb(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    """Copy the records reachable from *node* in ``Connection.exportFile``'s format.
+
+    The format (checked against ZODB 6.4's ExportImport): ``ZEXP``, then for
+    each record its oid, its length as 8 bytes and its pickle, then the end
+    marker. exportFile itself keeps its queue in a list it pops from the
+    front, which is quadratic for large trees; this loop is the same walk
+    with a deque. Records are read through the snapshot's connection, so
+    they are the snapshot's versions.
+    """
+    oid = getattr(node, "_p_oid", None)
+    if oid is None:
+        raise ExportError(
+            f"the zodb format exports a persistent object; {normalize_subtree(subtree)} "
+            f"is a {type(node).__name__}; export it as pickle or json, or export its parent"
+        )
+    load = connection._storage.load  # the snapshot's MVCC view (public since ZODB 5)
+    out.write(b"ZEXP")
+    queue: collections.deque[bytes] = collections.deque([oid])
+    seen = {oid}
+    count = 0
+    references: list[bytes] = []
+    while queue:
+        oid = queue.popleft()
+        data, _serial = load(oid)
+        references.clear()
+        referencesf(data, references)
+        for ref in references:
+            if ref not in seen:
+                seen.add(ref)
+                queue.append(ref)
+        out.write(oid + p64(len(data)) + data)
+        count += 1
+    out.write(export_end_marker)
+    return count
+
+
+_WRITERS: dict[str, Callable[[Any, Any, Any, str], int]] = {
+    "pickle": _write_pickle,
+    "json": _write_json,
+    "zodb": _write_zodb,
+}
+
+
+# -- verify ---------------------------------------------------------------------------
+
+
+def read_manifest(dump: Path) -> dict[str, Any]:
+    path = manifest_path(dump)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VerifyError(
+            f"{dump}: no manifest ({path.name}); the export did not finish, or the "
+            "manifest was not copied with the dump"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(data, dict) or "snaptree_manifest" not in data:
+        raise VerifyError(f"{path}: not a snaptree manifest")
+    return data
+
+
+def verify(path: str | os.PathLike[str]) -> ExportInfo:
+    """Check a dump against its manifest (size, sha256) and load it; return what it holds.
+
+    Loading a pickle dump runs the pickle: verify only dumps you wrote.
+    Raises VerifyError saying what does not match.
+    """
+    dump = Path(path)
+    if dump.name.endswith(MANIFEST_SUFFIX):
+        dump = dump.with_name(dump.name[: -len(MANIFEST_SUFFIX)])
+    dump = Path(os.path.realpath(dump)) if dump.is_symlink() else dump
+    manifest = read_manifest(dump)
+    fmt = manifest.get("format")
+    if fmt not in FORMATS:
+        raise VerifyError(f"{dump}: the manifest names an unknown format {fmt!r}")
+    try:
+        size = dump.stat().st_size
+    except FileNotFoundError:
+        raise VerifyError(f"{dump}: the dump is missing (its manifest exists)") from None
+    if size != manifest["bytes"]:
+        raise VerifyError(
+            f"{dump}: {size} bytes, but the manifest says {manifest['bytes']}; "
+            "the file is truncated or was changed after the export"
+        )
+    digest = hashlib.sha256()
+    with open(dump, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != manifest["sha256"]:
+        raise VerifyError(
+            f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
+            f"{manifest['sha256']}; the file was changed after the export"
+        )
+    summary = _LOADERS[fmt](dump, manifest)
+    return ExportInfo(
+        path=dump,
+        format=fmt,
+        tid=manifest["tid"],
+        committed_at=datetime.datetime.fromisoformat(manifest["committed_at"]),
+        objects=manifest["objects"],
+        bytes=manifest["bytes"],
+        sha256=manifest["sha256"],
+        subtree=manifest.get("subtree", "/"),
+        source=manifest.get("source", ""),
+        seconds=manifest.get("seconds", 0.0),
+        snaptree_version=manifest.get("snaptree_version", ""),
+        summary=summary,
+    )
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """A short summary of a loaded plain tree: its type, size and first keys."""
+    summary: dict[str, Any] = {"type": type(value).__name__}
+    if isinstance(value, dict):
+        keys = list(value)
+        summary["keys"] = len(keys)
+        summary["first_keys"] = [str(k) for k in keys[:10]]
+    elif isinstance(value, list):
+        summary["items"] = len(value)
+    return summary
+
+
+def _load_pickle(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    with open(dump, "rb") as f:
+        try:
+            value = pickle.load(f)
+        except Exception as exc:
+            raise VerifyError(f"{dump}: the pickle does not load: {exc!r}") from None
+        if f.read(1):
+            raise VerifyError(f"{dump}: bytes after the end of the pickle")
+    return describe(value)
+
+
+def _load_json(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    with open(dump, "rb") as f:
+        try:
+            value = json.load(f)
+        except ValueError as exc:
+            raise VerifyError(f"{dump}: the JSON does not load: {exc}") from None
+    return describe(value)
+
+
+def _load_zodb(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Import the dump into a throwaway in-memory database, as importFile would anywhere."""
+    import transaction
+    from ZODB import DB
+    from ZODB.MappingStorage import MappingStorage
+
+    records = _count_zexp_records(dump)
+    if records != manifest["objects"]:
+        raise VerifyError(f"{dump}: {records} records, but the manifest says {manifest['objects']}")
+    db = DB(MappingStorage())
+    try:
+        tm = transaction.TransactionManager(explicit=True)
+        conn = db.open(transaction_manager=tm)
+        tm.begin()
+        try:
+            imported = conn.importFile(str(dump))
+            tm.commit()
+        except Exception as exc:
+            tm.abort()
+            raise VerifyError(f"{dump}: importFile failed: {exc!r}") from None
+        tm.begin()
+        summary: dict[str, Any] = {"records": records, "type": type(imported).__name__}
+        if isinstance(imported, Mapping | FlatMapping):
+            summary["keys"] = len(imported)
+            summary["first_keys"] = [
+                str(k) for _, k in zip(range(10), imported.keys(), strict=False)
+            ]
+        elif isinstance(imported, List):
+            summary["items"] = len(imported)
+        tm.abort()
+        conn.close()
+    finally:
+        db.close()
+    return summary
+
+
+def _count_zexp_records(dump: Path) -> int:
+    with open(dump, "rb") as f:
+        if f.read(4) != b"ZEXP":
+            raise VerifyError(f"{dump}: not a ZODB export (no ZEXP header)")
+        count = 0
+        while True:
+            header = f.read(16)
+            if header == export_end_marker:
+                break
+            if len(header) != 16:
+                raise VerifyError(f"{dump}: ends in the middle of record {count + 1}")
+            length = int.from_bytes(header[8:], "big")
+            data = f.read(length)
+            if len(data) != length:
+                raise VerifyError(f"{dump}: ends in the middle of record {count + 1}")
+            count += 1
+        if f.read(1):
+            raise VerifyError(f"{dump}: bytes after the export's end marker")
+    return count
+
+
+_LOADERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
+    "pickle": _load_pickle,
+    "json": _load_json,
+    "zodb": _load_zodb,
+}

@@ -1,5 +1,493 @@
-"""Placeholder, replaced by the export issue (#4)."""
+"""Scheduled exports into a directory: file names, ``latest``, retention, and the Exporter thread.
+
+The same code serves ``snaptree export --dir`` (the script, run by cron,
+systemd or with ``--every``) and :class:`Exporter` (the same schedule as a
+thread inside the application). Decisions about time are pure functions of
+the current time (:func:`next_run`, :func:`seconds_until`), so tests drive
+them with a fake clock and never sleep.
+
+A directory holds, per format:
+
+- ``snaptree-<UTC time of the snapshot>-<tid>.<ext>`` and its
+  ``.manifest.json``: one complete dump. Names sort in commit order.
+- ``latest.<ext>``: a relative symlink to the newest complete dump,
+  replaced atomically (a new link renamed over the old one), so
+  ``pickle.load(open("dumps/latest.pickle", "rb"))`` always reads a whole
+  dump. A symlink rather than a pointer file, because every program can
+  open it without knowing about snaptree.
+- ``.<name>.<pid>.<random>.tmp``: a dump being written. A temporary left by
+  a killed exporter is removed by the next run in that directory.
+
+Retention (``keep``) only ever deletes complete dumps whose names match the
+pattern above and that have a snaptree manifest, never the one ``latest``
+points at, and nothing else in the directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _atomic
+from .errors import Error, ExportError
+from .exports import (
+    MANIFEST_SUFFIX,
+    SUFFIXES,
+    ExportInfo,
+    check_format,
+    export_snapshot,
+    manifest_path,
+)
+
+log = logging.getLogger(__name__)
+
+#: Longest accepted interval between exports (31 days); longer is almost
+#: certainly a unit mistake (milliseconds for seconds).
+MAX_EVERY = 31 * 24 * 3600.0
+#: Most dumps ``keep`` may retain per format.
+MAX_KEEP = 100_000
+
+DUMP_NAME = re.compile(
+    r"^snaptree-(?P<time>\d{8}T\d{6}\.\d{6}Z)-(?P<tid>[0-9a-f]{16})(?P<suffix>\.pickle|\.json|\.zexp)$"
+)
+_OWNED = re.compile(DUMP_NAME.pattern[:-1] + r"(?:\.manifest\.json)?$|^latest\.(pickle|json|zexp)$")
+
+
+# -- validation and pure decisions --------------------------------------------------
+
+
+def check_every(every: float | None) -> float | None:
+    """Seconds between exports: 0 (back to back) up to 31 days, or None (once)."""
+    if every is None:
+        return None
+    try:
+        value = float(every)
+    except (TypeError, ValueError):
+        raise ValueError(f"every must be a number of seconds, not {every!r}") from None
+    if not (0 <= value <= MAX_EVERY) or value != value:
+        raise ValueError(
+            f"every must be between 0 and {MAX_EVERY:.0f} seconds (31 days), not {every!r}"
+        )
+    return value
+
+
+def check_keep(keep: int | None) -> int | None:
+    """How many complete dumps to retain per format: 1 up to 100,000, or None (all)."""
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(f"keep must be a whole number of dumps, not {keep!r}")
+    if not 1 <= keep <= MAX_KEEP:
+        raise ValueError(f"keep must be between 1 and {MAX_KEEP}, not {keep}")
+    return keep
+
+
+def next_run(last_start: float | None, every: float) -> float | None:
+    """When (on the same clock as *last_start*) the next export is due; None: right away.
+
+    Exports start every *every* seconds measured from the start of the
+    previous one. One that overran its interval is followed at once by the
+    next, with no burst of catch-up runs.
+    """
+    if last_start is None:
+        return None
+    return last_start + every
+
+
+def seconds_until(now: float, due: float | None) -> float:
+    """How long to wait at *now* for an export due at *due* (0 if due or overdue)."""
+    return 0.0 if due is None else max(0.0, due - now)
+
+
+def dump_name(format: str, committed_at: datetime.datetime, tid: str) -> str:  # noqa: A002
+    """``snaptree-20261125T171200.123456Z-<tid>.pickle``: sorts in commit order."""
+    stamp = committed_at.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"snaptree-{stamp}-{tid}{SUFFIXES[format]}"
+
+
+def dumps_to_delete(dumps: list[Path], keep: int | None) -> list[Path]:
+    """The oldest of *dumps* (sorted oldest first) beyond the newest *keep*."""
+    if keep is None or len(dumps) <= keep:
+        return []
+    return dumps[: len(dumps) - keep]
+
+
+# -- the directory ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One scheduled run: the dump written, or why nothing was; the dumps retention removed."""
+
+    info: ExportInfo | None
+    directory: Path
+    format: str
+    skipped_tid: str | None = None
+    deleted: list[Path] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        return self.info is None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "written": self.info is not None,
+            "directory": str(self.directory),
+            "format": self.format,
+            "deleted": [str(p) for p in self.deleted],
+        }
+        if self.info is not None:
+            data.update(self.info.to_json())
+            del data["summary"]
+        else:
+            data["tid"] = self.skipped_tid
+            data["reason"] = "nothing committed since the last export"
+        return data
+
+    def log_line(self) -> str:
+        """The one line a run logs: file, tid, objects, bytes, seconds."""
+        if self.info is None:
+            return (
+                f"nothing committed since the last export (tid {self.skipped_tid}); "
+                f"wrote nothing in {self.directory}"
+            )
+        i = self.info
+        removed = f", removed {len(self.deleted)} old" if self.deleted else ""
+        return (
+            f"exported {i.path} tid {i.tid}: {i.objects} objects, {i.bytes} bytes "
+            f"in {i.seconds:.3f} s{removed}"
+        )
+
+
+def complete_dumps(directory: Path, format: str) -> list[Path]:  # noqa: A002
+    """The complete dumps of *format* in *directory* (named ours, with a manifest), oldest first."""
+    suffix = SUFFIXES[format]
+    found = []
+    for entry in directory.iterdir():
+        match = DUMP_NAME.match(entry.name)
+        if match and match["suffix"] == suffix and manifest_path(entry).is_file():
+            found.append(entry)
+    return sorted(found, key=lambda p: p.name)
+
+
+def _manifest_tid(dump: Path) -> str | None:
+    try:
+        data = json.loads(manifest_path(dump).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "snaptree_manifest" in data:
+        return data.get("tid")
+    return None
+
+
+def latest_link(directory: Path, format: str) -> Path:  # noqa: A002
+    return directory / f"latest{SUFFIXES[format]}"
+
+
+def _point_latest(directory: Path, format: str, dump: Path) -> None:  # noqa: A002
+    link = latest_link(directory, format)
+    temp = directory / f".{link.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        os.symlink(dump.name, temp)
+        os.replace(temp, link)
+        _atomic.fsync_directory(directory)
+    except OSError as exc:
+        _atomic.discard(temp)
+        raise ExportError(_atomic.describe_os_error(exc, link)) from exc
+
+
+def _retain(directory: Path, format: str, keep: int | None) -> list[Path]:  # noqa: A002
+    dumps = complete_dumps(directory, format)
+    protected = set()
+    link = latest_link(directory, format)
+    if link.is_symlink():
+        protected.add(directory / os.readlink(link))
+    deleted = []
+    for dump in dumps_to_delete(dumps, keep):
+        if dump in protected or _manifest_tid(dump) is None:
+            continue
+        # The dump first: a crash in between leaves a manifest without a dump,
+        # which is never mistaken for a complete dump and is removed below.
+        _atomic.discard(dump)
+        _atomic.discard(manifest_path(dump))
+        deleted.append(dump)
+    for entry in directory.iterdir():
+        name = entry.name
+        if name.endswith(MANIFEST_SUFFIX):
+            dump = entry.with_name(name[: -len(MANIFEST_SUFFIX)])
+            match = DUMP_NAME.match(dump.name)
+            if (
+                match
+                and match["suffix"] == SUFFIXES[format]
+                and not dump.exists()
+                and _manifest_tid(dump) is not None
+            ):
+                _atomic.discard(entry)
+    return deleted
+
+
+def export_into(
+    store: Any,
+    directory: str | os.PathLike[str],
+    *,
+    format: str = "pickle",  # noqa: A002
+    subtree: str = "/",
+    keep: int | None = None,
+    at: datetime.datetime | str | bytes | None = None,
+    force: bool = False,
+) -> RunResult:
+    """One scheduled run: export into *directory* unless nothing changed, point latest, retain.
+
+    Writes nothing, and says so in the result, when the newest complete
+    dump of this format already holds the tid the snapshot would export
+    (unless *force*).
+    """
+    check_format(format)
+    check_keep(keep)
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ExportError(f"cannot export into {folder}: no such directory; create it first")
+    _atomic.remove_stale_temporaries(folder, owned=_OWNED)
+    existing = complete_dumps(folder, format)
+    last_tid = _manifest_tid(existing[-1]) if existing and not force else None
+    info = export_snapshot(
+        store,
+        lambda snap: folder / dump_name(format, snap.committed_at, snap.tid),
+        format=format,
+        at=at,
+        subtree=subtree,
+        unless_tid=last_tid,
+    )
+    if info is None:
+        result = RunResult(None, folder, format, skipped_tid=last_tid)
+    else:
+        _point_latest(folder, format, info.path)
+        result = RunResult(info, folder, format, deleted=_retain(folder, format, keep))
+    log.info("%s", result.log_line())
+    return result
+
+
+def export_file(
+    store: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "pickle",  # noqa: A002
+    subtree: str = "/",
+    at: datetime.datetime | str | bytes | None = None,
+    skip_unchanged: bool = False,
+) -> RunResult:
+    """One run into a fixed file name; with *skip_unchanged*, nothing is written if the file's
+    manifest already holds the tid the snapshot would export."""
+    target = Path(path)
+    last_tid = _manifest_tid(target) if skip_unchanged and target.is_file() else None
+    info = export_snapshot(
+        store, lambda snap: target, format=format, at=at, subtree=subtree, unless_tid=last_tid
+    )
+    result = RunResult(info, target.parent, format, skipped_tid=None if info else last_tid)
+    log.info("%s", result.log_line())
+    return result
+
+
+def run_periodically(
+    run_once: Callable[[], Any],
+    *,
+    every: float,
+    stop: threading.Event,
+    clock: Callable[[], float] = time.monotonic,
+    on_error: Callable[[Error], None] | None = None,
+) -> int:
+    """Call *run_once* every *every* seconds until *stop* is set; return the number of runs.
+
+    A run that raises a snaptree Error is reported to *on_error* and the
+    schedule goes on (the disk may have space again next time); without
+    *on_error* the error propagates. *stop* is checked between runs only:
+    abandoning a run in progress is the caller's business.
+    """
+    runs = 0
+    last_start: float | None = None
+    while True:
+        if stop.wait(seconds_until(clock(), next_run(last_start, every))):
+            return runs
+        last_start = clock()
+        try:
+            run_once()
+        except Error as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+        runs += 1
+
+
+# -- the Exporter thread ------------------------------------------------------------
+
+
+class _InProcess:
+    """Exports on the calling thread, in this process (memory:// stores, or on request)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def export_into(self, cancel: threading.Event | None, **kwargs: Any) -> RunResult:
+        return export_into(self._store, **kwargs)
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+class _InWorker:
+    """Exports in a long-lived exporter process (started lazily, restarted if it dies)."""
+
+    def __init__(self, uri: str, cache_size: int) -> None:
+        self._uri = uri
+        self._cache_size = cache_size
+        self._process: Any = None
+
+    def export_into(self, cancel: threading.Event | None, **kwargs: Any) -> RunResult:
+        from ._export_worker import ExportProcess
+
+        if self._process is None or not self._process.alive():
+            self._process = ExportProcess(self._uri, cache_size=self._cache_size)
+        return self._process.call("export_into", cancel=cancel, **kwargs)
+
+    def close(self, timeout: float) -> None:
+        if self._process is not None:
+            self._process.close(timeout=timeout)
+            self._process = None
 
 
 class Exporter:
-    pass
+    """Exports *store* into *directory* every *every* seconds from a background thread.
+
+    The thread replaces an application's own dumping thread in two lines::
+
+        exporter = snaptree.Exporter(store, "dumps", every=60, keep=24)
+        exporter.start()          # ... exporter.stop() at shutdown
+
+    The export itself runs in a separate, long-lived exporter process when
+    the storage can be read from one (a FileStorage, opened read-only
+    there; or pass ``uri`` for zeo:// and postgresql://), because a
+    CPU-bound export in the writers' process slows every writer through
+    the interpreter lock. An in-memory store is exported in-process. Pass
+    ``process=False`` to force in-process exports.
+
+    ``cache_size`` is the exporter process's ZODB cache, in objects: a tree
+    that fits is exported warm, only what changed is read again.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        directory: str | os.PathLike[str],
+        *,
+        every: float = 60.0,
+        keep: int | None = None,
+        format: str = "pickle",  # noqa: A002
+        subtree: str = "/",
+        process: bool | None = None,
+        uri: str | None = None,
+        cache_size: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        every_checked = check_every(every)
+        if every_checked is None:
+            raise ValueError("every must be a number of seconds")
+        self.every = every_checked
+        self.keep = check_keep(keep)
+        self.format = check_format(format)
+        self.directory = Path(directory)
+        self.subtree = subtree
+        self._clock = clock
+        self._store = store
+        if process is not False:
+            from ._export_worker import worker_uri
+
+            uri = uri or worker_uri(store)
+            if uri is None and process:
+                raise ValueError(
+                    f"{store.source} cannot be read from another process; pass uri= "
+                    "(zeo://, postgresql://) or process=False"
+                )
+        self._runner: Any = _InWorker(uri, cache_size) if uri and process is not False else None
+        if self._runner is None:
+            self._runner = _InProcess(store)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_result: RunResult | None = None
+        self.last_error: BaseException | None = None
+        self.runs = 0
+
+    @property
+    def in_process(self) -> bool:
+        return isinstance(self._runner, _InProcess)
+
+    def export_now(self, *, force: bool = False) -> RunResult:
+        """Run one export now, on the calling thread (waits for one in progress to end)."""
+        with self._lock:
+            result = self._runner.export_into(
+                self._abandon,
+                directory=self.directory,
+                format=self.format,
+                subtree=self.subtree,
+                keep=self.keep,
+                force=force,
+            )
+            self.last_result = result
+            self.runs += 1
+            return result
+
+    def start(self) -> None:
+        """Start the background thread; the first export runs at once."""
+        if self._thread is not None:
+            raise RuntimeError("this Exporter was already started")
+        self._thread = threading.Thread(target=self._loop, name="snaptree-exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the schedule: an export in progress may finish within *timeout*, else is abandoned.
+
+        An abandoned export leaves no file under a final name (its temporary
+        file is removed by the next run in the directory).
+        """
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abandon.set()
+                self._thread.join(60.0)
+        self._runner.close(timeout=timeout)
+
+    def _loop(self) -> None:
+        def failed(exc: Error) -> None:
+            self.last_error = exc
+            log.error("scheduled export into %s failed: %s", self.directory, exc)
+
+        try:
+            run_periodically(
+                self.export_now,
+                every=self.every,
+                stop=self._stopping,
+                clock=self._clock,
+                on_error=failed,
+            )
+        except BaseException as exc:  # recorded for stop() callers; the thread ends
+            self.last_error = exc
+            if not self._abandon.is_set():
+                log.exception("the export thread stopped")
+
+    def __enter__(self) -> Exporter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,152 @@
+"""Writing files so that a reader sees the old complete file or the new complete file, never a part.
+
+The recipe is the classic one: write a temporary file in the *same*
+directory (a rename across file systems is a copy, not atomic), flush it,
+fsync it, rename it over the final name, then fsync the directory so the
+rename itself survives a power cut. Any failure before the rename removes
+the temporary file and leaves whatever was under the final name untouched.
+
+Temporary names start with ``.`` and end with ``.tmp``, and carry the
+writer's pid, so a directory sweep can tell a stale leftover of a killed
+writer (see :func:`remove_stale_temporaries`) from one still being written.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ExportError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class HashingWriter:
+    """A binary file wrapper that counts and hashes what passes through it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self.bytes += len(data)
+        return self._file.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def describe_os_error(exc: OSError, path: Path | str) -> str:
+    """One line that says what went wrong with *path* and what to do about it."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    hint = {
+        errno.ENOSPC: "free some space and run the export again",
+        errno.EDQUOT: "free some space (disk quota) and run the export again",
+        errno.EACCES: "make the directory writable for this user, or choose another one",
+        errno.EPERM: "make the directory writable for this user, or choose another one",
+        errno.EROFS: "the file system is read-only; choose another directory",
+        errno.ENOENT: "create the directory first, or choose another one",
+    }.get(exc.errno or 0, "check the directory and run the export again")
+    what = exc.strerror or str(exc)
+    return f"cannot write {path}: {what}{f' ({code})' if code else ''}; {hint}"
+
+
+def _temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside *directory* durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
+    """Yield a hashing writer on a fresh temporary file beside *final*, then flush and fsync it.
+
+    The file is *not* renamed here: the caller commits it with :func:`commit`
+    once everything it depends on is ready (the manifest is written last),
+    or the temporary is removed on any exception, including KeyboardInterrupt.
+    """
+    temp = _temp_path(final)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise ExportError(describe_os_error(exc, final)) from exc
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 16) as raw:
+            writer = HashingWriter(raw)
+            try:
+                yield writer, temp
+                raw.flush()
+                os.fsync(raw.fileno())
+            except OSError as exc:
+                raise ExportError(describe_os_error(exc, final)) from exc
+    except BaseException:
+        discard(temp)
+        raise
+
+
+def commit(temp: Path, final: Path) -> None:
+    """Rename *temp* over *final* and make the rename durable."""
+    try:
+        os.replace(temp, final)
+        fsync_directory(final.parent)
+    except OSError as exc:
+        discard(temp)
+        raise ExportError(describe_os_error(exc, final)) from exc
+
+
+def write_bytes(final: Path, data: bytes) -> None:
+    """Write a small file atomically (the manifest, a pointer)."""
+    with staged_file(final) as (writer, temp):
+        writer.write(data)
+    commit(temp, final)
+
+
+def discard(temp: Path) -> None:
+    try:
+        os.unlink(temp)
+    except FileNotFoundError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, *, owned: re.Pattern[str]) -> list[Path]:
+    """Remove temporaries of final names matching *owned* whose writer process is gone.
+
+    Only files this module would have created for such names are touched;
+    a temporary of a live process (another exporter, this one) is left alone.
+    """
+    removed = []
+    for entry in directory.iterdir():
+        match = _TEMP.match(entry.name)
+        if not match or not owned.match(match["name"]):
+            continue
+        if int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"])):
+            continue
+        discard(entry)
+        removed.append(entry)
+    return removed

@@ -1,0 +1,107 @@
+"""Keeping a read-only FileStorage up to date with what another process appends to the file.
+
+A FileStorage opened read-only (which takes no lock, so it works while the
+application has the file open for writing) reads the index once, when it
+opens, and never looks at the file again: it would export the same state
+forever. Reopening it before every export works but is cold every time: it
+rescans the file from the last saved ``.index`` (saved only when the writer
+closes or packs) and its object cache starts empty.
+
+:func:`refresh` instead scans only the transactions appended since the last
+look, with ZODB's own ``read_index``, and hands the changed oids to the
+database as invalidations, exactly as a ZEO client receives them. The
+exporter then keeps a warm cache across exports and pays only for what
+changed.
+
+ZODB has no public API for any of this; every private attribute used is
+used here and nowhere else (checked against ZODB 6.4):
+``FileStorage._file_name``, ``._file``, ``._files`` (its read-file pool),
+``._index``, ``._pos``, ``._ltid``, ``._oid``, and ``DB._mvcc_storage``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ZODB.FileStorage import FileStorage
+from ZODB.FileStorage.FileStorage import read_index
+
+
+class _RecordingIndex(dict):
+    """The per-transaction scratch index read_index fills; remembers every oid it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[bytes] = set()
+
+    def __setitem__(self, oid: bytes, pos: int) -> None:
+        self.seen.add(oid)
+        super().__setitem__(oid, pos)
+
+
+class FileReplaced(Exception):
+    """The file was packed or replaced since it was opened; open it again."""
+
+
+def follows(storage: Any) -> bool:
+    """True if *storage* is a read-only FileStorage, which needs :func:`refresh`."""
+    return isinstance(storage, FileStorage) and storage.isReadOnly()
+
+
+def refresh(db: Any) -> int:
+    """Bring *db*'s read-only FileStorage up to the last transaction committed in the file.
+
+    Returns how many objects changed. Stops before a transaction still being
+    committed (its status byte is still ``c``), like ``read_index`` does when
+    a read-only FileStorage opens. Raises FileReplaced after a pack.
+    """
+    storage = db.storage
+    name = storage._file_name
+    try:
+        current = os.stat(name)
+    except FileNotFoundError:
+        raise FileReplaced(name) from None
+    opened = os.fstat(storage._file.fileno())
+    if (current.st_ino, current.st_dev) != (opened.st_ino, opened.st_dev):
+        raise FileReplaced(name)
+    if current.st_size < storage._pos:
+        raise FileReplaced(name)
+    if current.st_size == storage._pos:
+        return 0
+    scratch = _RecordingIndex()
+    # Unbuffered: a buffered reader could keep bytes of a transaction that the
+    # writer then rolled back and overwrote.
+    with open(name, "rb", buffering=0) as raw:
+        pos, maxoid, ltid = read_index(
+            raw,
+            name,
+            storage._index,
+            scratch,
+            ltid=storage._ltid,
+            start=storage._pos,
+            read_only=True,
+        )
+    if pos == storage._pos:
+        return 0
+    # The pooled read files may hold buffered bytes past the old end of the
+    # file, from a transaction that was later rolled back: drop them.
+    storage._files.flush()
+    storage._pos = pos
+    storage._ltid = ltid
+    if maxoid > storage._oid:
+        storage._oid = maxoid
+    changed = scratch.seen
+    db._mvcc_storage.invalidate(ltid, changed)
+    return len(changed)
+
+
+def catch_up(store: Any) -> bool:
+    """Refresh *store* if it is a read-only FileStorage; False if it must be opened again."""
+    if not follows(store.db.storage):
+        return True
+    try:
+        refresh(store.db)
+    except FileReplaced:
+        return False
+    return True
