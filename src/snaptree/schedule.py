@@ -381,6 +381,8 @@ class Exporter:
 
     ``cache_size`` is the exporter process's ZODB cache, in objects: a tree
     that fits is exported warm, only what changed is read again.
+    ``on_export(result)`` is called after each run (written or skipped), on
+    the exporting thread.
     """
 
     def __init__(
@@ -395,6 +397,7 @@ class Exporter:
         process: bool | None = None,
         uri: str | None = None,
         cache_size: int = 200_000,
+        on_export: Callable[[RunResult], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         every_checked = check_every(every)
@@ -406,6 +409,7 @@ class Exporter:
         self.directory = Path(directory)
         self.subtree = subtree
         self._clock = clock
+        self._on_export = on_export
         self._store = store
         if process is not False:
             from ._export_worker import worker_uri
@@ -444,7 +448,10 @@ class Exporter:
             )
             self.last_result = result
             self.runs += 1
-            return result
+        log.info("%s", result.log_line())
+        if self._on_export is not None:
+            self._on_export(result)
+        return result
 
     def start(self) -> None:
         """Start the background thread; the first export runs at once."""

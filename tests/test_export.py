@@ -1,0 +1,311 @@
+"""Exports: one committed snapshot per dump, in every format, written atomically with a manifest."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import transaction
+from persistent import Persistent
+from ZODB import DB
+from ZODB.MappingStorage import MappingStorage
+
+import snaptree
+from _threads import run_threads
+from snaptree import _atomic
+from snaptree.errors import ExportError, UnstorableValueError
+
+ACCOUNTS = 50
+BALANCE = 100
+WAIT = 30.0
+
+
+def _fill(store: snaptree.Store) -> None:
+    def fill(root):
+        root["accounts"] = {f"a{i:03}": {"balance": BALANCE} for i in range(ACCOUNTS)}
+        root["meta"] = {"name": "bank", "tags": ["x", "y"], "n": snaptree.Counter()}
+
+    store.run(fill)
+
+
+def _total(tree: dict) -> int:
+    return sum(account["balance"] for account in tree["accounts"].values())
+
+
+def _load(info: snaptree.ExportInfo):
+    if info.format == "pickle":
+        with open(info.path, "rb") as f:
+            return pickle.load(f)
+    if info.format == "json":
+        return json.loads(info.path.read_text())
+    db = DB(MappingStorage())
+    tm = transaction.TransactionManager(explicit=True)
+    conn = db.open(transaction_manager=tm)
+    tm.begin()
+    obj = conn.importFile(str(info.path))
+    tm.commit()
+    tm.begin()
+    plain = snaptree.to_plain(obj)
+    tm.abort()
+    conn.close()
+    db.close()
+    return plain
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "json", "zodb"])
+def test_export_writes_the_tree_and_a_manifest(store, tmp_path, fmt):
+    """Each format holds the whole tree; the manifest says what, when, how big and its sha256."""
+    _fill(store)
+    info = store.export(tmp_path / f"dump.{fmt}", format=fmt)
+    assert info.path == tmp_path / f"dump.{fmt}"
+    assert info.format == fmt and info.tid == store.last_tid()
+    assert info.committed_at.tzinfo is not None
+    assert info.bytes == info.path.stat().st_size and info.objects > ACCOUNTS
+    tree = _load(info)
+    assert _total(tree) == ACCOUNTS * BALANCE
+    assert tree["meta"]["tags"] == ["x", "y"] and tree["meta"]["n"] == 0
+    manifest = json.loads(info.manifest_path.read_text())
+    assert manifest["format"] == fmt and manifest["sha256"] == info.sha256
+    assert manifest["tid"] == info.tid and manifest["bytes"] == info.bytes
+    assert manifest["objects"] == info.objects and manifest["snaptree_version"]
+    assert manifest["source"] == store.source
+    assert datetime.datetime.fromisoformat(manifest["committed_at"]) == info.committed_at
+
+
+def test_pickle_dump_loads_without_snaptree_or_zodb(store, tmp_path):
+    """A plain tree's pickle references only builtins: a bare interpreter loads it."""
+    _fill(store)
+    info = store.export(tmp_path / "dump.pickle")
+    code = (
+        "import sys, pickle\n"
+        "sys.modules['snaptree'] = sys.modules['ZODB'] = sys.modules['persistent'] = None\n"
+        "sys.modules['BTrees'] = None\n"
+        f"tree = pickle.load(open({str(info.path)!r}, 'rb'))\n"
+        "assert type(tree) is dict and type(tree['accounts']['a001']) is dict\n"
+        "print(sum(a['balance'] for a in tree['accounts'].values()))\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ACCOUNTS * BALANCE)
+
+
+class Gate(Persistent):
+    """A user model object that, while being pickled, lets the test commit a transfer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getstate__(self):
+        hook = GATE_HOOKS.get(self.name)
+        if hook is not None:
+            hook()
+        return super().__getstate__()
+
+
+GATE_HOOKS: dict = {}
+
+
+def test_export_never_sees_half_a_transfer(store, tmp_path):
+    """A transfer committed while the dump is half written is absent from the whole dump."""
+    _fill(store)
+    store.run(lambda root: root["accounts"].__setitem__("a025_gate", Gate("g")))
+    reached, resume = threading.Event(), threading.Event()
+
+    def pause_export():
+        reached.set()
+        assert resume.wait(WAIT)
+
+    GATE_HOOKS["g"] = pause_export
+
+    def transfer(root):
+        root["accounts"]["a000"]["balance"] -= 30  # before the gate in key order
+        root["accounts"]["a049"]["balance"] += 30  # after it
+
+    def writer():
+        assert reached.wait(WAIT)
+        store.run(transfer)
+        resume.set()
+
+    try:
+        info, _ = run_threads([lambda: store.export(tmp_path / "d.pickle"), writer])
+    finally:
+        GATE_HOOKS.clear()
+    tree = _load(info)
+    assert tree["accounts"]["a000"]["balance"] == BALANCE
+    assert tree["accounts"]["a049"]["balance"] == BALANCE
+    assert info.tid != store.last_tid()
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "json", "zodb"])
+def test_exports_taken_while_writers_transfer_keep_the_total(store, tmp_path, fmt):
+    """Writers never wait for exports, and every dump taken meanwhile holds the invariant."""
+    _fill(store)
+    stop = threading.Event()
+    first_commit = threading.Event()
+    transfers = [0, 0]
+
+    def writer(n: int):
+        def transfer(root):
+            accounts = root["accounts"]
+            src, dst = f"a{(n * 7 + transfers[n]) % ACCOUNTS:03}", f"a{transfers[n] % ACCOUNTS:03}"
+            accounts[src]["balance"] -= 1
+            accounts[dst]["balance"] += 1
+
+        def loop():
+            while not stop.is_set() and transfers[n] < 5000:
+                store.run(transfer)
+                transfers[n] += 1
+                first_commit.set()
+
+        return loop
+
+    def exporter():
+        try:
+            assert first_commit.wait(WAIT)
+            return [store.export(tmp_path / f"d{i}.{fmt}", format=fmt) for i in range(5)]
+        finally:
+            stop.set()
+
+    _, _, infos = run_threads([writer(0), writer(1), exporter])
+    assert sum(transfers) > 0
+    for info in infos:
+        assert _total(_load(info)) == ACCOUNTS * BALANCE
+        assert snaptree.verify(info.path).sha256 == info.sha256
+
+
+def test_subtree_export(store, tmp_path):
+    """--subtree exports one branch; integer keys and list indexes work in the path."""
+    store.run(lambda root: root.__setitem__("by_id", {7: {"tags": ["a", "b"]}}))
+    info = store.export(tmp_path / "s.json", format="json", subtree="/by_id/7/tags")
+    assert json.loads(info.path.read_text()) == ["a", "b"]
+    assert info.subtree == "/by_id/7/tags"
+    info = store.export(tmp_path / "s.zexp", format="zodb", subtree="by_id/7")
+    assert _load(info) == {"tags": ["a", "b"]}
+    with pytest.raises(ExportError, match="has no key 'nope'"):
+        store.export(tmp_path / "x.pickle", subtree="/by_id/nope")
+    with pytest.raises(ExportError, match="persistent object"):
+        store.export(tmp_path / "x.zexp", format="zodb", subtree="/by_id/7/tags/0")
+
+
+def test_json_names_the_path_of_a_value_it_cannot_hold(store, tmp_path):
+    """A value JSON cannot represent is an error naming where it is; nothing is written."""
+    store.run(lambda root: root.__setitem__("people", {"ann": {"born": datetime.date(1990, 1, 2)}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnstorableValueError) as caught:
+        store.export(out / "x.json", format="json")
+    assert caught.value.path == "/people/ann/born"
+    assert list(out.iterdir()) == []
+    store.run(lambda root: root["people"]["ann"].__setitem__("born", float("nan")))
+    with pytest.raises(UnstorableValueError, match="/people/ann/born"):
+        store.export(tmp_path / "x.json", format="json")
+
+
+def test_historical_export(tmp_path):
+    """--at a tid or a time exports the tree as it was then."""
+    store = snaptree.open(str(tmp_path / "Data.fs"))
+    try:
+        store.run(lambda root: root.__setitem__("v", 1))
+        then = store.last_tid()
+        store.run(lambda root: root.__setitem__("v", 2))
+        info = store.export(tmp_path / "old.pickle", at=then)
+        assert _load(info)["v"] == 1
+        info = store.export(tmp_path / "now.pickle")
+        assert _load(info)["v"] == 2
+    finally:
+        store.close()
+
+
+def test_unknown_format_is_refused(store, tmp_path):
+    with pytest.raises(ExportError, match="unknown format 'xml'"):
+        store.export(tmp_path / "x.xml", format="xml")
+
+
+def test_disk_full_leaves_the_previous_dump_and_no_temporary(store, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a write: a clear error, the old dump intact, no temp file left."""
+    _fill(store)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = store.export(out / "dump.pickle")
+    before = first.path.read_bytes()
+    store.run(lambda root: root["accounts"]["a001"].__setitem__("balance", 7))
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_atomic.HashingWriter, "write", full)
+    with pytest.raises(ExportError, match=r"No space left on device.*ENOSPC"):
+        store.export(out / "dump.pickle")
+    monkeypatch.undo()
+    assert first.path.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dump.pickle",
+        "dump.pickle.manifest.json",
+    ]
+    assert snaptree.verify(first.path).tid == first.tid
+
+
+def test_unwritable_directory_is_a_clear_error(store, tmp_path, monkeypatch):
+    """A directory this user cannot write to: one line saying so and what to do; nothing left."""
+    _fill(store)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere: make creating files there fail as it would
+        real_open = os.open
+
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(locked)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(_atomic.os, "open", refuse)
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(ExportError, match=r"cannot write .*Permission denied.*writable"):
+            store.export(locked / "dump.pickle")
+    finally:
+        locked.chmod(0o755)
+        monkeypatch.undo()
+    assert list(locked.iterdir()) == []
+
+
+def test_missing_directory_is_a_clear_error(store, tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        store.export(tmp_path / "nowhere" / "dump.pickle")
+
+
+def test_a_killed_export_leaves_no_file_under_the_final_name(tmp_path):
+    """SIGKILL just before the rename: only a temporary remains, which the next run removes."""
+    db = tmp_path / "Data.fs"
+    store = snaptree.open(str(db))
+    _fill(store)
+    store.close()
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    code = (
+        "import os, signal, snaptree\n"
+        "from snaptree import _atomic\n"
+        "_atomic.commit = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"s = snaptree.open({str(db)!r}, read_only=True)\n"
+        f"snaptree.Exporter(s, {str(dumps)!r}, process=False).export_now()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    left = [p.name for p in dumps.iterdir()]
+    assert len(left) == 2 and all(n.startswith(".snaptree-") and n.endswith(".tmp") for n in left)
+    store = snaptree.open(str(db), read_only=True)
+    try:
+        result = snaptree.Exporter(store, dumps, process=False).export_now()
+    finally:
+        store.close()
+    names = sorted(p.name for p in dumps.iterdir())
+    assert names == sorted(
+        [result.info.path.name, result.info.path.name + ".manifest.json", "latest.pickle"]
+    )

@@ -1,0 +1,297 @@
+"""The schedule: names, latest, retention, skipping unchanged runs, the Exporter and the command."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import snaptree
+from snaptree import schedule
+from snaptree.cli import main
+
+WAIT = 60.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- pure decisions, on a fake clock ----------------------------------------------
+
+
+def test_first_run_is_immediate_then_every_interval_from_the_last_start():
+    assert schedule.seconds_until(100.0, schedule.next_run(None, 60)) == 0
+    due = schedule.next_run(100.0, 60)
+    assert schedule.seconds_until(130.0, due) == 30
+    assert schedule.seconds_until(175.0, due) == 0  # an overrun is followed at once, once
+
+
+def test_interval_and_retention_are_validated():
+    for bad in (-1, float("nan"), 10**9, "soon"):
+        with pytest.raises(ValueError, match="every must be"):
+            schedule.check_every(bad)
+    for bad in (0, -3, 10**9, 2.5, True):
+        with pytest.raises(ValueError, match="keep must be"):
+            schedule.check_keep(bad)
+    assert schedule.check_every(0) == 0 and schedule.check_keep(3) == 3
+
+
+def test_retention_deletes_only_the_oldest_beyond_keep():
+    dumps = [Path(f"d{i}") for i in range(5)]
+    assert schedule.dumps_to_delete(dumps, 2) == dumps[:3]
+    assert schedule.dumps_to_delete(dumps, 9) == []
+    assert schedule.dumps_to_delete(dumps, None) == []
+
+
+def test_dump_names_carry_utc_time_and_tid_and_sort_in_commit_order():
+    tz = datetime.timezone(datetime.timedelta(hours=2))
+    name = schedule.dump_name(
+        "pickle", datetime.datetime(2026, 1, 2, 5, 4, 5, 6, tzinfo=tz), "0" * 15 + "1"
+    )
+    assert name == "snaptree-20260102T030405.000006Z-0000000000000001.pickle"
+    assert schedule.DUMP_NAME.match(name)
+
+
+class FakeStop:
+    """A stop event whose wait advances a fake clock instead of sleeping."""
+
+    def __init__(self, clock: list[float], stop_after: int) -> None:
+        self.clock = clock
+        self.waits: list[float] = []
+        self.stop_after = stop_after
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        self.clock[0] += timeout
+        return len(self.waits) > self.stop_after
+
+
+def test_run_periodically_keeps_the_rhythm_and_survives_a_failed_run():
+    """Runs start every 60 s of the (fake) clock; a failing run is reported and the next goes on."""
+    now = [1000.0]
+    stop = FakeStop(now, stop_after=3)
+    durations = iter([5.0, 70.0, 1.0])
+    errors = []
+
+    def run_once():
+        took = next(durations)
+        now[0] += took
+        if took == 70.0:
+            raise snaptree.ExportError("disk full")
+
+    runs = schedule.run_periodically(
+        run_once, every=60, stop=stop, clock=lambda: now[0], on_error=errors.append
+    )
+    assert runs == 3
+    assert stop.waits == [0, 55.0, 0, 59.0]
+    assert [str(e) for e in errors] == ["disk full"]
+
+
+# -- a directory of dumps ---------------------------------------------------------
+
+
+def _bump(store: snaptree.Store, value: int) -> None:
+    store.run(lambda root: root.__setitem__("v", value))
+
+
+def test_directory_mode_names_latest_keep_and_skips_unchanged(store, tmp_path):
+    out = tmp_path / "dumps"
+    out.mkdir()
+    (out / "notes.txt").write_text("not ours")
+    (out / "snaptree-20000101T000000.000000Z-0000000000000001.pickle").write_text("no manifest")
+    results = []
+    for value in range(4):
+        _bump(store, value)
+        results.append(schedule.export_into(store, out, keep=2))
+    unchanged = schedule.export_into(store, out, keep=2)
+    assert unchanged.skipped and unchanged.skipped_tid == results[-1].info.tid
+    assert "nothing committed since the last export" in unchanged.log_line()
+    kept = schedule.complete_dumps(out, "pickle")
+    assert kept == [r.info.path for r in results[-2:]]
+    assert [p.name for p in results[-1].deleted] == [results[1].info.path.name]
+    assert os.readlink(out / "latest.pickle") == results[-1].info.path.name
+    with open(out / "latest.pickle", "rb") as f:
+        assert pickle.load(f)["v"] == 3
+    # never anything it did not write, and never an incomplete dump
+    assert (out / "notes.txt").exists()
+    assert (out / "snaptree-20000101T000000.000000Z-0000000000000001.pickle").exists()
+    line = results[-1].log_line()
+    for part in (str(results[-1].info.path), results[-1].info.tid, "objects", "bytes", " s"):
+        assert part in line
+
+
+def test_formats_have_their_own_latest_and_retention(store, tmp_path):
+    _bump(store, 1)
+    a = schedule.export_into(store, tmp_path, format="json", keep=1)
+    b = schedule.export_into(store, tmp_path, format="zodb", keep=1)
+    assert not a.skipped and not b.skipped
+    assert os.readlink(tmp_path / "latest.json") == a.info.path.name
+    assert os.readlink(tmp_path / "latest.zexp") == b.info.path.name
+
+
+# -- the Exporter -----------------------------------------------------------------
+
+
+def test_exporter_in_a_separate_process_follows_new_commits(tmp_path):
+    """On a FileStorage the Exporter exports from its own process and sees every new commit."""
+    store = snaptree.open(str(tmp_path / "Data.fs"))
+    out = tmp_path / "dumps"
+    out.mkdir()
+    exporter = snaptree.Exporter(store, out, every=3600, keep=3)
+    try:
+        assert not exporter.in_process
+        for value in range(3):
+            _bump(store, value)
+            result = exporter.export_now()
+            assert result.info.tid == store.last_tid()
+            assert snaptree.verify(result.info.path).tid == result.info.tid
+            with open(result.info.path, "rb") as f:
+                assert pickle.load(f)["v"] == value
+        assert exporter.export_now().skipped
+    finally:
+        exporter.stop()
+        store.close()
+
+
+def test_exporter_thread_runs_at_start_and_stops_cleanly(store, tmp_path):
+    """start() exports at once; stop() ends the thread; on_export sees each run."""
+    _bump(store, 1)
+    done = threading.Event()
+    seen = []
+
+    def on_export(result):
+        seen.append(result)
+        done.set()
+
+    exporter = snaptree.Exporter(store, tmp_path, every=3600, on_export=on_export)
+    exporter.start()
+    try:
+        assert done.wait(WAIT)
+    finally:
+        exporter.stop(timeout=WAIT)
+    assert exporter.runs == 1 and seen[0].info is not None and exporter.last_error is None
+
+
+def test_exporter_refuses_bad_settings(store, tmp_path):
+    with pytest.raises(ValueError, match="every"):
+        snaptree.Exporter(store, tmp_path, every=-5)
+    with pytest.raises(ValueError, match="keep"):
+        snaptree.Exporter(store, tmp_path, keep=0)
+    if store.source == "memory://":
+        with pytest.raises(ValueError, match="cannot be read from another process"):
+            snaptree.Exporter(store, tmp_path, process=True)
+
+
+# -- the command ------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_file(tmp_path):
+    path = tmp_path / "Data.fs"
+    store = snaptree.open(str(path))
+    _bump(store, 42)
+    store.close()
+    return path
+
+
+def test_export_command_json_output_is_only_json(db_file, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "d.json"
+    result = runner.invoke(
+        main, ["export", "--db", str(db_file), "-o", str(out), "--format", "json", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["written"] and data["path"] == str(out) and data["format"] == "json"
+    assert "exported" in result.stderr
+    assert json.loads(out.read_text()) == {"v": 42}
+
+
+def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path):
+    """The writer holds the FileStorage lock; the export opens the file read-only."""
+    writer = snaptree.open(str(db_file))
+    try:
+        _bump(writer, 43)
+        result = CliRunner().invoke(
+            main, ["export", "--db", str(db_file), "--dir", str(tmp_path), "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tid"] == writer.last_tid()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--every", "-1"], "every must be between"),
+        (["--every", "1e12"], "every must be between"),
+        (["--keep", "0"], "keep must be between"),
+        (["--keep", "3"], "--keep needs --dir"),
+        ([], "exactly one of -o FILE or --dir DIR"),
+        (["--every", "5", "--at", "040d41d07e885dbb"], "--at exports one past state"),
+    ],
+)
+def test_export_command_usage_errors_exit_2(db_file, tmp_path, args, message):
+    target = [] if args == [] else ["-o", str(tmp_path / "x.pickle")]
+    if "--keep" in args and "0" in args:
+        target = ["--dir", str(tmp_path)]
+    result = CliRunner().invoke(main, ["export", "--db", str(db_file), *target, *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_export_command_on_a_missing_store_exits_2(tmp_path):
+    result = CliRunner().invoke(
+        main, ["export", "--db", str(tmp_path / "none.fs"), "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "snaptree: error:" in result.stderr
+
+
+def _read_line(stream, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, "no output in time"
+    return stream.readline()
+
+
+def test_every_loop_skips_unchanged_runs_and_exits_0_on_sigterm(db_file, tmp_path):
+    """The script keeps exporting, says when nothing changed, and SIGTERM ends it with status 0."""
+    out = tmp_path / "dumps"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export.py"),
+            "--db",
+            str(db_file),
+            "--dir",
+            str(out),
+            "--every",
+            "0.05",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = json.loads(_read_line(proc.stdout, WAIT))
+        second = json.loads(_read_line(proc.stdout, WAIT))
+        assert first["written"] and not second["written"]
+        assert second["reason"] == "nothing committed since the last export"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert "SIGTERM" in proc.stderr.read()
+    assert [p.name for p in schedule.complete_dumps(out, "pickle")] == [Path(first["path"]).name]
