@@ -1,0 +1,377 @@
+"""Benchmark: what exports cost the writers, how fast they are, and how much memory they take.
+
+Three measurements, each a ratio against a baseline taken in the same run
+(the machine is shared and noisy: medians of several repetitions):
+
+1. Writers (2 threads doing transfers on a FileStorage) with no export,
+   with back-to-back exports by :class:`snaptree.Exporter` (its own exporter
+   process), and with back-to-back ``store.export()`` on a thread of the
+   writers' process (the design the Exporter replaces): transfers/s and p99.
+2. One pickle export against ``pickle.dumps`` of the same tree as plain
+   dicts, with the objects already in the ZODB cache (warm); and, from a
+   freshly opened database (cold), against loading every object through
+   ZODB and nothing else.
+3. Peak RSS of a cold export of the largest tree in a fresh process,
+   against the memory a plain copy of that tree takes.
+
+Example:
+
+    .venv/bin/python scripts/bench/bench_export.py --quick --json /tmp/export.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import ROOT, command_line, facts_markdown
+
+import snaptree
+from snaptree import tree
+
+HERE = Path(__file__).resolve()
+
+
+# -- the tree -------------------------------------------------------------------------
+
+
+def build(path: Path, objects: int) -> int:
+    """A FileStorage whose tree has about *objects* persistent objects; returns the accounts.
+
+    Each account is a mapping with a balance, an owner and a history list:
+    two persistent objects, plus the buckets of the accounts mapping.
+    """
+    accounts = max(objects // 2, 10)
+    store = snaptree.open(str(path))
+    try:
+        store.run(lambda root: root.__setitem__("accounts", {}))
+        batch = 5000
+        for start in range(0, accounts, batch):
+
+            def add(root, start=start):
+                acc = root["accounts"]
+                for i in range(start, min(start + batch, accounts)):
+                    acc[i] = {"balance": 100, "owner": f"owner-{i}", "history": [i % 7, 1]}
+
+            store.run(add)
+    finally:
+        store.close()
+    return accounts
+
+
+# -- 1. writers -----------------------------------------------------------------------
+
+
+def _writers(store: snaptree.Store, accounts: int, seconds: float) -> dict[str, float]:
+    latencies: list[list[float]] = [[], []]
+    stop = threading.Event()
+
+    def transfer(root, a, b):
+        acc = root["accounts"]
+        acc[a]["balance"] -= 1
+        acc[b]["balance"] += 1
+
+    def writer(n: int) -> None:
+        rng = random.Random(n)
+        while not stop.is_set():
+            a, b = rng.randrange(accounts), rng.randrange(accounts)
+            t = time.perf_counter()
+            store.run(transfer, a, b)
+            latencies[n].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    every = sorted(latencies[0] + latencies[1])
+    return {
+        "ops": len(every) / seconds,
+        "p99_ms": every[int(len(every) * 0.99)] * 1000 if every else float("nan"),
+    }
+
+
+def writers_phase(db: Path, accounts: int, mode: str, seconds: float, out: Path) -> dict[str, Any]:
+    store = snaptree.open(str(db))
+    exports_done = [0]
+    try:
+        if mode == "none":
+            return _writers(store, accounts, seconds)
+        if mode == "exporter-process":
+            first = threading.Event()
+
+            def count(result):
+                exports_done[0] += 1
+                first.set()
+
+            exporter = snaptree.Exporter(store, out, every=0, keep=2, on_export=count)
+            exporter.start()
+            try:
+                first.wait(600)  # not measured: the exporter process starts and reads the tree once
+                exports_done[0] = 0
+                figures = _writers(store, accounts, seconds)
+            finally:
+                exporter.stop(timeout=120)
+        else:  # an export thread in the writers' process, back to back
+            stop = threading.Event()
+
+            def loop():
+                while not stop.is_set():
+                    store.export(out / "thread.pickle")
+                    exports_done[0] += 1
+
+            thread = threading.Thread(target=loop)
+            thread.start()
+            try:
+                figures = _writers(store, accounts, seconds)
+            finally:
+                stop.set()
+                thread.join(600)
+        figures["exports"] = exports_done[0]
+        return figures
+    finally:
+        store.close()
+
+
+# -- 2. export time -------------------------------------------------------------------
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _bare_load(db: Path) -> float:
+    """Open the file afresh and activate every object: the floor of a cold export."""
+    store = snaptree.open(str(db), read_only=True, cache_size=10_000_000)
+    try:
+        with store.snapshot() as snap:
+            t = time.perf_counter()
+            for account in snap.root["accounts"].values():
+                account._p_activate()
+                account["history"]._p_activate()
+            return time.perf_counter() - t
+    finally:
+        store.close()
+
+
+def _cold_export(db: Path, out: Path) -> float:
+    store = snaptree.open(str(db), read_only=True, cache_size=10_000_000)
+    try:
+        t = time.perf_counter()
+        store.export(out / "cold.pickle")
+        return time.perf_counter() - t
+    finally:
+        store.close()
+
+
+def export_times(db: Path, out: Path, repeat: int) -> dict[str, float]:
+    store = snaptree.open(str(db), read_only=True, cache_size=10_000_000)
+    try:
+        with store.snapshot() as snap:
+            plain = tree.to_plain(snap.root)
+            objects = len(snap.connection._cache)
+        dumps = _median_time(lambda: pickle.dumps(plain, protocol=5), repeat)
+        plain = None
+        store.export(out / "warm.pickle")  # fills the pooled connection's cache
+        warm = _median_time(lambda: store.export(out / "warm.pickle"), repeat)
+        warm_json = _median_time(lambda: store.export(out / "warm.json", format="json"), repeat)
+        warm_zodb = _median_time(lambda: store.export(out / "warm.zexp", format="zodb"), repeat)
+    finally:
+        store.close()
+    bare = statistics.median(_bare_load(db) for _ in range(repeat))
+    cold = statistics.median(_cold_export(db, out) for _ in range(repeat))
+    return {
+        "objects": objects,
+        "pickle_dumps_s": dumps,
+        "warm_s": warm,
+        "warm_json_s": warm_json,
+        "warm_zodb_s": warm_zodb,
+        "bare_load_s": bare,
+        "cold_s": cold,
+    }
+
+
+# -- 3. memory ------------------------------------------------------------------------
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--child", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(what: str, db: str, out: str) -> None:
+    def rss_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def current_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    store = snaptree.open(db, read_only=True, cache_size=200_000)
+    base = current_mib()
+    if what == "export":
+        store.export(Path(out) / "rss.pickle")
+        result = {"peak_mib": rss_mib(), "base_mib": base}
+    else:  # the plain copy a dumping thread would need
+        with store.snapshot() as snap:
+            accounts = snap.root["accounts"]
+            plain = {}
+            for key, value in accounts.items():
+                plain[key] = tree.to_plain(value)
+                if len(plain) % 20_000 == 0:
+                    snap.connection.cacheGC()
+            snap.connection.cacheMinimize()
+        result = {"plain_mib": current_mib() - base, "items": len(plain)}
+    store.close()
+    print(json.dumps(result))
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(*args.child)
+        return
+
+    sizes = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
+    writer_sizes = [10_000] if args.quick else [10_000, 100_000]
+    seconds = 3.0 if args.quick else 6.0
+    rounds = 2 if args.quick else 3
+    repeat = 3 if args.quick else 5
+    lines = [
+        "## Exports",
+        "",
+        facts_markdown(),
+        "",
+        f"Command: `{command_line(HERE, sys.argv[1:])}`",
+        "",
+    ]
+    figures: dict[str, Any] = {"writers": {}, "times": {}, "memory": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        tmpdir = Path(tmp)
+        for size in sizes:
+            db = tmpdir / f"tree-{size}.fs"
+            print(f"building {size} objects", file=sys.stderr)
+            accounts = build(db, size)
+            out = tmpdir / f"out-{size}"
+            out.mkdir()
+            print(f"export times at {size}", file=sys.stderr)
+            # one repetition at the largest size: a cold pass over 1M objects takes minutes
+            figures["times"][size] = export_times(db, out, repeat if size < 1_000_000 else 1)
+            if size in writer_sizes:
+                runs: dict[str, list[dict[str, Any]]] = {
+                    "none": [],
+                    "exporter-process": [],
+                    "thread": [],
+                }
+                for r in range(rounds):
+                    for mode in runs:
+                        print(f"writers {size} {mode} round {r}", file=sys.stderr)
+                        runs[mode].append(writers_phase(db, accounts, mode, seconds, out))
+                figures["writers"][size] = {
+                    mode: {
+                        key: statistics.median(run[key] for run in results) for key in results[0]
+                    }
+                    for mode, results in runs.items()
+                }
+            if size == sizes[-1]:
+                print(f"memory at {size}", file=sys.stderr)
+                exported = _child(["export", str(db), str(out)])
+                plain = _child(["plain", str(db), str(out)])
+                figures["memory"] = {"objects": size, **exported, **plain}
+
+    lines += [
+        "### Writers during back-to-back exports (2 writer threads, FileStorage)",
+        "",
+        "| objects | exports run by | transfers/s | vs none | p99 ms | vs none | exports |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for size, modes in figures["writers"].items():
+        base = modes["none"]
+        for mode, row in modes.items():
+            lines.append(
+                f"| {size:,} | {mode} | {row['ops']:.0f} | {row['ops'] / base['ops']:.2f}x | "
+                f"{row['p99_ms']:.1f} | {row['p99_ms'] / base['p99_ms']:.2f}x | "
+                f"{int(row.get('exports', 0))} |"
+            )
+    lines += [
+        "",
+        "Targets: throughput >= 0.90x, p99 <= 1.5x of no export.",
+        "",
+        "### One pickle export (medians)",
+        "",
+        "| objects | pickle.dumps plain | warm export | ratio | bare load (cold) | "
+        "cold export | ratio | warm json | warm zodb |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in figures["times"].values():
+        lines.append(
+            f"| {t['objects']:,} | {t['pickle_dumps_s'] * 1000:.0f} ms | "
+            f"{t['warm_s'] * 1000:.0f} ms | {t['warm_s'] / t['pickle_dumps_s']:.1f}x | "
+            f"{t['bare_load_s'] * 1000:.0f} ms | {t['cold_s'] * 1000:.0f} ms | "
+            f"{t['cold_s'] / t['bare_load_s']:.2f}x | {t['warm_json_s'] * 1000:.0f} ms | "
+            f"{t['warm_zodb_s'] * 1000:.0f} ms |"
+        )
+    m = figures["memory"]
+    lines += [
+        "",
+        "Targets: warm <= 2x pickle.dumps; cold <= 1.3x bare load.",
+        "",
+        "### Memory of a cold export in a fresh process (ZODB cache 200,000 objects)",
+        "",
+        f"{m['objects']:,} objects: peak RSS {m['peak_mib']:.0f} MiB (of which "
+        f"{m['base_mib']:.0f} MiB before the export began); a plain copy of the same tree "
+        f"takes {m['plain_mib']:.0f} MiB on its own. Ratio peak/plain: "
+        f"{m['peak_mib'] / m['plain_mib']:.2f}.",
+        "",
+    ]
+    markdown = "\n".join(lines)
+    print(markdown)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "name": "export",
+                    "title": "Exports",
+                    "command": command_line(HERE, sys.argv[1:]),
+                    "markdown": markdown,
+                    "figures": [],
+                    "data": figures,
+                },
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
