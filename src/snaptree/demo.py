@@ -78,6 +78,7 @@ def run_demo(
 ) -> DemoResult:
     """Run writers for *seconds* while an Exporter dumps every *every* seconds."""
     result = DemoResult()
+    export_dir.mkdir(parents=True, exist_ok=True)
     result.expected_total = store.run(_setup, accounts)
     names = [f"acct{i:05}" for i in range(accounts)]
     stop = threading.Event()
@@ -109,9 +110,13 @@ def run_demo(
     result.seconds = time.monotonic() - started
     if failures:
         raise failures[0]
+    if exporter.last_error is not None:
+        raise exporter.last_error
 
     result.transfers = sum(counts)
-    result.exports = sorted(p for p in export_dir.glob("*.pickle") if p.is_file())
+    result.exports = sorted(
+        p for p in export_dir.glob("*.pickle") if p.is_file() and not p.is_symlink()
+    )
     result.consistent_exports = sum(
         1 for p in result.exports if _total_of_dump(p) == result.expected_total
     )

@@ -47,7 +47,6 @@ def demo_command(
         from ..compare import main as compare_main
 
         raise SystemExit(compare_main(["--seconds", str(seconds), "--writers", str(writers)]))
-    export_dir.mkdir(parents=True, exist_ok=True)
     with open_store(db) as store:
         click.echo(f"store: {store.source}; exports: {export_dir}/", err=True)
         result = demo_module.run_demo(
