@@ -20,6 +20,15 @@ def visible_tid(conn: Connection) -> bytes:
     visible tid, or a HistoricalStorageAdapter with ``_before``; storages
     that do MVCC themselves (RelStorage) answer ``lastTransaction()`` for
     their own snapshot.
+
+    Checked against RelStorage 4.3, history-preserving and history-free: the
+    connection's storage is a per-connection RelStorage instance whose
+    ``lastTransaction()`` is the newest tid its poll saw, and the poll runs
+    in the same database transaction as every later load, so the answer is
+    the tid of exactly the state the snapshot reads (tests/test_postgres.py
+    compares it with ``max(tid)`` in the database). The *shared* RelStorage
+    behind ``DB.lastTransaction()`` is not polled and goes stale: do not use
+    it to ask "what is the newest tid".
     """
     instance = conn._storage
     for name in ("_start", "_before"):
@@ -30,7 +39,12 @@ def visible_tid(conn: Connection) -> bytes:
 
 
 def keeps_history(storage: Any) -> bool:
-    """False for storages that keep only current records (RelStorage history-free)."""
+    """False for storages that keep only current records (RelStorage history-free).
+
+    RelStorage 4.3 has a public ``keep_history`` property; ZEO's ClientStorage
+    says nothing and is taken to keep history (``snaptree serve`` serves a
+    FileStorage, which does).
+    """
     keep = getattr(storage, "keep_history", None)  # RelStorage history-free says False
     if keep is None:
         options = getattr(storage, "_options", None)

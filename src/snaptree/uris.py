@@ -5,6 +5,29 @@ zodburi already resolves ``file://``, ``memory://``, ``zeo://`` and
 them and adds what users expect on top: a bare path means a FileStorage,
 ``postgresql://`` is accepted as an alias, and every error names the URI
 with its password masked (zodburi's own errors print the raw URI).
+
+Two resolvers needed more than an alias:
+
+* ``zeo://``: ClientStorage waits 30 s for a server that is not there and
+  then raises a bare "timed out waiting for connection". snaptree waits
+  :data:`ZEO_WAIT_TIMEOUT` seconds unless the URI says ``?wait_timeout=``,
+  and says which address did not answer and what to do. The same timeout
+  bounds how long a call blocks while a running server restarts before it
+  fails with the (retried) ``ClientDisconnected``. And snaptree turns on
+  ClientStorage's ``server_sync`` (``?server_sync=0`` turns it off, which
+  zodburi's resolver cannot even express): without it a transaction may
+  begin before the invalidations of a commit another process has already
+  finished arrive, and not see that commit; threads in one process always
+  see each other's finished commits, and so do snaptree's ZEO clients, for
+  one round trip per transaction.
+* ``postgresql://``: RelStorage's resolver (4.3) writes every URI part into
+  the libpq DSN, absent ones as the string ``'None'``, so
+  ``postgresql://user@host/db`` fails with 'invalid integer value "None"
+  for connection option "port"' and a URI without a password sends the
+  password "None" instead of using ``~/.pgpass``. snaptree builds the DSN
+  from the parts that are present (with psycopg2's quoting) and keeps
+  RelStorage's own handling of every storage option (``keep_history``,
+  ``cache_local_mb``, ...).
 """
 
 from __future__ import annotations
@@ -14,9 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import zodburi
+from zodburi.datatypes import convert_bytesize
 
 from .errors import OpenError
 
@@ -25,9 +49,20 @@ ENV_VAR = "SNAPTREE_DB"
 
 _ALIASES = {"postgresql": "postgres"}
 
+#: Seconds a ``zeo://`` store waits for its server (at open, and during a
+#: reconnection) unless the URI sets ``?wait_timeout=``. ZEO's own default is 30.
+ZEO_WAIT_TIMEOUT = 10
+
+#: Seconds libpq waits to connect unless the URI sets ``?connect_timeout=``
+#: (libpq's own default is to wait as long as TCP does).
+POSTGRES_CONNECT_TIMEOUT = 10
+
+#: Query options that carry secrets (ZEO accepts ``password=`` for old configs).
+_SECRET_OPTIONS = frozenset({"password", "passwd"})
+
 
 def redact(uri: str) -> str:
-    """Return *uri* with any password replaced by ``***``."""
+    """Return *uri* with any password (in the user part or the query) replaced by ``***``."""
     if "://" not in uri:
         return uri
     try:
@@ -35,10 +70,17 @@ def redact(uri: str) -> str:
         password = parts.password
     except ValueError:
         return uri.split("://", 1)[0] + "://***"
-    if not password:
-        return uri
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
+    if parts.query and any(
+        name.lower() in _SECRET_OPTIONS for name, _ in parse_qsl(parts.query, True)
+    ):
+        query = [
+            (name, "***" if name.lower() in _SECRET_OPTIONS else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def default_uri() -> str:
@@ -88,7 +130,14 @@ def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = Tr
         if file_path.is_dir():
             raise OpenError(f"cannot open {display}: it is a directory; name a file inside it")
     try:
-        factory, db_kwargs = zodburi.resolve_uri(uri)
+        if scheme == "postgres":
+            factory, db_kwargs = _resolve_postgres(uri, display)
+        else:
+            factory, db_kwargs = (
+                _resolve_zeo(uri, display) if scheme == "zeo" else zodburi.resolve_uri(uri)
+            )
+    except OpenError:
+        raise
     except zodburi.NoResolverForScheme:
         raise OpenError(
             f"cannot open {display}: unknown URI scheme {scheme!r}; use a file path, "
@@ -107,9 +156,163 @@ def _memory_factory(uri: str) -> Callable[[], Any]:
 
 
 def scrub(text: str, uri: str) -> str:
-    """Remove *uri*'s password from a message that may quote it."""
+    """Remove *uri*'s passwords (user part, query, percent-encoded or not) from *text*."""
     try:
-        password = urlsplit(uri).password
+        parts = urlsplit(uri)
+        secrets = {parts.password} if parts.password else set()
+        secrets.update(
+            value
+            for name, value in parse_qsl(parts.query)
+            if name.lower() in _SECRET_OPTIONS and value
+        )
     except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text
+        return text
+    for secret in sorted(secrets | {unquote(s) for s in secrets}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _with_default(uri: str, option: str, value: object) -> str:
+    """Add ``option=value`` to *uri*'s query unless it already sets it."""
+    base, _, query = uri.partition("?")
+    if any(name == option for name, _ in parse_qsl(query, keep_blank_values=True)):
+        return uri
+    return f"{base}?{query}&{option}={value}" if query else f"{base}?{option}={value}"
+
+
+def _resolve_zeo(uri: str, display: str) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """zodburi's ClientStorage options, snaptree's defaults (see the module docstring)."""
+    from zodburi.resolvers import ClientStorageURIResolver
+
+    uri = _with_default(uri, "wait_timeout", ZEO_WAIT_TIMEOUT)
+    parts = urlsplit(uri.replace("zeo://", "http://", 1))
+    if parts.netloc:  # the address, as zodburi 3.0 reads it
+        address: Any = (parts.hostname or "", parts.port or 9991)
+    else:
+        address = os.path.normpath(parts.path)
+    resolver = ClientStorageURIResolver()
+    resolver._int_args = (*resolver._int_args, "server_sync")
+    kw, unused = resolver.interpret_kwargs(dict(parse_qsl(parts.query)))
+    if kw.pop("demostorage", None):
+        raise OpenError(f"cannot open {display}: demostorage is not supported; use demo://")
+    server_sync = bool(kw.pop("server_sync", 1))
+
+    def open_client() -> Any:
+        return _client_storage_class()(address, server_sync=False, ping_on_sync=server_sync, **kw)
+
+    options = "ClientStorage options (wait_timeout, server_sync, cache_size, read_only, ...)"
+    return _zeo_factory(open_client, uri), _db_kwargs(unused, display, options)
+
+
+def _client_storage_class() -> type:
+    """ZEO's ClientStorage, with a ``server_sync`` that cannot fail a transaction's start.
+
+    ClientStorage's own ``server_sync`` makes ``sync()`` (called when a
+    transaction begins) a ping, and a ping under way when the server goes
+    away raises ClientDisconnected from ``transaction.begin()``, where
+    snaptree (store.py, before its retried section) does not expect
+    errors. Here a failed ping leaves the transaction to start from the
+    newest state the client knows; its first load waits for the server
+    to come back, and its commit, if the server is still gone, fails with
+    the retried ClientDisconnected. Checked against ZEO 6.2: ``ping`` is
+    set on every connection, ``sync`` is what the MVCC adapter calls.
+    """
+    from ZEO.ClientStorage import ClientStorage
+    from ZEO.Exceptions import ClientDisconnected
+
+    class SyncingClientStorage(ClientStorage):
+        def __init__(self, *args: Any, ping_on_sync: bool = True, **kw: Any) -> None:
+            self._snaptree_ping_on_sync = ping_on_sync
+            super().__init__(*args, **kw)
+
+        def sync(self) -> None:
+            ping = getattr(self, "ping", None)
+            if self._snaptree_ping_on_sync and ping is not None:
+                try:
+                    ping()
+                except ClientDisconnected:
+                    pass
+
+    return SyncingClientStorage
+
+
+def _zeo_factory(open_client: Callable[[], Any], uri: str) -> Callable[[], Any]:
+    """Wrap the ClientStorage factory so that an absent server is a clear OpenError."""
+    parts = urlsplit(uri.replace("zeo://", "http://", 1))
+    address = parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
+    wait = dict(parse_qsl(parts.query)).get("wait_timeout", ZEO_WAIT_TIMEOUT)
+
+    def factory() -> Any:
+        from ZEO.Exceptions import ClientDisconnected
+
+        try:
+            return open_client()
+        except ClientDisconnected:
+            raise OpenError(
+                f"no ZEO server answered at {address} within {wait} s; start one with "
+                f"`snaptree serve --listen {address}` (or check the address), or wait "
+                "longer with ?wait_timeout=SECONDS"
+            ) from None
+
+    return factory
+
+
+def _resolve_postgres(uri: str, display: str) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """RelStorage on PostgreSQL: RelStorage's option handling, snaptree's DSN."""
+    from relstorage.zodburi_resolver import PostgreSQLAdapterHelper, RelStorageURIResolver
+
+    class _PostgreSQLDSN(PostgreSQLAdapterHelper):
+        """Build the libpq DSN from the URI parts that are present (see the module docstring)."""
+
+        _int_args = ("connect_timeout",)
+        _string_args = ("sslmode", "ssl_mode", "sslrootcert", "sslcert", "sslkey")
+
+        def __call__(self, parsed_uri: Any, kw: dict[str, str]) -> tuple[Any, dict[str, str]]:
+            from psycopg2.extensions import make_dsn
+
+            libpq, unused = self.interpret_kwargs(kw)
+            if "ssl_mode" in libpq:  # RelStorage's spelling of libpq's sslmode
+                libpq.setdefault("sslmode", libpq.pop("ssl_mode"))
+            libpq.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
+            parts = {
+                "dbname": unquote(parsed_uri.path[1:]) or None,
+                "user": unquote(parsed_uri.username) if parsed_uri.username else None,
+                "password": unquote(parsed_uri.password) if parsed_uri.password else None,
+                "host": parsed_uri.hostname,
+                "port": parsed_uri.port,
+                **libpq,
+            }
+            dsn = make_dsn(**{name: value for name, value in parts.items() if value is not None})
+
+            def adapter(options: Any) -> Any:
+                from relstorage.adapters.postgresql import PostgreSQLAdapter
+
+                return PostgreSQLAdapter(dsn=dsn, options=options)
+
+            return adapter, unused
+
+    factory, unused = RelStorageURIResolver(_PostgreSQLDSN())(uri)
+    return factory, _db_kwargs(
+        unused,
+        display,
+        "RelStorage options (keep_history, cache_local_mb, commit_lock_timeout, ...), "
+        "libpq options (connect_timeout, sslmode, sslrootcert, sslcert, sslkey)",
+    )
+
+
+def _db_kwargs(unused: dict[str, str], display: str, storage_options: str) -> dict[str, Any]:
+    """The ZODB.DB arguments among the URI options no storage took, as zodburi reads them."""
+    # zodburi.resolve_uri's defaults, so that every scheme starts from the same DB settings.
+    db_kwargs: dict[str, Any] = {"cache_size": 10000, "database_name": "unnamed"}
+    for name, value in unused.items():
+        if name not in zodburi.PARAMETERS:
+            raise OpenError(
+                f"cannot open {display}: unknown option {name!r}; {storage_options} "
+                "and ZODB options (connection_cache_size, ...) are accepted"
+            )
+        target = zodburi.PARAMETERS[name]
+        if target in zodburi.BYTES_PARAMETERS:
+            db_kwargs[target] = convert_bytesize(value)
+        else:
+            db_kwargs[target] = value if target == "database_name" else int(value)
+    return db_kwargs

@@ -1,0 +1,146 @@
+"""Several processes sharing one tree through a real ZEO server (``snaptree serve``)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import snaptree
+from _servers import ZeoProcess, check_books, open_bank, run_bank_workload, transfer, zeo_server
+
+SNAPTREE = (sys.executable, "-m", "snaptree")
+
+
+def test_writer_processes_and_an_exporter_share_one_zeo_server(tmp_path: Path) -> None:
+    """Two writer processes and an exporter process: no lost transfer, every dump balances."""
+    with zeo_server(tmp_path) as server:
+        result = run_bank_workload(server.uri, tmp_path, writers=2)
+        assert server.log_path.exists()
+    assert len(result.logged) >= 2 * 30
+    assert result.exporter["dumps"] >= 2
+
+
+def test_zeo_server_restart_mid_workload_loses_no_acknowledged_transfer(tmp_path: Path) -> None:
+    """The server stops and starts again while writers commit: they retry or wait, then resume.
+
+    Writers log a transfer only after its commit returned; afterwards every
+    logged transfer is in the tree exactly once and the books balance. The
+    exporter's rounds cut short by the restart are retried, and no partial
+    dump is left behind.
+    """
+    with zeo_server(tmp_path) as server:
+        restarted = []
+
+        def restart() -> None:
+            restarted.append(server.restart())
+
+        result = run_bank_workload(server.uri, tmp_path, writers=2, while_running=restart)
+        assert restarted == [server.uri]
+    assert len(result.logged) >= 2 * 30
+
+
+def test_store_opened_before_a_restart_keeps_working_after_it(tmp_path: Path) -> None:
+    """One client across a restart: store.run() waits for the server and resumes."""
+    with zeo_server(tmp_path) as server, snaptree.open(server.uri) as store:
+        open_bank(store)
+        store.run(transfer, "before", "acct-0", "acct-1", 5)
+        server.restart()
+        store.run(transfer, "after", "acct-1", "acct-2", 7)
+        with store.snapshot() as snap:
+            count, problems = check_books(snap.root)
+        assert (count, problems) == (2, [])
+
+
+def test_oids_handed_out_before_a_restart_are_not_handed_out_again(tmp_path: Path) -> None:
+    """A client's unused prefetched oids stay unique after the server restarts.
+
+    Client *a* fetched a batch of oids from the first server process;
+    client *b* gets its oids from the restarted one. Without the server
+    skipping ahead, *b*'s new objects and *a*'s next ones share oids, and
+    *a*'s commit fails with "A different object already has the same oid".
+    """
+    with zeo_server(tmp_path) as server, snaptree.open(server.uri) as a:
+        a.run(lambda root: root.__setitem__("from_a", {"n": 1}))
+        server.restart()
+        with snaptree.open(server.uri) as b:
+            b.run(lambda root: root.__setitem__("from_b", {str(i): {"n": i} for i in range(40)}))
+
+            def read_b_then_add(root: snaptree.Mapping) -> int:
+                total = sum(node["n"] for node in root["from_b"].values())
+                root["from_a_again"] = {str(i): {"n": i} for i in range(40)}
+                return total
+
+            assert a.run(read_b_then_add) == sum(range(40))
+            with b.snapshot() as snap:
+                assert len(snap.root["from_a_again"]) == len(snap.root["from_b"]) == 40
+
+
+def test_history_survives_in_the_served_file_storage(tmp_path: Path) -> None:
+    """Through ZEO, snapshot(at=) sees the tree as it was (the FileStorage keeps history)."""
+    with zeo_server(tmp_path) as server, snaptree.open(server.uri) as store:
+        store.run(lambda root: root.__setitem__("n", 1))
+        then = store.last_tid()
+        store.run(lambda root: root.__setitem__("n", 2))
+        with store.snapshot(at=then) as past, store.snapshot() as now:
+            assert (past.root["n"], now.root["n"]) == (1, 2)
+
+
+def test_unreachable_zeo_server_is_a_clear_open_error(unused_port: int) -> None:
+    """No server at the address: an OpenError naming it, within the wait timeout."""
+    uri = f"zeo://127.0.0.1:{unused_port}?wait_timeout=1"
+    with pytest.raises(
+        snaptree.OpenError, match=f"no ZEO server answered at 127.0.0.1:{unused_port}"
+    ):
+        snaptree.open(uri)
+
+
+def test_serve_stops_cleanly_on_sigint_and_logs_where_it_listens(tmp_path: Path) -> None:
+    """Ctrl-C: exit code 0, the file closed (another server can open it), the address logged."""
+    server = ZeoProcess(tmp_path / "Data.fs", tmp_path / "serve.log")
+    uri = server.start()
+    assert server.stop(signal.SIGINT) == 0
+    log = server.log()
+    assert f"at {uri}" in log and "received SIGINT" in log
+    assert server.start() != ""  # the lock on Data.fs was released
+    assert server.stop() == 0
+
+
+def test_serve_refuses_a_file_another_server_holds(tmp_path: Path) -> None:
+    """A second server on the same file fails with one line and exit code 2."""
+    with zeo_server(tmp_path) as server:
+        second = subprocess.run(
+            [*SNAPTREE, "serve", "--db", str(server.db_path), "--listen", "127.0.0.1:0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert second.returncode == 2
+    assert second.stderr.startswith("snaptree: error: cannot serve")
+    assert "another process has it open" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_serve_rejects_a_malformed_listen_address(tmp_path: Path) -> None:
+    """--listen must be HOST:PORT; anything else is a usage error, not a traceback."""
+    result = subprocess.run(
+        [*SNAPTREE, "serve", "--db", str(tmp_path / "Data.fs"), "--listen", "8100"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
