@@ -145,7 +145,8 @@ def require_postgres(request: pytest.FixtureRequest) -> None:
         _admin_connection().close()
     except psycopg2.Error as exc:
         reason = (
-            "PostgreSQL is not reachable as user postgres at 127.0.0.1:5432 "
+            f"PostgreSQL is not reachable as user {PG_ADMIN['user']} at "
+            f"{PG_ADMIN['host']}:{PG_ADMIN['port']} "
             f"({str(exc).strip().splitlines()[0]})"
         )
         if request.config.getoption("--require-postgres"):

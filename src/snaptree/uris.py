@@ -291,7 +291,31 @@ def _resolve_postgres(uri: str, display: str) -> tuple[Callable[[], Any], dict[s
 
             return adapter, unused
 
-    factory, unused = RelStorageURIResolver(_PostgreSQLDSN())(uri)
+    open_storage, unused = RelStorageURIResolver(_PostgreSQLDSN())(uri)
+    history_free = dict(parse_qsl(urlsplit(uri).query)).get("keep_history", "").lower() in (
+        *("0", "false", "no", "off"),
+    )
+
+    def factory() -> Any:
+        """Open, turning RelStorage's two ways of reporting the wrong history mode into one."""
+        try:
+            return open_storage()
+        except Exception as exc:
+            text = str(exc)
+            # RelStorage 4.3: history-free URI on a history-preserving database says
+            # "Schema mismatch"; the reverse fails creating current_object's foreign key.
+            if "Schema mismatch" in text or 'referenced table "object_state"' in text:
+                mode, other = (
+                    ("history-free", "without keep_history=false")
+                    if history_free
+                    else ("history-preserving", "with keep_history=false")
+                )
+                raise OpenError(
+                    f"{display} was not created {mode}; open it {other}, or convert it "
+                    "with RelStorage's zodbconvert"
+                ) from None
+            raise
+
     return factory, _db_kwargs(
         unused,
         display,

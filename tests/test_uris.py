@@ -1,0 +1,120 @@
+"""What the URIs of remote stores mean, and that their passwords are never shown."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import snaptree
+from snaptree import uris
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://u:p%40ss@h:5433/db?keep_history=false",
+            "postgresql://u:***@h:5433/db?keep_history=false",
+        ),
+        ("zeo://h:8100?password=pw&wait_timeout=3", "zeo://h:8100?password=***&wait_timeout=3"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("data/snaptree.fs", "data/snaptree.fs"),
+    ],
+)
+def test_redact_masks_passwords_in_the_user_part_and_the_query(uri: str, shown: str) -> None:
+    """Passwords are masked wherever a URI can carry one; nothing else changes."""
+    assert uris.redact(uri) == shown
+
+
+def test_scrub_removes_a_password_quoted_in_a_message_even_percent_decoded() -> None:
+    """Libraries quote what they were given, sometimes decoded: both forms are removed."""
+    uri = "postgresql://u:p%40ss@h/db"
+    assert uris.scrub("auth failed for p@ss and p%40ss", uri) == "auth failed for *** and ***"
+
+
+def test_unreachable_zeo_server_fails_within_the_wait_timeout(closed_port: int) -> None:
+    """Nobody listening: OpenError naming the address and what to do, after ?wait_timeout."""
+    with pytest.raises(snaptree.OpenError) as failure:
+        snaptree.open(f"zeo://127.0.0.1:{closed_port}?wait_timeout=1")
+    message = str(failure.value)
+    assert f"no ZEO server answered at 127.0.0.1:{closed_port} within 1 s" in message
+    assert "snaptree serve" in message
+
+
+def test_zeo_waits_ten_seconds_by_default_not_thirty() -> None:
+    """The default wait is the module's ZEO_WAIT_TIMEOUT, written into the URI ZEO sees."""
+    assert uris.ZEO_WAIT_TIMEOUT == 10
+    assert uris._with_default("zeo://h:1", "wait_timeout", 10) == "zeo://h:1?wait_timeout=10"
+    assert uris._with_default("zeo://h:1?wait_timeout=2", "wait_timeout", 10).endswith("=2")
+
+
+def test_unknown_zeo_option_is_an_open_error_naming_it() -> None:
+    """A misspelt option is refused before any connection, with the valid ones listed."""
+    with pytest.raises(snaptree.OpenError, match="unknown option 'wait_timout'"):
+        uris.resolve("zeo://127.0.0.1:1?wait_timout=3")
+
+
+def test_zeo_password_option_is_masked_in_errors_and_logs(
+    closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ZEO ignores password=, but a URI carrying one must still never show it."""
+    caplog.set_level("DEBUG")
+    secret = "zeo-canary-pw"
+    with pytest.raises(snaptree.OpenError) as failure:
+        snaptree.open(f"zeo://127.0.0.1:{closed_port}?password={secret}&wait_timeout=1")
+    assert secret not in str(failure.value)
+    assert secret not in caplog.text
+    assert "password=***" in str(failure.value)
+
+
+def test_unreachable_postgresql_is_an_open_error_without_the_password(
+    closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connection refused: OpenError with the URI masked; the password appears nowhere."""
+    caplog.set_level("DEBUG")
+    secret = "pg-canary-pw"
+    with pytest.raises(snaptree.OpenError) as failure:
+        snaptree.open(f"postgresql://someone:{secret}@127.0.0.1:{closed_port}/db?connect_timeout=2")
+    assert f"postgresql://someone:***@127.0.0.1:{closed_port}/db" in str(failure.value)
+    assert secret not in str(failure.value) and secret not in caplog.text
+
+
+def test_unknown_postgresql_option_is_an_open_error_naming_it() -> None:
+    """Options are checked before any connection; the message lists the kinds accepted."""
+    with pytest.raises(snaptree.OpenError, match=r"unknown option 'keep_hist'.*keep_history"):
+        uris.resolve("postgresql://u:pw@127.0.0.1/db?keep_hist=false")
+
+
+def test_postgresql_dsn_has_only_the_parts_the_uri_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No port, no password: libpq's defaults (and ~/.pgpass) apply, not the string 'None'."""
+    import relstorage.adapters.postgresql as adapters
+
+    seen: dict[str, str] = {}
+
+    class Capture(adapters.PostgreSQLAdapter):
+        def __init__(self, dsn: str = "", options: object = None, **kw: object) -> None:
+            seen["dsn"] = dsn
+            raise RuntimeError("stop here")
+
+    resolved = uris.resolve("postgresql://reader@db.example/app?sslmode=require")
+    monkeypatch.setattr(adapters, "PostgreSQLAdapter", Capture)  # imported when the store opens
+    with pytest.raises(RuntimeError, match="stop here"):
+        resolved.factory()
+    parts = dict(item.split("=", 1) for item in seen["dsn"].split())
+    assert parts == {
+        "dbname": "app",
+        "user": "reader",
+        "host": "db.example",
+        "sslmode": "require",
+        "connect_timeout": "10",
+    }
