@@ -1,0 +1,386 @@
+"""import_tree: conversion rules, paths, replace, atomicity, savepoints, retries, round trip."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import threading
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from persistent import Persistent
+
+import snaptree
+from snaptree.tree import FlatMapping, List, Mapping
+
+
+class Gadget(Persistent):
+    """A user's own persistent class: stored as it is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Plain:
+    """A plain class instance: ZODB would not see changes to it, so it is refused."""
+
+
+def committed_state(store: snaptree.Store) -> tuple[str, Any]:
+    return store.last_tid(), store.run(lambda root: root)
+
+
+def test_dicts_become_mappings_and_lists_become_lists(store: snaptree.Store) -> None:
+    """Containers are converted to the tree's persistent nodes, recursively."""
+    store.import_tree({"accounts": {"a1": {"entries": [{"amount": 5}]}}})
+    with store.snapshot() as snap:
+        a1 = snap.root["accounts"]["a1"]
+        assert type(snap.root["accounts"]) is Mapping
+        assert type(a1) is Mapping
+        assert type(a1["entries"]) is List
+        assert type(a1["entries"][0]) is Mapping
+        assert a1["entries"][0]["amount"] == 5
+
+
+def test_mapping_with_unorderable_keys_falls_back_to_flat_mapping(store: snaptree.Store) -> None:
+    """Mixed key types cannot live in a BTree; the dict becomes a FlatMapping, keys intact."""
+    store.import_tree({"mixed": {1: "one", "two": 2, None: 3}, "ints": {2: "b", 1: "a"}})
+    with store.snapshot() as snap:
+        assert type(snap.root["mixed"]) is FlatMapping
+        assert type(snap.root["ints"]) is Mapping
+        assert dict(snap.root["mixed"]) == {1: "one", "two": 2, None: 3}
+        assert list(snap.root["ints"].keys()) == [1, 2]
+
+
+def test_large_mapping_keeps_every_key(store: snaptree.Store) -> None:
+    """Dicts larger than one BTree bucket, and than one level of buckets, keep all items."""
+    medium = {f"k{i:05}": i for i in range(500)}
+    large = {i: [i] for i in range(12_000)}
+    store.import_tree({"medium": medium, "large": large})
+    assert store.run(lambda root: root["medium"]) == medium
+    assert store.run(lambda root: root["large"]) == large
+    # The mappings are ordinary BTrees afterwards: inserts keep working.
+    store.run(lambda root: root["large"].__setitem__(-1, "new"))
+    assert store.run(lambda root: (len(root["large"]), root["large"][-1])) == (12_001, "new")
+
+
+def test_leaves_are_stored_as_the_tree_stores_them(store: snaptree.Store) -> None:
+    """Scalars, tuples, bytes, datetimes and Decimals stay; sets freeze; bytearrays become bytes."""
+    when = datetime.datetime(2026, 11, 25, 17, 0, tzinfo=datetime.UTC)
+    data = {
+        "when": when,
+        "day": when.date(),
+        "price": decimal.Decimal("19.99"),
+        "pair": (1, "two"),
+        "raw": b"\x00\xff",
+        "buffer": bytearray(b"ab"),
+        "tags": {"a", "b"},
+        "frozen": frozenset({1}),
+        "z": complex(1, 2),
+    }
+    store.import_tree({"leaves": data})
+    got = store.run(lambda root: root["leaves"])
+    assert got["when"] == when and got["day"] == when.date()
+    assert got["price"] == decimal.Decimal("19.99")
+    assert got["pair"] == (1, "two")
+    assert got["raw"] == b"\x00\xff"
+    assert got["buffer"] == b"ab" and type(got["buffer"]) is bytes
+    assert got["tags"] == frozenset({"a", "b"}) and type(got["tags"]) is frozenset
+    assert got["frozen"] == frozenset({1})
+    assert got["z"] == complex(1, 2)
+
+
+def test_users_persistent_objects_are_stored_as_they_are(store: snaptree.Store) -> None:
+    """An instance of the caller's own Persistent subclass is stored, not converted."""
+    store.import_tree({"gadgets": [Gadget("lamp"), (Gadget("mug"),)]})
+    with store.snapshot() as snap:
+        first = snap.root["gadgets"][0]
+        assert type(first) is Gadget and first.name == "lamp"
+        assert snap.root["gadgets"][1][0].name == "mug"
+
+
+def test_root_import_merges_keys_and_leaves_other_keys_alone(store: snaptree.Store) -> None:
+    """At "/" each top-level key of the data becomes a key of the root."""
+    store.run(lambda root: root.__setitem__("existing", 1))
+    result = store.import_tree({"a": 1, "b": [2]})
+    assert store.run(lambda root: root) == {"existing": 1, "a": 1, "b": [2]}
+    assert result.path == "/"
+    assert result.keys == ("a", "b")
+    assert result.replaced == ()
+    assert result.objects == 1
+    assert result.attempts == 1
+
+
+def test_import_at_a_path_creates_the_mappings_on_the_way(store: snaptree.Store) -> None:
+    """accounts/a1 makes the data the value of a1 in accounts, creating accounts if needed."""
+    result = store.import_tree({"balance": 10}, path="bank/accounts/a1")
+    assert store.run(lambda root: root) == {"bank": {"accounts": {"a1": {"balance": 10}}}}
+    assert result.path == "bank/accounts/a1"
+    assert result.keys == ("a1",)
+    with store.snapshot() as snap:
+        assert type(snap.root["bank"]) is Mapping
+    # Leading and trailing slashes do not matter; a scalar can be imported too.
+    store.import_tree(7, path="/bank/accounts/a2/")
+    assert store.run(lambda root: root["bank"]["accounts"]["a2"]) == 7
+
+
+def test_import_at_a_path_reaches_int_keys_and_list_items(store: snaptree.Store) -> None:
+    """Path segments name int keys of int-keyed mappings and (with replace) list items."""
+    store.import_tree({"by_id": {1: {"x": 1}}, "items": [0, 1, 2]})
+    store.import_tree({"y": 2}, path="by_id/2")
+    assert store.run(lambda root: root["by_id"]) == {1: {"x": 1}, 2: {"y": 2}}
+    store.import_tree({"z": 3}, path="items/1", replace=True)
+    assert store.run(lambda root: root["items"]) == [0, {"z": 3}, 2]
+    with pytest.raises(snaptree.Error, match="items/7: no item 7"):
+        store.import_tree(1, path="items/7", replace=True)
+
+
+def test_existing_key_without_replace_is_an_error_naming_it(store: snaptree.Store) -> None:
+    """Importing over an existing key fails, names the key, and commits nothing."""
+    store.import_tree({"accounts": {"a1": {"balance": 1}}})
+    before = committed_state(store)
+    with pytest.raises(snaptree.Error, match=r"accounts/a1: already exists.*replace"):
+        store.import_tree({"balance": 2}, path="accounts/a1")
+    with pytest.raises(snaptree.Error, match=r"^accounts: already exists"):
+        store.import_tree({"new": 1, "accounts": {}})
+    assert committed_state(store) == before
+
+
+def test_replace_overwrites_the_old_value(store: snaptree.Store) -> None:
+    """With replace=True the old value at the key is replaced entirely."""
+    store.import_tree({"accounts": {"a1": {"balance": 1, "old": True}}, "keep": 1})
+    result = store.import_tree({"balance": 2}, path="accounts/a1", replace=True)
+    assert result.replaced == ("a1",)
+    assert store.run(lambda root: root) == {"accounts": {"a1": {"balance": 2}}, "keep": 1}
+    result = store.import_tree({"accounts": []}, replace=True)
+    assert result.replaced == ("accounts",)
+    assert store.run(lambda root: root) == {"accounts": [], "keep": 1}
+
+
+def test_root_accepts_only_a_mapping(store: snaptree.Store) -> None:
+    """A list cannot become the root: its items would have no keys."""
+    with pytest.raises(snaptree.UnstorableValueError, match="only a mapping can be imported"):
+        store.import_tree([1, 2])
+
+
+def test_path_below_a_scalar_is_an_error(store: snaptree.Store) -> None:
+    """Nothing can be imported below a value that is not a container; nothing is committed."""
+    store.import_tree({"count": 3})
+    before = committed_state(store)
+    with pytest.raises(snaptree.Error, match="count"):
+        store.import_tree({}, path="count/x/y")
+    with pytest.raises(snaptree.Error, match="empty segment"):
+        store.import_tree({}, path="a//b")
+    assert committed_state(store) == before
+
+
+def test_unstorable_value_is_reported_with_its_path(store: snaptree.Store) -> None:
+    """A value the tree cannot hold is named by its path in the tree; nothing is committed."""
+    store.import_tree({"other": 1})
+    before = committed_state(store)
+    data = {"accounts": {"a7": {"entries": [1, 2, 3, Plain()]}}}
+    with pytest.raises(snaptree.UnstorableValueError) as info:
+        store.import_tree(data)
+    assert info.value.path == "accounts/a7/entries/3"
+    assert "Plain" in str(info.value)
+    with pytest.raises(snaptree.UnstorableValueError) as info:
+        store.import_tree(data, path="bank")
+    assert info.value.path == "bank/accounts/a7/entries/3"
+    assert committed_state(store) == before
+
+
+def test_cycle_is_reported_with_its_path(store: snaptree.Store) -> None:
+    """A tree that contains itself cannot be stored; the error says where the loop closes."""
+    loop: list[Any] = [1]
+    loop.append({"back": [loop]})
+    with pytest.raises(snaptree.UnstorableValueError) as info:
+        store.import_tree({"x": loop})
+    assert info.value.path == "x/1/back/0"
+    assert store.run(lambda root: root) == {}
+
+
+def test_shared_references_become_independent_copies(store: snaptree.Store) -> None:
+    """The same dict twice in the data is stored twice, as assignment into the tree does."""
+    shared = {"n": 1}
+    store.import_tree({"a": shared, "b": shared})
+    store.run(lambda root: root["a"].__setitem__("n", 2))
+    assert store.run(lambda root: (root["a"]["n"], root["b"]["n"])) == (2, 1)
+
+
+def test_large_import_takes_savepoints_and_commits_once(store: snaptree.Store) -> None:
+    """Savepoints bound memory but the import is still one committed transaction."""
+    data = {f"a{i:04}": {"balance": i, "entries": [{"amount": i}]} for i in range(1000)}
+    commits_before = store.stats()["commits"]
+    result = store.import_tree(data, path="accounts", savepoint_every=100)
+    assert result.objects == 3001
+    assert result.savepoints == 30
+    assert store.stats()["commits"] == commits_before + 1
+    assert store.run(lambda root: root["accounts"]) == data
+
+
+def test_failure_after_savepoints_commits_nothing(store: snaptree.Store) -> None:
+    """An error late in a large import discards the savepoints; the store stays as it was."""
+    store.import_tree({"accounts": {"a0": 0}})
+    before = committed_state(store)
+    data: dict[str, Any] = {f"a{i:04}": {"entries": [i, {"x": i}]} for i in range(1, 600)}
+    data["zzzz"] = {"entries": [1, Plain()]}
+    with pytest.raises(snaptree.UnstorableValueError, match="accounts/new/zzzz/entries/1"):
+        store.import_tree(data, path="accounts/new", savepoint_every=50)
+    assert committed_state(store) == before
+    # The store is usable afterwards, and the same import without the bad value works.
+    del data["zzzz"]
+    result = store.import_tree(data, path="accounts/new", savepoint_every=50)
+    assert result.savepoints > 0
+    assert store.run(lambda root: root["accounts"]["new"]) == data
+
+
+def test_users_objects_survive_a_failed_import(store_uri: str) -> None:
+    """A failed import does not destroy the caller's own persistent objects.
+
+    ZODB disowns objects saved in an aborted savepoint; had one been turned
+    into a ghost (a small cache makes that certain) its state would be lost.
+    Imports that carry such objects therefore take no savepoints.
+    """
+    gadgets = [Gadget(f"g{i}") for i in range(300)]
+    data = {"filler": [{"n": i} for i in range(300)], "gadgets": gadgets, "more": [[1]] * 300}
+    data["zzz"] = Plain()
+    with snaptree.open(store_uri, cache_size=10) as store:
+        with pytest.raises(snaptree.UnstorableValueError, match=r"^zzz"):
+            store.import_tree(data, savepoint_every=10)
+        assert [g.name for g in gadgets] == [f"g{i}" for i in range(300)]
+        assert all(g._p_jar is None for g in gadgets)
+        del data["zzz"]
+        store.import_tree(data, savepoint_every=10)
+        with store.snapshot() as snap:
+            assert [g.name for g in snap.root["gadgets"]] == [f"g{i}" for i in range(300)]
+
+
+def test_object_of_another_connection_is_refused(store: snaptree.Store) -> None:
+    """A persistent object that already lives in a database cannot be imported again."""
+    store.import_tree({"gadget": Gadget("lamp")})
+    with store.snapshot() as snap:
+        loaded = snap.root["gadget"]
+        with pytest.raises(snaptree.UnstorableValueError, match="copy/0: this Gadget already"):
+            store.import_tree({"copy": [loaded]})
+
+
+class _WriteOnFirstRead(dict):
+    """A dict that, the first time the import reads it, lets another writer commit first."""
+
+    def __init__(self, data: dict, on_first_read: Any) -> None:
+        super().__init__(data)
+        self._on_first_read = on_first_read
+
+    def values(self) -> Any:
+        hook, self._on_first_read = self._on_first_read, None
+        if hook is not None:
+            hook()
+        return super().values()
+
+
+def test_conflicting_import_is_retried_as_a_whole(store: snaptree.Store) -> None:
+    """A concurrent write to the key being imported makes the import conflict and start over.
+
+    Retrying is safe because the data is only read: the second attempt
+    rebuilds everything from it and, with replace, overwrites the rival value.
+    """
+    errors: list[BaseException] = []
+
+    def rival_commit() -> None:
+        def write() -> None:
+            try:
+                store.run(lambda root: root.__setitem__("target", "rival"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+    data = _WriteOnFirstRead({"a": 1}, rival_commit)
+    result = store.import_tree({"target": data}, replace=True)
+    assert errors == []
+    assert result.attempts == 2
+    assert store.run(lambda root: root["target"]) == {"a": 1}
+
+
+def test_conflicting_import_without_replace_reports_the_new_key(store: snaptree.Store) -> None:
+    """On retry the existence check runs again and sees the rival's key: nothing is overwritten."""
+
+    def rival_commit() -> None:
+        thread = threading.Thread(
+            target=lambda: store.run(lambda root: root.__setitem__("target", "rival"))
+        )
+        thread.start()
+        thread.join(timeout=30)
+
+    data = _WriteOnFirstRead({"a": 1}, rival_commit)
+    with pytest.raises(snaptree.Error, match="target: already exists"):
+        store.import_tree({"target": data})
+    assert store.run(lambda root: root["target"]) == "rival"
+
+
+def test_progress_bar_goes_to_stderr_only(
+    store: snaptree.Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """progress=True draws a tqdm bar on stderr and writes nothing on stdout."""
+    store.import_tree({"a": [{"n": i} for i in range(50)]}, progress=True, savepoint_every=10)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "obj" in captured.err
+
+
+def test_savepoint_every_must_be_positive(store: snaptree.Store) -> None:
+    with pytest.raises(ValueError, match="savepoint_every"):
+        store.import_tree({}, savepoint_every=0)
+
+
+# -- round trip ---------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+json_trees = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 is not True, 1.0 is not 1)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=json_trees)
+def test_any_json_tree_round_trips_exactly(tree: Any) -> None:
+    """Importing a JSON-compatible tree and reading it back as plain data gives it back."""
+    with snaptree.open("memory://") as store:
+        store.import_tree(tree, path="model", savepoint_every=3)
+        assert same(store.run(lambda root: root["model"]), tree)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=st.dictionaries(st.text(max_size=6), json_trees, max_size=6))
+def test_any_json_mapping_round_trips_at_the_root(tree: dict[str, Any]) -> None:
+    """At the root, too, and through snaptree.to_plain inside a transaction."""
+    with snaptree.open("memory://") as store:
+        store.import_tree(tree, savepoint_every=2)
+        assert same(store.run(lambda root: snaptree.to_plain(root)), tree)
+        assert same(json.loads(json.dumps(tree)), tree)
