@@ -224,20 +224,32 @@ class Store:
 
     # -- writing ---------------------------------------------------------------
 
-    def _attempt(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+    def _attempt(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        root_key: str | None = ROOT_KEY,
+    ) -> R:
+        """One attempt: begin, call, commit; a transient failure becomes ``Retry``.
+
+        ``root_key=None`` hands ``fn`` ZODB's own root (only for creating the tree).
+        """
         with self._lease() as (conn, tm):
-            txn = tm.begin()
+            txn = None
             try:
+                # Beginning can fail transiently too: with ZEO's server_sync the
+                # begin pings a server that may be restarting.
+                txn = tm.begin()
+                root = conn.root()
                 with _GlobalTransactionGuard():
-                    result = fn(conn.root()[ROOT_KEY], *args, **kwargs)
+                    result = fn(root if root_key is None else root[root_key], *args, **kwargs)
                 self._check_still_open(tm, txn)
                 result = _detach(result)
                 tm.commit()
             except Exception as exc:
-                retryable = not isinstance(exc, Error) and (
-                    isinstance(exc, TransientError) or txn.isRetryableError(exc)
-                )
-                if retryable:
+                if _is_transient(exc, txn):
                     raise Retry(exc) from exc
                 raise
         self._stats.count("commits")
@@ -372,8 +384,13 @@ class Store:
         return stats
 
     def last_tid(self) -> str:
-        """The tid of the newest committed transaction, as hex."""
-        return self.db.lastTransaction().hex()
+        """The tid of the newest committed transaction, as hex.
+
+        Read through a fresh snapshot: ``DB.lastTransaction()`` is not kept
+        current by every storage (RelStorage's stays at its first value).
+        """
+        with self.snapshot() as snap:
+            return snap.tid
 
     def close(self) -> None:
         self.db.close()
@@ -473,22 +490,28 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
 def _ensure_root(store: Store) -> None:
     """Create the tree's root mapping on first use (retried: two processes may race)."""
 
-    def attempt() -> None:
-        with store._lease() as (conn, tm):
-            txn = tm.begin()
-            zodb_root = conn.root()
-            if ROOT_KEY in zodb_root:
-                return
+    def create(zodb_root: Any) -> None:
+        if ROOT_KEY not in zodb_root:
             zodb_root[ROOT_KEY] = Mapping()
-            try:
-                tm.commit()
-            except ReadOnlyError:
-                raise OpenError(
-                    f"{store.source} is read-only and holds no snaptree tree yet"
-                ) from None
-            except Exception as exc:
-                if isinstance(exc, TransientError) or txn.isRetryableError(exc):
-                    raise Retry(exc) from exc
-                raise
 
-    run_with_retries(attempt, store.retry_policy, store._stats)
+    try:
+        run_with_retries(
+            lambda: store._attempt(create, (), {}, root_key=None),
+            store.retry_policy,
+            store._stats,
+        )
+    except ReadOnlyError:
+        raise OpenError(f"{store.source} is read-only and holds no snaptree tree yet") from None
+
+
+def _is_transient(exc: Exception, txn: Any) -> bool:
+    """Whether *exc* means "try again"; decided before the transaction is aborted.
+
+    snaptree's own errors are never transient. ``txn`` is None when the
+    transaction could not even begin.
+    """
+    if isinstance(exc, Error):
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    return txn is not None and txn.isRetryableError(exc)

@@ -198,42 +198,12 @@ def _resolve_zeo(uri: str, display: str) -> tuple[Callable[[], Any], dict[str, A
     server_sync = bool(kw.pop("server_sync", 1))
 
     def open_client() -> Any:
-        return _client_storage_class()(address, server_sync=False, ping_on_sync=server_sync, **kw)
+        from ZEO.ClientStorage import ClientStorage
+
+        return ClientStorage(address, server_sync=server_sync, **kw)
 
     options = "ClientStorage options (wait_timeout, server_sync, cache_size, read_only, ...)"
     return _zeo_factory(open_client, uri), _db_kwargs(unused, display, options)
-
-
-def _client_storage_class() -> type:
-    """ZEO's ClientStorage, with a ``server_sync`` that cannot fail a transaction's start.
-
-    ClientStorage's own ``server_sync`` makes ``sync()`` (called when a
-    transaction begins) a ping, and a ping under way when the server goes
-    away raises ClientDisconnected from ``transaction.begin()``, where
-    snaptree (store.py, before its retried section) does not expect
-    errors. Here a failed ping leaves the transaction to start from the
-    newest state the client knows; its first load waits for the server
-    to come back, and its commit, if the server is still gone, fails with
-    the retried ClientDisconnected. Checked against ZEO 6.2: ``ping`` is
-    set on every connection, ``sync`` is what the MVCC adapter calls.
-    """
-    from ZEO.ClientStorage import ClientStorage
-    from ZEO.Exceptions import ClientDisconnected
-
-    class SyncingClientStorage(ClientStorage):
-        def __init__(self, *args: Any, ping_on_sync: bool = True, **kw: Any) -> None:
-            self._snaptree_ping_on_sync = ping_on_sync
-            super().__init__(*args, **kw)
-
-        def sync(self) -> None:
-            ping = getattr(self, "ping", None)
-            if self._snaptree_ping_on_sync and ping is not None:
-                try:
-                    ping()
-                except ClientDisconnected:
-                    pass
-
-    return SyncingClientStorage
 
 
 def _zeo_factory(open_client: Callable[[], Any], uri: str) -> Callable[[], Any]:
