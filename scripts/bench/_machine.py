@@ -35,6 +35,13 @@ def _ram() -> str:
     return "unknown"
 
 
+def _load() -> str:
+    try:
+        return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def _version(package: str) -> str:
     try:
         return version(package)
@@ -52,6 +59,8 @@ def facts() -> dict[str, str]:
         "ram": _ram(),
         "os": platform.platform(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        # Other processes competing for the cores make figures noisier; say how busy it was.
+        "load average at start (1, 5, 15 min)": _load(),
         **{package: _version(package) for package in PACKAGES},
     }
 
