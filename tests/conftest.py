@@ -25,6 +25,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+TORTURE_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long --torture runs get a longer hang guard; the default stays the 120 s of pyproject."""
+    if config.getoption("--torture"):
+        for item in items:
+            item.add_marker(pytest.mark.timeout(TORTURE_TIMEOUT))
+
+
 @pytest.fixture(params=["memory", "file"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URI for a fresh store on each embedded backend."""

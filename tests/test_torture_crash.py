@@ -132,7 +132,6 @@ def _check_store(path: Path, acknowledged: list[int], kills: int) -> int:
     return len(transfers)
 
 
-@pytest.mark.timeout(900)
 def test_killed_writer_never_loses_an_acknowledged_transfer_nor_tears_one(
     tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
