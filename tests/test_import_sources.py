@@ -260,3 +260,14 @@ def test_refused_pickle_commits_nothing(store: snaptree.Store, tmp_path: Path) -
         store.import_tree(snaptree.load_source(source))
     assert store.last_tid() == before
     assert store.run(lambda root: root) == {"a": 1}
+
+
+def test_inst_and_extension_opcodes_go_through_the_allow_list(tmp_path: Path, canary: Path) -> None:
+    """INST (protocol 0 calls by name) and EXT1 (the copyreg registry) cannot bypass it."""
+    inst = b"(S'touch " + str(canary).encode() + b"'\nios\nsystem\n."
+    with pytest.raises(snaptree.InputError, match=r"refused global os\.system"):
+        snaptree.load_source(write(tmp_path / "inst.pickle", inst))
+    ext = b"\x80\x02\x82\x01)R."
+    with pytest.raises(snaptree.InputError, match="not a valid pickle"):
+        snaptree.load_source(write(tmp_path / "ext.pickle", ext))
+    assert not canary.exists()
