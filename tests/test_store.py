@@ -415,3 +415,31 @@ def test_connection_is_not_reused_with_a_stray_change_from_another_thread(tmp_pa
         with pytest.raises(WrongThreadError):
             kept["box"]["n"] = 2
         assert s.run(lambda root: root["box"]["n"]) == 1
+
+
+def test_a_plain_container_that_contains_itself_is_refused_with_its_path(store):
+    loop: dict[str, Any] = {"name": "loop"}
+    loop["children"] = [loop]
+
+    with pytest.raises(UnstorableValueError, match=r"x/children/0: contains itself"):
+        store.run(lambda root: root.update(x=loop))
+
+
+def test_nesting_past_the_recursion_limit_is_an_unstorable_value(store):
+    deep: list[Any] = []
+    for _ in range(sys.getrecursionlimit() * 2):
+        deep = [deep]
+
+    with pytest.raises(UnstorableValueError, match="nested too deeply"):
+        store.run(lambda root: root.update(deep=deep))
+    assert store.run(lambda root: "deep" in root) is False
+
+
+def test_tuple_keys_that_cannot_be_ordered_fall_back_to_a_flat_mapping(store):
+    def kinds(root: Any) -> tuple[str, str]:
+        root["ordered"] = {(1, "a"): 1, (2, "b"): 2}
+        root["unordered"] = {(1, "a"): 1, ("b", 2): 2}
+        return type(root["ordered"]).__name__, type(root["unordered"]).__name__
+
+    assert store.run(kinds) == ("Mapping", "FlatMapping")
+    assert store.run(lambda root: root["unordered"]) == {(1, "a"): 1, ("b", 2): 2}

@@ -33,11 +33,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
 from .errors import Error, InputError, UnstorableValueError
-from .tree import SCALAR_TYPES, FlatMapping, List, Mapping, _orderable_keys, to_persistent
+from .tree import (
+    SCALAR_TYPES,
+    FlatMapping,
+    List,
+    Mapping,
+    dict_node,
+    to_persistent,
+)
 
 #: Persistent containers written between two savepoints of a large import.
 DEFAULT_SAVEPOINT_EVERY = 10_000
@@ -45,9 +51,6 @@ DEFAULT_SAVEPOINT_EVERY = 10_000
 FORMATS = ("json", "pickle")
 
 _MISSING = object()
-_STR_ONLY = {str}
-_LEAF_SIZE = OOBTree.max_leaf_size
-_chain = itertools.chain.from_iterable
 
 
 # ---------------------------------------------------------------------------
@@ -398,34 +401,6 @@ def _persistent_inside(value: Any) -> bool:
     return False
 
 
-def _mapping_of(keys: Any, values: list[Any]) -> Mapping:
-    """A Mapping of *keys* to *values*, which are already converted.
-
-    Mapping's own ``update`` runs its Python ``__setitem__`` (conversion and
-    owner check) again for every key. A dict small enough for one BTree
-    bucket is instead given its state directly, in the format BTrees pickle
-    buckets in (and so part of every database's format: checked against
-    BTrees 6.x); a larger one is filled as a plain OOBTree in C and its
-    state handed over while that state holds only buckets; deeper trees
-    take BTree's own insert, key by key.
-    """
-    node = Mapping()
-    if not values:
-        return node
-    if len(values) <= _LEAF_SIZE:
-        node.__setstate__((((tuple(_chain(sorted(zip(keys, values, strict=True)))),),),))
-        return node
-    filled = OOBTree(list(zip(keys, values, strict=True)))
-    state = filled.__getstate__()
-    if not isinstance(state[0][0], OOBTree):
-        node.__setstate__(state)
-        return node
-    insert = OOBTree.__setitem__
-    for key, value in zip(keys, values, strict=True):
-        insert(node, key, value)
-    return node
-
-
 class _Frame:
     """A dict or list being converted: its source, how far it got, its converted children."""
 
@@ -517,15 +492,7 @@ class _Builder:
         node: Any
         source = frame.source
         if frame.is_dict:
-            node = None
-            if set(map(type, source)) == _STR_ONLY or _orderable_keys(source):
-                try:
-                    node = _mapping_of(source, frame.out)
-                except TypeError:  # keys of one type that still do not order (mixed tuples)
-                    node = None
-            if node is None:
-                node = FlatMapping()
-                node.data.update(zip(source, frame.out, strict=True))
+            node = dict_node(source, frame.out)
         else:
             node = List()
             node.data = frame.out

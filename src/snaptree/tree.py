@@ -20,6 +20,7 @@ import datetime
 import decimal
 import enum
 import fractions
+import itertools
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -56,6 +57,10 @@ SCALAR_TYPES: frozenset[type] = frozenset(
 )
 
 
+_LEAF_SIZE = OOBTree.max_leaf_size
+_chain = itertools.chain.from_iterable
+
+
 def _join(path: str, key: object) -> str:
     return f"{path}/{key}" if path else str(key)
 
@@ -87,9 +92,11 @@ class Mapping(OOBTree):
     def update(self, *args: Any, **kwargs: Any) -> None:
         check_writable(self)
         items: dict[Any, Any] | Iterable[tuple[Any, Any]]
+        insert = OOBTree.__setitem__  # BTree's own insert: our __setitem__ would convert again
         for source in (*args, kwargs):
             items = source.items() if hasattr(source, "items") else source
-            super().update([(k, to_persistent(v, str(k))) for k, v in items])
+            for k, v in items:
+                insert(self, k, to_persistent(v, str(k)))
 
     def pop(self, key: Any, *default: Any) -> Any:
         check_writable(self)
@@ -224,6 +231,43 @@ class Counter(Length):
         return f"<snaptree.Counter {self.value}>"
 
 
+def mapping_of(keys: Any, values: list[Any]) -> Mapping:
+    """A Mapping of *keys* to *values*, which are already converted.
+
+    Mapping's own ``update`` runs its Python ``__setitem__`` (conversion and
+    owner check) again for every key. A dict small enough for one BTree
+    bucket is instead given its state directly, in the format BTrees pickle
+    buckets in (and so part of every database's format: checked against
+    BTrees 6.x); a larger one is filled as a plain OOBTree in C and its
+    state handed over while that state holds only buckets; deeper trees
+    take BTree's own insert, key by key.
+    """
+    node = Mapping()
+    if not values:
+        return node
+    if len(values) <= _LEAF_SIZE:
+        node.__setstate__((((tuple(_chain(sorted(zip(keys, values, strict=True)))),),),))
+        return node
+    filled = OOBTree(list(zip(keys, values, strict=True)))
+    state = filled.__getstate__()
+    if not isinstance(state[0][0], OOBTree):
+        node.__setstate__(state)
+        return node
+    insert = OOBTree.__setitem__
+    for key, value in zip(keys, values, strict=True):
+        insert(node, key, value)
+    return node
+
+
+def dict_node(keys: Any, values: list[Any]) -> Mapping | FlatMapping:
+    """The node a dict of *keys* to converted *values* becomes: a Mapping if its keys order."""
+    if _orderable_keys(keys):
+        return mapping_of(keys, values)
+    flat = FlatMapping()
+    flat.data.update(zip(keys, values, strict=True))
+    return flat
+
+
 def _orderable_keys(keys: Iterable[Any]) -> bool:
     types = {type(k) for k in keys}
     if not types:
@@ -232,42 +276,46 @@ def _orderable_keys(keys: Iterable[Any]) -> bool:
         # BTrees cannot order str against int; bool keys collide with 0 and 1.
         return types <= {int, float} and bool not in types
     (kind,) = types
-    return kind in (
-        str,
-        int,
-        float,
-        bytes,
-        datetime.date,
-        datetime.datetime,
-        decimal.Decimal,
-        tuple,
-    )
+    if kind is tuple:  # tuples order only if their items do, position by position
+        try:
+            sorted(keys)
+        except TypeError:
+            return False
+        return True
+    return kind in (str, int, float, bytes, datetime.date, datetime.datetime, decimal.Decimal)
 
 
 def to_persistent(value: Any, path: str = "") -> Any:
     """Return *value* in the form the tree stores: persistent containers, immutable leaves.
 
     Raises UnstorableValueError naming the path of the first value that cannot
-    be stored safely.
+    be stored safely, including plain containers that contain themselves and
+    nesting deeper than Python's recursion limit.
     """
+    try:
+        return _convert(value, path, set())
+    except RecursionError:
+        raise UnstorableValueError(
+            path, "nested too deeply to store (past Python's recursion limit); flatten it"
+        ) from None
+
+
+def _convert(value: Any, path: str, active: set[int]) -> Any:
     kind = type(value)
     if kind in SCALAR_TYPES or isinstance(value, Persistent):
         return value
-    if isinstance(value, dict):
-        if _orderable_keys(value):
-            node: Any = Mapping()
-            OOBTree.update(node, [(k, to_persistent(v, _join(path, k))) for k, v in value.items()])
-            return node
-        flat = FlatMapping()
-        flat.data.update((k, to_persistent(v, _join(path, k))) for k, v in value.items())
-        return flat
-    if isinstance(value, list):
-        items = List()
-        items.data[:] = [to_persistent(v, _join(path, i)) for i, v in enumerate(value)]
-        return items
-    if isinstance(value, tuple):
-        converted = [to_persistent(v, _join(path, i)) for i, v in enumerate(value)]
-        return tuple(converted) if kind is tuple else kind(*converted)
+    if isinstance(value, dict | list | tuple):
+        if id(value) in active:
+            raise UnstorableValueError(
+                path,
+                "contains itself (a cycle of plain containers); only persistent "
+                "objects may refer back to each other",
+            )
+        active.add(id(value))
+        try:
+            return _convert_container(value, path, active)
+        finally:
+            active.discard(id(value))
     if isinstance(value, set):
         return frozenset(value)
     if isinstance(value, bytearray):
@@ -280,6 +328,19 @@ def to_persistent(value: Any, path: str = "") -> Any:
         "made to it in place; store a dict, list or scalar, or make the class a "
         "persistent.Persistent subclass",
     )
+
+
+def _convert_container(value: dict | list | tuple, path: str, active: set[int]) -> Any:
+    if isinstance(value, dict):
+        return dict_node(
+            value.keys(), [_convert(v, _join(path, k), active) for k, v in value.items()]
+        )
+    converted = [_convert(v, _join(path, i), active) for i, v in enumerate(value)]
+    if isinstance(value, list):
+        items = List()
+        items.data[:] = converted
+        return items
+    return tuple(converted) if type(value) is tuple else type(value)(*converted)
 
 
 def to_plain(value: Any) -> Any:
