@@ -1,0 +1,588 @@
+"""Bad input across the command line: one clear line, the documented exit code, nothing changed.
+
+Each case runs a ``snaptree`` command with one thing wrong: a malformed or
+unreachable store URI, a missing file, malformed JSON, a hostile pickle, a
+wrong ``--format``, an absurd ``--every``/``--keep``, a damaged dump to
+verify. Each must:
+
+- exit with the code ``snaptree.cli`` documents: 2 for usage or
+  configuration (click's usage errors, a store that cannot be opened),
+  1 for a failure (bad data, a dump that does not verify);
+- say what is wrong in one line on stderr (click's usage errors add their
+  ``Usage:``/``Try`` lines around their one ``Error:`` line), no traceback,
+  nothing on stdout;
+- leave the store (its file's bytes and a snapshot of the tree) and the
+  earlier exports (every file and link) exactly as they were.
+
+Most cases run through click's CliRunner, in this process; the cases
+marked ``real`` run the installed ``.venv/bin/snaptree`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import snaptree
+from snaptree import schedule
+from snaptree.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAPTREE = ROOT / ".venv" / "bin" / "snaptree"
+WAIT = 60.0
+LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
+
+
+# -- the world every case runs against ---------------------------------------------------
+
+
+class Hostile:
+    """Pickles as a call of *function* with *args*: what a hostile file does."""
+
+    def __init__(self, function: Any, *args: Any) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> Any:
+        return (self.function, self.args)
+
+
+@dataclass
+class World:
+    root: Path  # scratch directory and the subprocesses' working directory
+    db: Path  # the store every case must leave unchanged
+    exports: Path  # earlier exports (--dir mode) that must stay unchanged
+    dump: Path  # an earlier single-file export
+    marker: Path  # a hostile pickle that ran would create this file
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def _dump_with_manifest(path: Path, data: bytes, fmt: str = "pickle") -> None:
+    """A file with a manifest that matches it, as if snaptree had written it."""
+    path.write_bytes(data)
+    manifest = {
+        "snaptree_manifest": 1,
+        "path": path.name,
+        "format": fmt,
+        "tid": "0" * 16,
+        "committed_at": "2026-01-01T00:00:00+00:00",
+        "objects": 1,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    snaptree.exports.manifest_path(path).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("bad-input")
+    w = World(root, root / "Data.fs", root / "exports", root / "dump.pickle", root / "MARKER")
+    w.exports.mkdir()
+    with snaptree.open(str(w.db)) as store:
+
+        def fill(tree: Any) -> None:
+            tree["accounts"] = {f"a{i:03d}": {"balance": 100} for i in range(50)}
+            tree["blob"] = b"\x00bytes JSON cannot hold"
+
+        store.run(fill)
+        store.export(w.dump)
+        schedule.export_into(store, w.exports, format="pickle")
+        schedule.export_into(store, w.exports, format="zodb")
+
+    (root / "not-a-dir").mkdir()
+    (root / "good.json").write_text('{"imported": 1}')
+    (root / "notfs.json").write_text('{"a": 1}\n')
+    (root / "broken.json").write_text('{"a": [1, 2,]}')
+    (root / "truncated.json").write_text('{"a": [1, ')
+    (root / "empty.json").write_text("")
+    (root / "binary.json").write_bytes(b"\xff\xfe\x00\x01garbage")
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    marker = str(w.marker)
+    hostile = {
+        "system": Hostile(os.system, f"touch {marker}"),
+        "eval": Hostile(eval, f"open({marker!r}, 'w')"),
+        "popen": Hostile(subprocess.Popen, ["touch", marker]),
+    }
+    for name, payload in hostile.items():
+        (root / f"hostile-{name}.pickle").write_bytes(pickle.dumps({"x": [payload]}))
+    # bytes(n) with a huge n, in the protocol 2 form: a memory bomb, not code.
+    (root / "hostile-bytes.pickle").write_bytes(
+        b"\x80\x02c__builtin__\nbytes\nq\x00J\x00\xe4\x0bTq\x01\x85q\x02Rq\x03."
+    )
+    good_pickle = pickle.dumps({"a": list(range(100))})
+    (root / "truncated.pickle").write_bytes(good_pickle[:-10])
+    (root / "hostile-dump.pickle").write_bytes(pickle.dumps(Hostile(os.system, f"touch {marker}")))
+
+    # Damaged copies of the good dump, for verify (the originals stay untouched).
+    manifest = snaptree.exports.manifest_path(w.dump)
+    for name in ("truncated", "altered", "no-manifest", "bad-manifest", "hostile-manifest"):
+        shutil.copy(w.dump, root / f"{name}.pickle")
+        if name != "no-manifest":
+            shutil.copy(manifest, snaptree.exports.manifest_path(root / f"{name}.pickle"))
+    data = w.dump.read_bytes()
+    (root / "truncated.pickle").write_bytes(data[: len(data) // 2])
+    (root / "altered.pickle").write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+    snaptree.exports.manifest_path(root / "bad-manifest.pickle").write_text("{not json")
+    # A hostile pickle under the good dump's manifest: the checksum stops it before loading.
+    (root / "hostile-manifest.pickle").write_bytes(
+        pickle.dumps(Hostile(os.system, f"touch {marker}"))
+    )
+    _dump_with_manifest(root / "forged.pickle", pickle.dumps(Hostile(os.system, f"touch {marker}")))
+    _dump_with_manifest(root / "unknown-format.pickle", good_pickle, fmt="yaml")
+    return w
+
+
+def _fingerprint(world: World) -> dict[str, Any]:
+    """The store's bytes and content, and every earlier export: what no bad input may change."""
+    files = {}
+    for entry in sorted([*world.exports.iterdir(), world.dump]):
+        files[entry.name] = "-> " + os.readlink(entry) if entry.is_symlink() else entry.read_bytes()
+    manifest = snaptree.exports.manifest_path(world.dump)
+    files[manifest.name] = manifest.read_bytes()
+    with snaptree.open(str(world.db), read_only=True) as store, store.snapshot() as snap:
+        tid, tree = snap.tid, snaptree.to_plain(snap.root)
+    return {
+        "Data.fs": hashlib.sha256(world.db.read_bytes()).hexdigest(),
+        "tid": tid,
+        "tree": tree,
+        "files": files,
+        "scratch": sorted(p.name for p in world.root.iterdir()),
+    }
+
+
+# -- running the command --------------------------------------------------------------------
+
+
+def _run(world: World, args: list[str], *, real: bool) -> tuple[int, str, str]:
+    env = {"SNAPTREE_DB": str(world.root / "default.fs")}  # never ./data in the checkout
+    if real:
+        proc = subprocess.run(
+            [str(SNAPTREE), *args],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            cwd=world.root,
+            env={**os.environ, **env},
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+    result = CliRunner().invoke(main, args, env=env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += f"\nTraceback: uncaught {result.exception!r}"
+    return result.exit_code, result.stdout, stderr
+
+
+def _error_line(stderr: str) -> str:
+    """The one line that says what is wrong; fails on a traceback or a second message line."""
+    assert "Traceback" not in stderr, f"a traceback instead of one line:\n{stderr}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    usage = [line for line in lines if line.startswith(("Usage: ", "Try '"))]
+    messages = [line for line in lines if line not in usage and not LOG_LINE.match(line)]
+    assert len(messages) == 1, f"expected one message line on stderr, got:\n{stderr}"
+    line = messages[0]
+    if usage:
+        assert line.startswith("Error: "), line
+    else:
+        assert line.startswith("snaptree: error: "), line
+    return line
+
+
+# -- the cases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]  # "{name}" is a path in the scratch directory
+    code: int
+    message: str  # a regular expression the error line must match
+    real: bool = False
+    xfail: str = ""
+
+    def argv(self, world: World) -> list[str]:
+        return [
+            a.format(db=world.db, exports=world.exports, dump=world.dump, scratch=world.root)
+            for a in self.args
+        ]
+
+
+OUT = "{scratch}/out.pickle"
+DB = ("--db", "{db}")
+
+CASES = [
+    # -- store URIs (configuration: 2) --
+    Case(
+        "export-unknown-scheme",
+        ("export", "--db", "foo://bar", "-o", OUT),
+        2,
+        r"cannot open foo://bar: unknown URI scheme 'foo'; use a file path",
+        real=True,
+    ),
+    Case(
+        "import-unknown-scheme",
+        ("import", "{scratch}/good.json", "--db", "nosuch://x"),
+        2,
+        r"unknown URI scheme 'nosuch'",
+    ),
+    Case(
+        "export-missing-directory",
+        ("export", "--db", "{scratch}/nowhere/Data.fs", "-o", OUT),
+        2,
+        r"directory .*/nowhere does not exist; create it first",
+        real=True,
+    ),
+    Case(
+        "import-missing-directory",
+        ("import", "{scratch}/good.json", "--db", "{scratch}/nowhere/Data.fs"),
+        2,
+        r"directory .*/nowhere does not exist",
+    ),
+    Case(
+        "export-zeo-nobody-listens",
+        ("export", "--db", "zeo://127.0.0.1:1?wait_timeout=1", "-o", OUT),
+        2,
+        r"no ZEO server answered at 127\.0\.0\.1:1 within 1 s; start one with `snaptree serve",
+        real=True,
+    ),
+    Case(
+        "export-db-is-a-directory",
+        ("export", "--db", "{scratch}/not-a-dir", "-o", OUT),
+        2,
+        r"cannot open .*not-a-dir: it is a directory",
+    ),
+    Case(
+        "import-db-is-not-a-filestorage",
+        ("import", "{scratch}/good.json", "--db", "{scratch}/notfs.json"),
+        2,
+        r"cannot open .*notfs\.json: .*not a FileStorage",
+        xfail="the message is only the file name ('cannot open notfs.json: /.../notfs.json': "
+        "ZODB's FileStorageFormatError), and FileStorage leaves notfs.json.lock and "
+        "notfs.json.tmp behind",
+    ),
+    # -- missing files (usage: 2) --
+    Case(
+        "import-missing-file",
+        ("import", "{scratch}/missing.json", *DB),
+        2,
+        r"Invalid value for 'FILE': File '.*missing\.json' does not exist",
+    ),
+    Case(
+        "verify-missing-file",
+        ("verify", "{scratch}/missing.pickle"),
+        2,
+        r"Invalid value for 'DUMP': File '.*missing\.pickle' does not exist",
+        real=True,
+    ),
+    Case("verify-a-directory", ("verify", "{exports}"), 2, r"is a directory"),
+    Case("export-output-is-a-directory", ("export", *DB, "-o", "{exports}"), 2, r"is a directory"),
+    # -- malformed JSON (failure: 1) --
+    Case(
+        "import-malformed-json",
+        ("import", "{scratch}/broken.json", *DB),
+        1,
+        r"broken\.json: malformed JSON at line 1, column 13: Expecting value",
+        real=True,
+    ),
+    Case(
+        "import-truncated-json",
+        ("import", "{scratch}/truncated.json", *DB),
+        1,
+        r"truncated\.json: malformed JSON at line 1, column \d+",
+    ),
+    Case(
+        "import-empty-json",
+        ("import", "{scratch}/empty.json", *DB),
+        1,
+        r"empty\.json: malformed JSON at line 1, column 1",
+    ),
+    Case(
+        "import-binary-as-json",
+        ("import", "{scratch}/binary.json", *DB),
+        1,
+        r"binary\.json: not UTF-8 text \(byte \d+: .*\); JSON must be UTF-8",
+    ),
+    Case(
+        "import-json-nested-too-deeply",
+        ("import", "{scratch}/deep.json", *DB),
+        1,
+        r"deep\.json: the JSON is nested too deeply",
+    ),
+    Case(
+        "import-pickle-as-json",
+        ("import", "{scratch}/truncated.pickle", "--format", "json", *DB),
+        1,
+        r"truncated\.pickle: not UTF-8 text \(byte 0: invalid start byte\)",
+    ),
+    # -- hostile and broken pickles (failure: 1; no code runs) --
+    Case(
+        "import-pickle-calling-os-system",
+        ("import", "{scratch}/hostile-system.pickle", *DB),
+        1,
+        r"refused global posix\.system: .*no code from the file was run",
+        real=True,
+    ),
+    Case(
+        "import-pickle-calling-eval",
+        ("import", "{scratch}/hostile-eval.pickle", *DB),
+        1,
+        r"refused global builtins\.eval",
+    ),
+    Case(
+        "import-pickle-calling-popen",
+        ("import", "{scratch}/hostile-popen.pickle", *DB),
+        1,
+        r"refused global subprocess\.Popen",
+    ),
+    Case(
+        "import-pickle-allocating-bytes",
+        ("import", "{scratch}/hostile-bytes.pickle", *DB),
+        1,
+        r"bytes\(n\).*refused",
+    ),
+    Case(
+        "import-truncated-pickle",
+        ("import", "{scratch}/truncated.pickle", *DB),
+        1,
+        r"truncated\.pickle: the pickle is truncated",
+    ),
+    # -- wrong formats --
+    Case(
+        "export-unknown-format",
+        ("export", *DB, "-o", OUT, "--format", "xml"),
+        2,
+        r"Invalid value for '--format': 'xml' is not one of 'pickle', 'json', 'zodb'",
+        real=True,
+    ),
+    Case(
+        "import-unknown-format",
+        ("import", "{scratch}/good.json", *DB, "--format", "yaml"),
+        2,
+        r"Invalid value for '--format': 'yaml' is not one of",
+    ),
+    Case(
+        "export-json-of-bytes",
+        ("export", *DB, "-o", "{scratch}/out.json", "--format", "json"),
+        1,
+        r"/blob: JSON cannot hold a builtins\.bytes; export this tree as pickle or zodb",
+    ),
+    Case(
+        "export-zodb-of-a-scalar",
+        ("export", *DB, "-o", "{scratch}/out.zexp", "--format", "zodb", "--subtree", "/blob"),
+        1,
+        r"the zodb format exports a persistent object; /blob is a bytes",
+    ),
+    Case(
+        "export-missing-subtree",
+        ("export", *DB, "-o", OUT, "--subtree", "/nope"),
+        1,
+        r"subtree /nope: / has no key 'nope'",
+    ),
+    Case(
+        "export-malformed-at",
+        ("export", *DB, "-o", OUT, "--at", "yesterday"),
+        2,
+        r"'yesterday' is neither a tid \(16 hex digits\) nor an ISO 8601 time",
+        xfail="a malformed --at value exits 1 (a plain snaptree.Error), not 2 as the usage "
+        "errors cli/__init__.py documents",
+    ),
+    # -- --every and --keep (usage: 2) --
+    *[
+        Case(
+            f"export-every-{name}",
+            ("export", *DB, "--dir", "{scratch}/not-a-dir", "--every", value),
+            2,
+            message,
+            real=name == "negative",
+        )
+        for name, value, message in [
+            ("negative", "-1", r"every must be between 0 and 2678400 seconds"),
+            ("absurd", "1e12", r"every must be between 0 and 2678400 seconds"),
+            ("nan", "nan", r"every must be between"),
+            ("infinite", "inf", r"every must be between"),
+            ("not-a-number", "soon", r"'soon' is not a valid float"),
+        ]
+    ],
+    *[
+        Case(
+            f"export-keep-{name}",
+            ("export", *DB, "--dir", "{scratch}/not-a-dir", "--keep", value),
+            2,
+            message,
+        )
+        for name, value, message in [
+            ("zero", "0", r"keep must be between 1 and 100000, not 0"),
+            ("negative", "-3", r"keep must be between 1 and 100000, not -3"),
+            ("absurd", "1000000000", r"keep must be between 1 and 100000"),
+            ("fraction", "2.5", r"'2\.5' is not a valid integer"),
+        ]
+    ],
+    Case(
+        "export-keep-without-dir",
+        ("export", *DB, "-o", OUT, "--keep", "3"),
+        2,
+        r"--keep needs --dir",
+    ),
+    Case(
+        "export-at-with-every",
+        ("export", *DB, "-o", OUT, "--every", "5", "--at", "040d41d07e885dbb"),
+        2,
+        r"--at exports one past state; it cannot be combined with --every",
+    ),
+    Case("export-cache-size-tiny", ("export", *DB, "-o", OUT, "--cache-size", "5"), 2, r"x>=100"),
+    Case(
+        "import-savepoint-every-zero",
+        ("import", "{scratch}/good.json", *DB, "--savepoint-every", "0"),
+        2,
+        r"Invalid value for '--savepoint-every'",
+    ),
+    Case("demo-no-writers", ("demo", *DB, "--writers", "0"), 2, r"Invalid value for '--writers'"),
+    Case("demo-negative-time", ("demo", *DB, "--seconds", "-1"), 2, r"'--seconds'"),
+    Case(
+        "serve-listen-nonsense",
+        ("serve", *DB, "--listen", "127.0.0.1:99999"),
+        2,
+        r"listen address '127\.0\.0\.1:99999': expected HOST:PORT",
+    ),
+    Case("unknown-command", ("expotr", *DB), 2, r"No such command 'expotr'"),
+    Case(
+        "unknown-option",
+        ("export", *DB, "--evrey", "5"),
+        2,
+        r"No such option '--evrey'\. \(Did you mean one of: '--every'",
+    ),
+    # -- verify of damaged dumps (failure: 1) --
+    Case(
+        "verify-truncated-dump",
+        ("verify", "{scratch}/truncated.pickle"),
+        1,
+        r"truncated\.pickle: \d+ bytes, but the manifest says \d+; the file is truncated",
+        real=True,
+    ),
+    Case(
+        "verify-altered-dump",
+        ("verify", "{scratch}/altered.pickle"),
+        1,
+        r"altered\.pickle: sha256 [0-9a-f]{64} does not match the manifest's",
+    ),
+    Case(
+        "verify-dump-without-manifest",
+        ("verify", "{scratch}/no-manifest.pickle"),
+        1,
+        r"no-manifest\.pickle: no manifest \(no-manifest\.pickle\.manifest\.json\); "
+        r"the export did not finish",
+    ),
+    Case(
+        "verify-unreadable-manifest",
+        ("verify", "{scratch}/bad-manifest.pickle"),
+        1,
+        r"bad-manifest\.pickle\.manifest\.json: unreadable manifest",
+    ),
+    Case(
+        "verify-manifest-naming-an-unknown-format",
+        ("verify", "{scratch}/unknown-format.pickle"),
+        1,
+        r"the manifest names an unknown format 'yaml'",
+    ),
+    Case(
+        "verify-hostile-pickle-under-a-real-manifest",
+        ("verify", "{scratch}/hostile-manifest.pickle"),
+        1,
+        r"hostile-manifest\.pickle: \d+ bytes, but the manifest says",
+    ),
+    Case(
+        "verify-hostile-pickle-with-a-forged-manifest",
+        ("verify", "{scratch}/forged.pickle"),
+        1,
+        r"forged\.pickle: .*refused",
+        real=True,
+        xfail="verify loads a pickle dump with pickle.load (exports._load_pickle), so a dump "
+        "whose manifest was forged to match (a sha256 is no signature) runs its code: "
+        "os.system ran and verify said 'ok'; docs/export.md warns, but verify is what one "
+        "runs on a dump one is unsure of",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)])
+        if c.xfail
+        else pytest.param(c, id=c.id)
+        for c in CASES
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_changes_nothing(world: World, case: Case) -> None:
+    before = _fingerprint(world)
+    try:
+        code, stdout, stderr = _run(world, case.argv(world), real=case.real)
+        assert not world.marker.exists(), "code from a hostile pickle ran"
+        assert code == case.code, f"exit {code}, expected {case.code}; stderr:\n{stderr}"
+        line = _error_line(stderr)
+        assert re.search(case.message, line), f"{line!r} does not match {case.message!r}"
+        assert stdout == ""
+        assert _fingerprint(world) == before, "the store or an earlier export changed"
+    finally:
+        world.marker.unlink(missing_ok=True)
+        for leftover in ("out.pickle", "out.json", "out.zexp"):
+            (world.root / leftover).unlink(missing_ok=True)
+
+
+def test_a_password_in_the_uri_never_reaches_the_output(world: World) -> None:
+    """An unreachable PostgreSQL server: exit 2, the password masked everywhere."""
+    uri = "postgresql://app:s3cret-pw@127.0.0.1:1/app?connect_timeout=1"
+    code, stdout, stderr = _run(world, ["export", "--db", uri, "-o", OUT], real=True)
+    assert code == 2
+    assert "s3cret-pw" not in stdout + stderr
+    assert "snaptree: error: cannot open postgresql://app:***@127.0.0.1:1/app" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="exports._JsonWriter is recursive (write -> _value -> write, two frames a level): "
+    "a tree nested about 500 deep, which import stores, makes `snaptree export --format json` "
+    "die with a RecursionError traceback (pickle and zodb export it fine)",
+)
+def test_a_json_export_of_a_deep_tree_import_accepted_is_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Nesting 600 deep: Python's json parser takes it, and import stores it."""
+    db = tmp_path / "deep.fs"
+    deep: Any = 1
+    for _ in range(600):
+        deep = {"a": deep}
+    source = tmp_path / "deep.json"
+    source.write_text(json.dumps(deep))
+    result = CliRunner().invoke(main, ["import", str(source), "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    for fmt in ("pickle", "zodb"):
+        result = CliRunner().invoke(
+            main, ["export", "--db", str(db), "-o", str(tmp_path / f"d.{fmt}"), "--format", fmt]
+        )
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "d.json"
+    result = CliRunner().invoke(
+        main, ["export", "--db", str(db), "-o", str(out), "--format", "json"]
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    if result.exit_code == 0:
+        assert json.loads(out.read_text()) == deep
+    else:  # a clear refusal would do as well
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            stderr += f"\nTraceback: uncaught {result.exception!r}"
+        assert result.exit_code == 1
+        _error_line(stderr)
