@@ -309,3 +309,22 @@ def test_a_killed_export_leaves_no_file_under_the_final_name(tmp_path):
     assert names == sorted(
         [result.info.path.name, result.info.path.name + ".manifest.json", "latest.pickle"]
     )
+
+
+class Linked(Persistent):
+    """A user model object that may point back at another (a cycle)."""
+
+
+def test_a_cycle_through_user_objects_is_a_clear_pickle_error(store, tmp_path):
+    """The pickle format writes a tree; a cycle names the way out (the zodb format)."""
+
+    def link(root):
+        a, b = Linked(), Linked()
+        a.other, b.other = b, a
+        root["a"] = a
+
+    store.run(link)
+    with pytest.raises(ExportError, match=r"reference cycle.*zodb format"):
+        store.export(tmp_path / "c.pickle")
+    assert not (tmp_path / "c.pickle").exists()
+    assert snaptree.verify(store.export(tmp_path / "c.zexp", format="zodb").path)
