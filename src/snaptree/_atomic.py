@@ -87,14 +87,16 @@ def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
     except OSError as exc:
         raise ExportError(describe_os_error(exc, final)) from exc
     try:
+        # The OSError clause covers the close too: after a short write on a
+        # full disk, close() flushes the rest of the buffer and fails again.
         with os.fdopen(fd, "wb", buffering=1 << 16) as raw:
             writer = HashingWriter(raw)
-            try:
-                yield writer, temp
-                raw.flush()
-                os.fsync(raw.fileno())
-            except OSError as exc:
-                raise ExportError(describe_os_error(exc, final)) from exc
+            yield writer, temp
+            raw.flush()
+            os.fsync(raw.fileno())
+    except OSError as exc:
+        discard(temp)
+        raise ExportError(describe_os_error(exc, final)) from exc
     except BaseException:
         discard(temp)
         raise

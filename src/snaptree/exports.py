@@ -20,7 +20,8 @@ Three formats:
 Every dump is written atomically (see :mod:`snaptree._atomic`) and followed
 by a manifest ``<dump>.manifest.json``: format, tid, commit time, object
 count, size, sha256, snaptree version and the source with its password
-masked. The manifest is written last, so a dump with a manifest is complete.
+masked. Both are complete and fsynced before the manifest and then the dump
+are renamed into place, so a file under a dump's final name is always whole.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -189,13 +191,14 @@ def export_snapshot(
             seconds=round(time.perf_counter() - started, 6),
             snaptree_version=_version(),
         )
-        # Both files are complete and fsynced before either is renamed, so the
-        # window in which a crash leaves a dump without its manifest is the
-        # span between two renames.
+        # Both files are complete and fsynced before either is renamed. The
+        # manifest is renamed first: a crash between the two renames leaves a
+        # manifest without its dump, which no reader takes for a dump and
+        # retention removes, rather than a dump no manifest vouches for.
         with _atomic.staged_file(manifest_path(final)) as (mwriter, manifest_temp):
             mwriter.write(_manifest_bytes(info))
-        _atomic.commit(temp, final)
         _atomic.commit(manifest_temp, manifest_path(final))
+        _atomic.commit(temp, final)
     except BaseException:
         _atomic.discard(temp)
         if manifest_temp is not None:
@@ -417,7 +420,11 @@ class _JsonWriter:
                 child = f"{path}/{key}"
                 self._emit(("" if first else ",") + self._encode(str(key)) + ":")
                 first = False
-                self._value(item, child)
+                # inline rather than a helper: one Python frame per level of the tree
+                if type(item) in _JSON_SCALARS:
+                    self._emit(self._scalar(item, child))
+                else:
+                    self.write(item, child)
             self._emit("}")
         elif isinstance(value, List | list | tuple):
             if isinstance(value, Persistent):
@@ -426,7 +433,10 @@ class _JsonWriter:
             for index, item in enumerate(value):
                 if index:
                     self._emit(",")
-                self._value(item, f"{path}/{index}")
+                if type(item) in _JSON_SCALARS:
+                    self._emit(self._scalar(item, f"{path}/{index}"))
+                else:
+                    self.write(item, f"{path}/{index}")
             self._emit("]")
         elif isinstance(value, Counter):
             self._node()
@@ -434,17 +444,17 @@ class _JsonWriter:
         else:
             self._emit(self._scalar(value, path))
 
-    def _value(self, item: Any, path: str) -> None:
-        if type(item) in _JSON_SCALARS:
-            self._emit(self._scalar(item, path))
-        else:
-            self.write(item, path)
-
 
 def _write_json(node: Any, out: Any, connection: Any, subtree: str) -> int:
     writer = _JsonWriter(out, connection)
     base = normalize_subtree(subtree).rstrip("/")
-    writer.write(node, base)
+    try:
+        writer.write(node, base)
+    except RecursionError:
+        raise ExportError(
+            f"{normalize_subtree(subtree)} is nested too deeply for the json writer "
+            f"(about {sys.getrecursionlimit() // 2} levels); export it as pickle or zodb"
+        ) from None
     writer._emit("\n")
     writer.flush()
     return writer.nodes

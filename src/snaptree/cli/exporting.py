@@ -17,8 +17,10 @@ from typing import Any
 import click
 
 from .. import _file_follower, schedule
+from ..errors import Error
 from ..exports import FORMATS, verify
 from ..store import open as open_store
+from ..store import parse_point
 from .options import db_option
 
 
@@ -30,6 +32,15 @@ def _checked(check: Any) -> Any:
             raise click.BadParameter(str(exc)) from None
 
     return callback
+
+
+def _checked_point(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_point(value)
+        except Error as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 def _emit(result: schedule.RunResult, as_json: bool) -> None:
@@ -85,7 +96,12 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     metavar="N",
     help="With --dir: keep the newest N complete dumps of this format, delete older ones.",
 )
-@click.option("--at", metavar="TIME|TID", help="Export the tree as of an ISO time or a hex tid.")
+@click.option(
+    "--at",
+    metavar="TIME|TID",
+    callback=_checked_point,
+    help="Export the tree as of an ISO time or a hex tid.",
+)
 @click.option("--subtree", default="/", show_default=True, help="Export only this path.")
 @click.option(
     "--cache-size",
