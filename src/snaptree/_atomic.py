@@ -78,7 +78,7 @@ def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
     """Yield a hashing writer on a fresh temporary file beside *final*, then flush and fsync it.
 
     The file is *not* renamed here: the caller commits it with :func:`commit`
-    once everything it depends on is ready (the manifest is written last),
+    once everything it depends on is ready (the dump waits for its manifest),
     or the temporary is removed on any exception, including KeyboardInterrupt.
     """
     temp = _temp_path(final)
