@@ -36,7 +36,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
 from . import _atomic
-from .errors import ExportError, UnstorableValueError, VerifyError
+from .errors import Error, ExportError, UnstorableValueError, VerifyError
 from .tree import Counter, FlatMapping, List, Mapping
 
 log = logging.getLogger(__name__)
@@ -526,11 +526,13 @@ def read_manifest(dump: Path) -> dict[str, Any]:
     return data
 
 
-def verify(path: str | os.PathLike[str]) -> ExportInfo:
+def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) -> ExportInfo:
     """Check a dump against its manifest (size, sha256) and load it; return what it holds.
 
-    Loading a pickle dump runs the pickle: verify only dumps you wrote.
-    Raises VerifyError saying what does not match.
+    A pickle dump is loaded with the same allow-list unpickler as imports
+    (plain containers and scalars, datetime, decimal, plus the classes named
+    in *allow*), so a forged dump with a matching manifest still cannot run
+    code. Raises VerifyError saying what does not match.
     """
     dump = Path(path)
     if dump.name.endswith(MANIFEST_SUFFIX):
@@ -558,7 +560,7 @@ def verify(path: str | os.PathLike[str]) -> ExportInfo:
             f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
             f"{manifest['sha256']}; the file was changed after the export"
         )
-    summary = _LOADERS[fmt](dump, manifest)
+    summary = _LOADERS[fmt](dump, manifest, allow)
     return ExportInfo(
         path=dump,
         format=fmt,
@@ -587,10 +589,16 @@ def describe(value: Any) -> dict[str, Any]:
     return summary
 
 
-def _load_pickle(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _load_pickle(
+    dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]
+) -> dict[str, Any]:
+    from .imports import AllowListUnpickler
+
     with open(dump, "rb") as f:
         try:
-            value = pickle.load(f)
+            value = AllowListUnpickler(f, allow=allow, source=str(dump)).load()
+        except Error as exc:
+            raise VerifyError(f"the pickle does not load: {exc}") from None
         except Exception as exc:
             raise VerifyError(f"{dump}: the pickle does not load: {exc!r}") from None
         if f.read(1):
@@ -598,7 +606,7 @@ def _load_pickle(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return describe(value)
 
 
-def _load_json(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _load_json(dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]) -> dict[str, Any]:
     with open(dump, "rb") as f:
         try:
             value = json.load(f)
@@ -607,7 +615,7 @@ def _load_json(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return describe(value)
 
 
-def _load_zodb(dump: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _load_zodb(dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]) -> dict[str, Any]:
     """Import the dump into a throwaway in-memory database, as importFile would anywhere."""
     import transaction
     from ZODB import DB
@@ -664,7 +672,7 @@ def _count_zexp_records(dump: Path) -> int:
     return count
 
 
-_LOADERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
+_LOADERS: dict[str, Callable[[Path, dict[str, Any], Iterable[str | type]], dict[str, Any]]] = {
     "pickle": _load_pickle,
     "json": _load_json,
     "zodb": _load_zodb,

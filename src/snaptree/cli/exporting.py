@@ -21,7 +21,7 @@ from ..errors import Error
 from ..exports import FORMATS, verify
 from ..store import open as open_store
 from ..store import parse_point
-from .options import db_option
+from .options import allow_option, db_option
 
 
 def _checked(check: Any) -> Any:
@@ -188,18 +188,20 @@ def export_command(
 
 @click.command("verify")
 @click.argument("dump", type=click.Path(exists=True, dir_okay=False))
+@allow_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def verify_command(dump: str, as_json: bool) -> None:
+def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
     """Check a dump against its manifest (size, sha256), load it and say what it holds.
 
     Fails (exit 1) on a truncated or altered file, or one without a manifest.
-    Loading a pickle runs it: verify only dumps you trust.
+    A pickle is loaded with an allow-list (plain data, datetime, decimal, and
+    the classes named with --allow), so even a forged dump cannot run code.
 
     Example:
 
         snaptree verify dumps/latest.pickle
     """
-    info = verify(dump)
+    info = verify(dump, allow=allow)
     if as_json:
         data = info.to_json()
         data["ok"] = True

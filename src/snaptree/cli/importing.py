@@ -8,7 +8,7 @@ import click
 
 from ..imports import DEFAULT_SAVEPOINT_EVERY, FORMATS, load_source
 from ..store import open as open_store
-from .options import db_option
+from .options import allow_option, db_option
 
 
 @click.command("import")
@@ -31,14 +31,7 @@ from .options import db_option
     help="Source format. Default: from the file name (.json, .pickle, .pkl), else sniffed.",
 )
 @click.option("--replace", is_flag=True, help="Overwrite keys that already exist.")
-@click.option(
-    "--allow",
-    "allow",
-    multiple=True,
-    metavar="MODULE:CLASS",
-    help="Let a pickle contain this class too (repeatable). Only name classes you trust: "
-    "loading one may run its code.",
-)
+@allow_option
 @click.option(
     "--savepoint-every",
     type=click.IntRange(min=1),

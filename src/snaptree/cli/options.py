@@ -12,3 +12,12 @@ db_option = click.option(
     help="Store to use: a path, file://, memory://, zeo://host:port, postgresql://... "
     "Default: $SNAPTREE_DB, else ./data/snaptree.fs.",
 )
+
+allow_option = click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="MODULE:CLASS",
+    help="Let a pickle contain this class too (repeatable). Only name classes you trust: "
+    "loading one may run its code.",
+)
