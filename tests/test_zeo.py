@@ -144,3 +144,19 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_exporter_on_a_zeo_store_exports_from_its_own_process(tmp_path: Path) -> None:
+    """The Exporter reopens the store's own zeo:// URI in its exporter process."""
+    with zeo_server(tmp_path) as server, snaptree.open(server.uri) as store:
+        open_bank(store)
+        (tmp_path / "dumps").mkdir()
+        exporter = snaptree.Exporter(store, tmp_path / "dumps", every=3600, format="pickle")
+        try:
+            assert not exporter.in_process
+            result = exporter.export_now()
+        finally:
+            exporter.stop()
+        assert result.info is not None
+        assert result.info.tid == store.last_tid()
+        assert snaptree.verify(result.info.path).objects == result.info.objects

@@ -16,7 +16,7 @@ from .errors import (
 from .exports import ExportInfo, verify
 from .imports import ImportResult, load_source
 from .retry import RetryPolicy
-from .schedule import Exporter
+from .schedule import Exporter, RunResult
 from .store import Snapshot, Store, open, read_current
 from .tree import Counter, FlatMapping, List, Mapping, to_persistent, to_plain
 
@@ -40,6 +40,7 @@ __all__ = [
     "OpenError",
     "RetriesExhausted",
     "RetryPolicy",
+    "RunResult",
     "Snapshot",
     "Store",
     "UnstorableValueError",

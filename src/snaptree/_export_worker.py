@@ -174,16 +174,16 @@ class ExportProcess:
 def worker_uri(store: Any) -> str | None:
     """The URI another process can open to read *store*'s storage, if there is one.
 
-    A FileStorage is opened read-only by path. Other storages need the URI
-    passed explicitly (the store keeps only a copy with the password masked);
-    an in-memory storage cannot be read from another process at all.
+    A FileStorage is opened read-only by path; a ZEO or RelStorage store by
+    the URI it was opened with; an in-memory storage cannot be read from
+    another process at all.
     """
     from ZODB.FileStorage import FileStorage
 
     storage = store.db.storage
     if isinstance(storage, FileStorage):
         return os.path.abspath(storage.getName())
-    return None
+    return store._shareable_uri
 
 
 # -- the worker's side --------------------------------------------------------------

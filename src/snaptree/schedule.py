@@ -374,7 +374,7 @@ class Exporter:
 
     The export itself runs in a separate, long-lived exporter process when
     the storage can be read from one (a FileStorage, opened read-only
-    there; or pass ``uri`` for zeo:// and postgresql://), because a
+    there; the same zeo:// or postgresql:// URI), because a
     CPU-bound export in the writers' process slows every writer through
     the interpreter lock. An in-memory store is exported in-process. Pass
     ``process=False`` to force in-process exports.

@@ -162,9 +162,13 @@ class Store:
         retry: RetryPolicy,
         pool_size: int,
         pool_timeout: float,
+        shareable_uri: str | None = None,
     ) -> None:
         self.db = db
         self.source = source
+        # The URI another process can open (exporter processes), password
+        # included: kept private and never printed; ``source`` is for people.
+        self._shareable_uri = shareable_uri
         self.retry_policy = retry
         self.pool_timeout = pool_timeout
         self._slots = threading.BoundedSemaphore(pool_size)
@@ -405,6 +409,10 @@ class Store:
         return f"<snaptree.Store {self.source}>"
 
 
+#: Storages that other processes can open at the same time with the same URI.
+_SHAREABLE_SCHEMES = frozenset({"zeo", "postgres"})
+
+
 class _DB(DB):
     klass = OwnedConnection  # ZODB's documented hook for the connection class
 
@@ -478,6 +486,7 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         retry=retry or RetryPolicy(),
         pool_size=pool_size,
         pool_timeout=pool_timeout,
+        shareable_uri=str(uri) if resolved.scheme in _SHAREABLE_SCHEMES else None,
     )
     try:
         _ensure_root(store)
