@@ -256,6 +256,9 @@ def test_changing_an_object_after_its_transaction_is_refused(store):
         kept["box"]["n"] = 2
     with pytest.raises(WrongThreadError):
         kept["acct"].balance = 0
+    for remove in (lambda box: box.pop("n"), lambda box: box.clear(), lambda box: box.popitem()):
+        with pytest.raises(WrongThreadError):
+            remove(kept["box"])
     assert store.run(lambda root: (root["box"]["n"], root["acct"].balance)) == (1, 5)
 
 

@@ -65,7 +65,29 @@ def _join(path: str, key: object) -> str:
     return f"{path}/{key}" if path else str(key)
 
 
-class Mapping(OOBTree):
+class _GuardedRemovals:
+    """Removals shared by both mapping nodes: refuse them outside the owner's transaction."""
+
+    __slots__ = ()  # a mixin for C-level bases (OOBTree) must add no instance layout
+
+    def __delitem__(self, key: Any) -> None:
+        check_writable(self)
+        super().__delitem__(key)  # type: ignore[misc]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        check_writable(self)
+        return super().pop(key, *default)  # type: ignore[misc]
+
+    def popitem(self) -> tuple[Any, Any]:
+        check_writable(self)
+        return super().popitem()  # type: ignore[misc]
+
+    def clear(self) -> None:
+        check_writable(self)
+        super().clear()  # type: ignore[misc]
+
+
+class Mapping(_GuardedRemovals, OOBTree):
     """A dict-like node backed by a BTree.
 
     BTrees resolve concurrent inserts and deletes of *different* keys without a
@@ -76,10 +98,6 @@ class Mapping(OOBTree):
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
         super().__setitem__(key, to_persistent(value, str(key)))
-
-    def __delitem__(self, key: Any) -> None:
-        check_writable(self)
-        super().__delitem__(key)
 
     def insert(self, key: Any, value: Any) -> int:
         check_writable(self)
@@ -98,23 +116,12 @@ class Mapping(OOBTree):
             for k, v in items:
                 insert(self, k, to_persistent(v, str(k)))
 
-    def pop(self, key: Any, *default: Any) -> Any:
-        check_writable(self)
-        return super().pop(key, *default)
-
-    def popitem(self) -> tuple[Any, Any]:
-        check_writable(self)
-        return super().popitem()
-
-    def clear(self) -> None:
-        check_writable(self)
-        super().clear()
 
     def __repr__(self) -> str:
         return f"<snaptree.Mapping with {len(self)} keys>"
 
 
-class FlatMapping(PersistentMapping):
+class FlatMapping(_GuardedRemovals, PersistentMapping):
     """Fallback for a dict whose keys cannot be ordered (mixed key types).
 
     It is one persistent record, so concurrent changes to it conflict and are
@@ -124,10 +131,6 @@ class FlatMapping(PersistentMapping):
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
         super().__setitem__(key, to_persistent(value, str(key)))
-
-    def __delitem__(self, key: Any) -> None:
-        check_writable(self)
-        super().__delitem__(key)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         if key not in self:
@@ -140,17 +143,6 @@ class FlatMapping(PersistentMapping):
             for k, v in items:
                 self[k] = v
 
-    def pop(self, key: Any, *default: Any) -> Any:
-        check_writable(self)
-        return super().pop(key, *default)
-
-    def popitem(self) -> tuple[Any, Any]:
-        check_writable(self)
-        return super().popitem()
-
-    def clear(self) -> None:
-        check_writable(self)
-        super().clear()
 
 
 class List(PersistentList):
