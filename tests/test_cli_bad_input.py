@@ -394,8 +394,6 @@ CASES = [
         ("export", *DB, "-o", OUT, "--at", "yesterday"),
         2,
         r"'yesterday' is neither a tid \(16 hex digits\) nor an ISO 8601 time",
-        xfail="a malformed --at value exits 1 (a plain snaptree.Error), not 2 as the usage "
-        "errors cli/__init__.py documents",
     ),
     # -- --every and --keep (usage: 2) --
     *[
@@ -507,10 +505,6 @@ CASES = [
         1,
         r"forged\.pickle: .*refused",
         real=True,
-        xfail="verify loads a pickle dump with pickle.load (exports._load_pickle), so a dump "
-        "whose manifest was forged to match (a sha256 is no signature) runs its code: "
-        "os.system ran and verify said 'ok'; docs/export.md warns, but verify is what one "
-        "runs on a dump one is unsure of",
     ),
 ]
 
@@ -550,16 +544,14 @@ def test_a_password_in_the_uri_never_reaches_the_output(world: World) -> None:
     assert "Traceback" not in stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exports._JsonWriter is recursive (write -> _value -> write, two frames a level): "
-    "a tree nested about 500 deep, which import stores, makes `snaptree export --format json` "
-    "die with a RecursionError traceback (pickle and zodb export it fine)",
-)
 def test_a_json_export_of_a_deep_tree_import_accepted_is_not_a_traceback(
     tmp_path: Path,
 ) -> None:
-    """Nesting 600 deep: Python's json parser takes it, and import stores it."""
+    """Nesting 600 deep: Python's json parser takes it, and import stores it.
+
+    (Found by this test: the JSON writer recursed two frames a level and died
+    with a RecursionError traceback.)
+    """
     db = tmp_path / "deep.fs"
     deep: Any = 1
     for _ in range(600):

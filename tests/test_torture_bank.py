@@ -240,11 +240,16 @@ def _store_exports(store: snaptree.Store, run: Run, acked: Acknowledged, out: Pa
     return work
 
 
-def _exporter_exports(exporters: dict[str, snaptree.Exporter], run: Run, acked: Acknowledged):
+def _exporter_exports(
+    exporters: dict[str, snaptree.Exporter],
+    first_tids: dict[str, str],
+    run: Run,
+    acked: Acknowledged,
+):
     """``Exporter.export_now`` back to back, rotating formats; every written dump checked."""
 
     def work() -> None:
-        last_tid = dict.fromkeys(FORMATS, "")
+        last_tid = dict(first_tids)
         n = 0
         while not run.stop.is_set():
             fmt = FORMATS[n % len(FORMATS)]
@@ -304,20 +309,22 @@ def test_dumps_in_every_format_hold_the_invariant_and_no_transfer_is_lost_or_dou
     single.mkdir()
     scheduled.mkdir()
     exporters: dict[str, snaptree.Exporter] = {}
+    first_tids: dict[str, str] = {}
     try:
         store.run(_setup)
         for fmt in FORMATS:
             exporters[fmt] = snaptree.Exporter(store, scheduled, every=3600, keep=KEEP, format=fmt)
             # A FileStorage is exported by a separate exporter process; memory:// cannot be.
             assert exporters[fmt].in_process == store_uri.startswith("memory://")
-            exporters[fmt].export_now()  # start the exporter process before the clock runs
+            # Starts the exporter process before the clock runs.
+            first_tids[fmt] = exporters[fmt].export_now().info.tid
 
         run = Run(seconds)
         acked = Acknowledged(WRITERS)
         targets = [_writer(store, run, acked, i, seed) for i in range(WRITERS)]
         targets += [
             _store_exports(store, run, acked, single),
-            _exporter_exports(exporters, run, acked),
+            _exporter_exports(exporters, first_tids, run, acked),
             _controller(run),
         ]
         results = run_threads([run.guarded(t) for t in targets], timeout=HARD_LIMIT + 120)
