@@ -266,10 +266,7 @@ CASES = [
         "import-db-is-not-a-filestorage",
         ("import", "{scratch}/good.json", "--db", "{scratch}/notfs.json"),
         2,
-        r"cannot open .*notfs\.json: .*not a FileStorage",
-        xfail="the message is only the file name ('cannot open notfs.json: /.../notfs.json': "
-        "ZODB's FileStorageFormatError), and FileStorage leaves notfs.json.lock and "
-        "notfs.json.tmp behind",
+        r"cannot open .*notfs\.json: it is not a FileStorage",
     ),
     # -- missing files (usage: 2) --
     Case(

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import transaction
@@ -23,6 +24,7 @@ from persistent.timestamp import TimeStamp
 from transaction.interfaces import NoTransaction, TransientError
 from ZODB import DB
 from ZODB.Connection import Connection
+from ZODB.FileStorage.FileStorage import FileStorageFormatError
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import p64, u64
 
@@ -457,8 +459,15 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     if read_only and resolved.scheme == "file":
         uri_text = f"file://{resolved.file_path}?read_only=1"
         factory = uris.resolve(uri_text).factory
+    companions = _absent_companions(resolved.file_path)
     try:
         storage = factory()
+    except FileStorageFormatError:
+        _remove(companions)
+        raise OpenError(
+            f"cannot open {resolved.display}: it is not a FileStorage file (ZODB's "
+            "header is missing); name a Data.fs written by ZODB, or a new file"
+        ) from None
     except zc.lockfile.LockError:
         raise OpenError(
             f"cannot open {resolved.display}: another process has it open (FileStorage "
@@ -494,6 +503,23 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         db.close()
         raise
     return store
+
+
+def _absent_companions(path: Path | None) -> list[Path]:
+    """The files FileStorage creates beside *path* that do not exist yet."""
+    if path is None:
+        return []
+    return [
+        companion
+        for companion in (path.with_name(path.name + ext) for ext in (".lock", ".tmp", ".index"))
+        if not companion.exists()
+    ]
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove files a failed open created, so that it leaves the directory as it was."""
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _ensure_root(store: Store) -> None:
