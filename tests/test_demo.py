@@ -13,12 +13,15 @@ import snaptree
 from snaptree import demo
 from snaptree.cli import main
 
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_model.json"
+
 
 def test_demo_dumps_are_consistent_while_writers_run(tmp_path):
     with snaptree.open(str(tmp_path / "Data.fs")) as store:
         result = demo.run_demo(
             store, tmp_path / "exports", seconds=1.0, accounts=50, writers=3, every=0.2, seed=1
         )
+    assert result.model_source == "a synthetic model of 50 accounts"
     assert result.transfers > 0
     assert result.exports, "the exporter wrote nothing"
     assert result.consistent_exports == len(result.exports)
@@ -27,13 +30,25 @@ def test_demo_dumps_are_consistent_while_writers_run(tmp_path):
     for dump in result.exports:  # plain data, loadable without snaptree's classes
         with dump.open("rb") as f:
             tree = pickle.load(f)
-        assert type(tree["demo"]["accounts"]) is dict
+        assert type(tree["model"]["accounts"]) is dict
+
+
+def test_demo_imports_the_sample_model_once_and_keeps_its_total(tmp_path):
+    with snaptree.open(str(tmp_path / "Data.fs")) as store:
+        first = demo.run_demo(store, tmp_path / "exports", sample=SAMPLE, seconds=0.5, every=0.2)
+        second = demo.run_demo(store, tmp_path / "exports", sample=SAMPLE, seconds=0.5, every=0.2)
+    assert first.imported > 6000 and first.model_source == str(SAMPLE)
+    assert second.imported == 0  # already in the store
+    assert first.ok and second.ok
+    assert second.final_total == 100_000_000  # the sample's documented total, in cents
 
 
 def test_demo_command_prints_a_summary_and_exits_0(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SNAPTREE_DB", raising=False)
-    outcome = CliRunner().invoke(main, ["demo", "--seconds", "1", "--accounts", "20"])
+    outcome = CliRunner().invoke(
+        main, ["demo", "--seconds", "1", "--accounts", "20", "--model", "absent.json"]
+    )
     assert outcome.exit_code == 0, outcome.output
     assert "result: OK" in outcome.stdout
     assert Path("data/snaptree.fs").is_file()  # the embedded default

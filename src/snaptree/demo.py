@@ -1,13 +1,20 @@
-"""The demo: threads transfer money while a background exporter dumps consistent snapshots.
+"""The demo: the three uses of snaptree in one run.
 
-This is the program snaptree replaces: shared accounts changed by several
-threads, and a thread that periodically pickles the whole tree. Here the
-dumps come from committed snapshots, so every one of them must hold the
-invariant (the total of all balances never changes).
+1. *Application model import*: the sample model (``data/sample_model.json``:
+   accounts with entries, customers with orders) is imported into the store,
+   once, as an existing application would bring its model.
+2. Threads transfer money between its accounts, each transfer a few
+   statements (debit, credit, two ledger entries), retried on conflicts.
+3. A background :class:`~snaptree.Exporter` dumps consistent snapshots as
+   pickles, the file the original program's ``pickle.dump`` thread wrote.
+
+Every dump is then loaded with plain ``pickle.load`` and must hold the
+invariant that the total of all balances never changes.
 """
 
 from __future__ import annotations
 
+import datetime
 import pickle
 import random
 import threading
@@ -16,16 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .imports import load_source
 from .schedule import Exporter
 from .store import Store
 
-START_BALANCE = 100
+#: Where the demo keeps the model inside the tree.
+MODEL_KEY = "model"
+#: Balance of each account of the synthetic model used when no sample file is found.
+START_BALANCE = 10_000
 
 
 @dataclass
 class DemoResult:
     """What the demo measured, for the summary and for tests."""
 
+    imported: int = 0
+    model_source: str = ""
     transfers: int = 0
     seconds: float = 0.0
     exports: list[Path] = field(default_factory=list)
@@ -43,54 +56,86 @@ class DemoResult:
         )
 
 
-def _setup(root: Any, accounts: int) -> int:
-    demo = root.setdefault("demo", {})
-    have = demo.setdefault("accounts", {})
-    for i in range(len(have), accounts):
-        have[f"acct{i:05}"] = {"balance": START_BALANCE, "history": []}
-    return sum(account["balance"] for account in have.values())
+def synthetic_model(accounts: int) -> dict[str, Any]:
+    """A model of the sample's shape, for when the sample file is not at hand."""
+    return {
+        "accounts": {
+            f"A{i:04}": {"owner": f"C{i:04}", "balance": START_BALANCE, "entries": []}
+            for i in range(1, accounts + 1)
+        },
+        "meta": {"total_balance": START_BALANCE * accounts, "amounts": "integer cents"},
+    }
 
 
-def _transfer(root: Any, src: str, dst: str, amount: int, seq: int) -> None:
-    accounts = root["demo"]["accounts"]
+def _account_names(root: Any) -> list[str]:
+    return list(root[MODEL_KEY]["accounts"].keys())
+
+
+def _transfer(root: Any, src: str, dst: str, amount: int, entry_id: str) -> None:
+    accounts = root[MODEL_KEY]["accounts"]
+    today = datetime.date.today().isoformat()
     accounts[src]["balance"] -= amount
-    accounts[src]["history"].append(("to", dst, amount, seq))
+    accounts[src]["entries"].append(
+        {"id": entry_id, "date": today, "amount": -amount, "memo": f"to {dst}"}
+    )
     accounts[dst]["balance"] += amount
-    accounts[dst]["history"].append(("from", src, amount, seq))
+    accounts[dst]["entries"].append(
+        {"id": entry_id, "date": today, "amount": amount, "memo": f"from {src}"}
+    )
+
+
+def total_balance(model: Any) -> int:
+    return sum(account["balance"] for account in model["accounts"].values())
 
 
 def _total_of_dump(path: Path) -> int:
     with path.open("rb") as f:
         tree = pickle.load(f)  # plain dicts and lists: no snaptree needed to read it
-    return sum(a["balance"] for a in tree["demo"]["accounts"].values())
+    return total_balance(tree[MODEL_KEY])
+
+
+def import_model(store: Store, sample: Path | None, accounts: int) -> tuple[int, str]:
+    """Import the sample model unless the tree already holds one; (objects, where from)."""
+    if store.run(lambda root: MODEL_KEY in root):
+        return 0, "already in the store"
+    if sample is not None and sample.is_file():
+        data, source = load_source(sample), str(sample)
+    else:
+        data, source = synthetic_model(accounts), f"a synthetic model of {accounts} accounts"
+    result = store.import_tree(data, path=MODEL_KEY)
+    return result.objects, source
 
 
 def run_demo(
     store: Store,
     export_dir: Path,
     *,
+    sample: Path | None = None,
     seconds: float = 5.0,
-    accounts: int = 1000,
+    accounts: int = 400,
     writers: int = 4,
     every: float = 0.5,
     keep: int = 5,
     seed: int | None = None,
 ) -> DemoResult:
-    """Run writers for *seconds* while an Exporter dumps every *every* seconds."""
+    """Import the model, run writers for *seconds* while an Exporter dumps every *every* s."""
     result = DemoResult()
     export_dir.mkdir(parents=True, exist_ok=True)
-    result.expected_total = store.run(_setup, accounts)
-    names = [f"acct{i:05}" for i in range(accounts)]
+    result.imported, result.model_source = import_model(store, sample, accounts)
+    result.expected_total = store.run(lambda root: root[MODEL_KEY]["meta"]["total_balance"])
+    names = store.run(_account_names)
     stop = threading.Event()
     counts = [0] * writers
     failures: list[BaseException] = []
+    run_id = f"{time.time_ns():x}"
 
     def writer(index: int) -> None:
         rng = random.Random(None if seed is None else seed + index)
         try:
             while not stop.is_set():
                 src, dst = rng.sample(names, 2)
-                store.run(_transfer, src, dst, rng.randint(1, 20), counts[index])
+                entry_id = f"T{run_id}-{index}-{counts[index]}"
+                store.run(_transfer, src, dst, rng.randint(1, 500), entry_id)
                 counts[index] += 1
         except BaseException as exc:
             failures.append(exc)
@@ -121,7 +166,7 @@ def run_demo(
         1 for p in result.exports if _total_of_dump(p) == result.expected_total
     )
     with store.snapshot() as snap:
-        result.final_total = sum(a["balance"] for a in snap.root["demo"]["accounts"].values())
+        result.final_total = total_balance(snap.root[MODEL_KEY])
     result.stats = store.stats()
     return result
 
@@ -130,10 +175,16 @@ def summary(result: DemoResult, writers: int) -> str:
     stats = result.stats
     rate = result.transfers / result.seconds if result.seconds else 0.0
     verdict = "OK" if result.ok else "FAILED"
+    imported = (
+        f"imported {result.imported} objects from {result.model_source}"
+        if result.imported
+        else "model: already in the store (imported by an earlier run)"
+    )
     lines = [
+        imported,
         f"{writers} writer threads made {result.transfers} transfers in {result.seconds:.1f} s "
-        f"({rate:.0f}/s); {stats['conflicts']} conflicts were retried, "
-        f"{stats['exhausted']} gave up",
+        f"({rate:.0f}/s, each committed durably); {stats['conflicts']} conflicts were "
+        f"retried, {stats['exhausted']} gave up",
         f"exports kept: {len(result.exports)}, consistent: {result.consistent_exports} "
         f"(each loaded with plain pickle.load; total {result.expected_total} expected)",
         f"final total of balances: {result.final_total} (expected {result.expected_total})",

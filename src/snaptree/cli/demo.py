@@ -14,7 +14,21 @@ from .options import db_option
 @click.command("demo")
 @db_option
 @click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
-@click.option("--accounts", default=1000, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--model",
+    "sample",
+    default="data/sample_model.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model to import on the first run; if the file is missing, a synthetic one.",
+)
+@click.option(
+    "--accounts",
+    default=400,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Accounts of the synthetic model.",
+)
 @click.option("--writers", default=4, show_default=True, type=click.IntRange(min=1, max=64))
 @click.option(
     "--exports",
@@ -31,13 +45,22 @@ from .options import db_option
     "workarounds and snaptree side by side, and print a table.",
 )
 def demo_command(
-    db: str | None, seconds: float, accounts: int, writers: int, export_dir: Path, compare: bool
+    db: str | None,
+    sample: Path,
+    seconds: float,
+    accounts: int,
+    writers: int,
+    export_dir: Path,
+    compare: bool,
 ) -> None:
-    """Threads transfer money while a background exporter writes consistent dumps.
+    """Import a model, then threads transfer money while an exporter writes consistent dumps.
 
-    Ends with a summary: transfers, conflicts retried, exports written, and
-    whether every export and the final state hold the invariant (the total
-    of all balances never changes). Exits 1 if any does not.
+    The first run imports the sample model into the store; every run then
+    has writer threads transfer between its accounts while a background
+    Exporter dumps pickles. Ends with a summary: transfers, conflicts
+    retried, exports written, and whether every export and the final state
+    hold the invariant (the total of all balances never changes). Exits 1
+    if any does not.
 
     Example:
 
@@ -50,7 +73,12 @@ def demo_command(
     with open_store(db) as store:
         click.echo(f"store: {store.source}; exports: {export_dir}/", err=True)
         result = demo_module.run_demo(
-            store, export_dir, seconds=seconds, accounts=accounts, writers=writers
+            store,
+            export_dir,
+            sample=sample,
+            seconds=seconds,
+            accounts=accounts,
+            writers=writers,
         )
     click.echo(demo_module.summary(result, writers))
     if not result.ok:
