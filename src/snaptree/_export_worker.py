@@ -191,9 +191,15 @@ def worker_uri(store: Any) -> str | None:
 
 class _Worker:
     def __init__(self, uri: str, cache_size: int) -> None:
+        from .exports import FragmentCaches
+
         self.uri = uri
         self.cache_size = cache_size
         self.store = self._open()
+        # The pickle fragments of the last export, reused by the next one for
+        # every node whose serials are unchanged (see snaptree.exports). They
+        # belong to the store's connections and go when it is opened again.
+        self.fragments = FragmentCaches()
 
     def _open(self) -> Any:
         from .store import open as open_store
@@ -202,11 +208,13 @@ class _Worker:
 
     def catch_up(self) -> None:
         from . import _file_follower
+        from .exports import FragmentCaches
 
         if not _file_follower.catch_up(self.store):
             log.info("%s was packed or replaced; opening it again", self.uri)
             self.store.close()
             self.store = self._open()
+            self.fragments = FragmentCaches()
 
     def run(self, name: str, kwargs: dict[str, Any]) -> Any:
         from . import exports, schedule
@@ -216,7 +224,8 @@ class _Worker:
             "export": exports.export,
         }
         self.catch_up()
-        return functions[name](self.store, **kwargs)
+        with exports.keeping_fragments(self.fragments):
+            return functions[name](self.store, **kwargs)
 
 
 def main() -> None:

@@ -27,8 +27,12 @@ are renamed into place, so a file under a dump's final name is always whole.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import datetime
 import hashlib
+import io
+import itertools
 import json
 import logging
 import math
@@ -36,11 +40,13 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from BTrees.OOBTree import OOBTree, OOBucket
 from persistent import Persistent
 from ZODB.ExportImport import export_end_marker
 from ZODB.serialize import referencesf
@@ -328,12 +334,398 @@ def _subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
     return None
 
 
-def _write_pickle(node: Any, out: Any, connection: Any, subtree: str) -> int:
-    pickler = _PlainPickler(out, connection)
+# -- pickle, reusing the serialized form of unchanged nodes ---------------------------
+#
+# A warm export spends almost all of its time turning small persistent nodes
+# into pickle opcodes, and between two scheduled exports almost none of them
+# changed. So the pickle writer keeps, per persistent node, the pickle
+# *fragment* it wrote for it, and the serials it was written from.
+#
+# Why fragments can be concatenated: the dump is written without a memo, so
+# the opcodes for a value refer to nothing outside themselves, and a dict is
+# just EMPTY_DICT followed by any number of (MARK, keys and values, SETITEMS)
+# batches; a list the same with EMPTY_LIST and APPENDS. The stream is PROTO 5,
+# the fragments, STOP, and has no FRAME opcodes (framing is optional in a
+# pickle; the writer hands large blocks to the file itself). Fragments are
+# cut out of what a memo-less C pickler writes, so each value is written
+# exactly as that pickler writes it.
+#
+# Why a fragment is known to be current: the snapshot's connection loads
+# every object as of the snapshot's tid, and an object's ``_p_serial`` is
+# the tid of the revision loaded. The same serial means the same state, so
+# a node whose serial, and whose every persistent descendant's serial, is
+# what its fragment was written from, has the same fragment. A change deep
+# in the tree does not change its ancestors' serials: that is why every
+# persistent node under a cached fragment is checked (its serial compared,
+# cheap when it is in the ZODB cache) and only the nodes on the way to a
+# change are pickled again. Nothing relies on invalidation bookkeeping.
+#
+# Entries, keyed by oid:
+#
+# sealed ``(serials, fragment, descendants)``
+#     a small subtree (at most _SEAL_NODES persistent nodes; a value node or
+#     a BTree bucket with its values), pickled in one C call. ``serials`` is
+#     its own serial followed by those of ``descendants`` (every persistent
+#     object the pickler met inside, in that order), or None when the
+#     subtree holds something serials do not determine (the user's own
+#     persistent classes, whose pickled form is their code's business): it
+#     is then pickled again on every export.
+# open ``(serial, pieces, None)``
+#     a large node: a mapping spread over several buckets and its interior
+#     BTree nodes, a large list. ``pieces`` are bytes, child value nodes and
+#     ``(child,)`` for a BTree's own interior nodes and buckets; each child
+#     has an entry of its own, checked as it is written. So a change in one
+#     account pickles that account's bucket again, not the whole mapping.
+#     ``serial`` is None when the node's own items hold a user object.
+#
+# The table costs about the size of the dump (the fragments) plus about
+# 100-150 bytes per persistent node (entry, serials, a reference to the node,
+# which keeps its ghost alive), and holds only what the last export reached:
+# each export builds a new table from the entries it used.
+
+_PROTO = b"\x80\x05"
+_FRAME = 0x95
+_STOP = b"."
+_MARK = b"("
+_EMPTY_DICT = b"}"
+_EMPTY_LIST = b"]"
+_SETITEMS = b"u"
+_APPENDS = b"e"
+#: Most values in one MARK ... SETITEMS/APPENDS batch (pickle's own batch size).
+_BATCH = 1000
+#: A subtree with more persistent objects than this is cached in parts, so
+#: that a change inside it pickles a part of it again, not all of it.
+_SEAL_NODES = 100
+#: Bytes gathered before they are handed to the file.
+_WRITE_EVERY = 1 << 18
+
+_Table = dict[bytes, tuple[Any, Any, Any]]
+
+
+class FragmentCaches:
+    """Fragment tables that outlive one export: one per snapshot connection.
+
+    The exporter process owns one and installs it with
+    :func:`keeping_fragments` around each request. Tables are keyed by
+    connection because their entries hold that connection's objects; a
+    connection that goes away takes its table with it. Historical snapshots
+    (``at=``) never use them.
+    """
+
+    def __init__(self) -> None:
+        self._tables: weakref.WeakKeyDictionary[Any, _Table] = weakref.WeakKeyDictionary()
+
+    def table(self, connection: Any) -> _Table:
+        return self._tables.get(connection, {})
+
+    def keep(self, connection: Any, table: _Table) -> None:
+        self._tables[connection] = table
+
+    def entries(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+
+_fragment_caches: contextvars.ContextVar[FragmentCaches | None] = contextvars.ContextVar(
+    "snaptree_fragment_caches", default=None
+)
+
+
+@contextlib.contextmanager
+def keeping_fragments(caches: FragmentCaches) -> Iterator[None]:
+    """Let pickle exports inside this block reuse, and keep, the fragments in *caches*."""
+    token = _fragment_caches.set(caches)
     try:
-        pickler.dump(node)
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, ValueError) and "cyclic" not in str(exc):
+        yield
+    finally:
+        _fragment_caches.reset(token)
+
+
+class _Unsealable(Exception):
+    """Raised by the sealing pickler: this subtree is to be cached in parts."""
+
+
+class _FragmentPickler(_PlainPickler):
+    """The memo-less plain pickler, recording every persistent object it writes.
+
+    ``found`` lists them in the order met; ``volatile`` is set when one of
+    them is not a snaptree node, or a mapping whose buckets it did not
+    record. With ``limit``, it raises :class:`_Unsealable` past that many
+    objects or at a mapping spread over several buckets.
+    """
+
+    def __init__(self, file: Any, writer: _IncrementalPickleWriter) -> None:
+        super().__init__(file, None)
+        self._writer = writer
+        self.found: list[Any] = []
+        self.serials: list[bytes] = []
+        self.volatile = False
+        self.limit: int | None = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduce = _PLAIN_REDUCERS.get(type(obj))
+        if reduce is None:
+            reduce = _subclass_reducer(obj)
+            if reduce is None:
+                return NotImplemented
+            if reduce is _reduce_own_class:
+                self.volatile = True
+        if self.limit is not None and len(self.found) >= self.limit:
+            raise _Unsealable
+        obj._p_activate()  # its serial is the snapshot's only once it is loaded
+        self.found.append(obj)
+        self.serials.append(obj._p_serial)
+        self._writer.count_node()
+        if reduce is _reduce_mapping:
+            state = obj.__getstate__()
+            if state is None:
+                return (dict, ())
+            if len(state) == 1:  # one bucket, held inline: all of it is in this record
+                flat = iter(state[0][0][0])
+                return (dict, (), None, None, zip(flat, flat, strict=True))
+            if self.limit is not None:
+                raise _Unsealable
+            self.volatile = True  # its buckets' serials are not recorded
+        return reduce(obj)
+
+
+def _strip(data: bytes) -> bytes:
+    """The opcodes of one pickle without PROTO, FRAME and STOP: a fragment to concatenate."""
+    if len(data) > 11 and data[2] == _FRAME:
+        if 11 + int.from_bytes(data[3:11], "little") == len(data):
+            return data[11:-1]  # the usual case: one frame holding everything
+    elif len(data) < 64:
+        return data[2:-1]  # too small to be framed
+    import pickletools
+
+    # Several frames, or a large str/bytes written outside any frame: keep
+    # every opcode but PROTO, FRAME and STOP.
+    ops = [(op.name, pos) for op, _arg, pos in pickletools.genops(data)]
+    return b"".join(
+        data[pos:end]
+        for (name, pos), (_, end) in itertools.pairwise(ops)
+        if name not in ("PROTO", "FRAME")
+    )
+
+
+class _IncrementalPickleWriter:
+    """Writes the plain pickle of a tree, reusing the fragments of unchanged nodes."""
+
+    def __init__(self, out: Any, connection: Any, table: _Table) -> None:
+        self._out = out
+        self._connection = connection
+        self._old = table
+        #: The entries this export used: the table to keep for the next one.
+        self.table: _Table = {}
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.nodes = 0
+        self._next_gc = _GC_EVERY
+        self._buffer = io.BytesIO()
+        self._pickler = _FragmentPickler(self._buffer, self)
+
+    def count_node(self, n: int = 1) -> None:
+        self.nodes += n
+        if self.nodes >= self._next_gc:
+            self._next_gc = self.nodes + _GC_EVERY
+            if self._connection is not None:
+                self._connection.cacheGC()
+
+    def _emit(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size > _WRITE_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._parts:
+            self._out.write(b"".join(self._parts))
+            self._parts = []
+            self._size = 0
+
+    def dump(self, node: Any) -> None:
+        self._emit(_PROTO)
+        if _is_node(node):
+            self._write(node, False)
+        else:  # a scalar or a user object at the subtree's root: nothing to reuse
+            self._emit(self._pickle(node, None)[0])
+        self._emit(_STOP)
+        self._flush()
+
+    def _write(self, node: Any, internal: bool) -> None:
+        """Write *node* (a value node, or with *internal* a BTree's interior node or bucket)."""
+        node._p_activate()
+        oid = node._p_oid
+        entry = self.table.get(oid) or self._old.get(oid)
+        if entry is not None:
+            serials, body, descendants = entry
+            if serials is None:
+                pass  # written afresh every time
+            elif descendants is None:  # open
+                if serials == node._p_serial:
+                    self.table[oid] = entry
+                    self._write_pieces(body, internal)
+                    return
+            else:  # sealed
+                if descendants:
+                    current = [node._p_serial]
+                    for obj in descendants:
+                        obj._p_activate()
+                        current.append(obj._p_serial)
+                    same = b"".join(current) == serials
+                else:
+                    same = node._p_serial == serials
+                if same:
+                    self.table[oid] = entry
+                    self.count_node(len(descendants) + (not internal))
+                    self._emit(body)
+                    return
+        entry = self._build(node, internal)
+        self.table[oid] = entry
+        if entry[2] is None:
+            self._write_pieces(entry[1], internal)
+        else:
+            self._emit(entry[1])
+
+    def _write_pieces(self, pieces: list[Any], internal: bool) -> None:
+        if not internal:
+            self.count_node()
+        for piece in pieces:
+            kind = type(piece)
+            if kind is bytes:
+                self._emit(piece)
+            elif kind is tuple:
+                self._write(piece[0], True)
+            else:
+                self._write(piece, False)
+
+    # -- new entries ---------------------------------------------------------------
+
+    def _build(self, node: Any, internal: bool) -> tuple[Any, Any, Any]:
+        if not internal or isinstance(node, OOBucket):
+            before = self.nodes
+            try:
+                return self._seal(node, internal)
+            except _Unsealable:
+                self.nodes = before  # counted again as its parts are written
+        self._volatile = False
+        pieces = self._open_pieces(node, internal)
+        return (None if self._volatile else node._p_serial, pieces, None)
+
+    def _seal(self, node: Any, internal: bool) -> tuple[Any, Any, Any]:
+        serial = node._p_serial
+        if internal:  # a bucket: MARK, its keys and values, SETITEMS
+            state = node.__getstate__()
+            items = list(state[0]) if state else []
+            if not items:
+                return (serial, b"", ())
+            body, found, serials, volatile = self._pickle(items, _SEAL_NODES)
+            fragment = _MARK + body[2:-1] + _SETITEMS  # from ']' '(' ... 'e'
+        else:
+            fragment, found, serials, volatile = self._pickle(node, _SEAL_NODES)
+            found, serials = found[1:], serials[1:]  # the node itself, met first
+        if volatile:
+            return (None, fragment, tuple(found))
+        return (b"".join([serial, *serials]), fragment, tuple(found))
+
+    def _pickle(self, value: Any, limit: int | None) -> tuple[bytes, list[Any], list[bytes], bool]:
+        """Pickle *value* alone: its fragment, the persistent objects met and their serials."""
+        pickler = self._pickler
+        pickler.found = []
+        pickler.serials = []
+        pickler.volatile = False
+        pickler.limit = limit
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        try:
+            pickler.dump(value)
+        except BaseException:
+            # A pickler interrupted midway may keep fast-mode bookkeeping
+            # (ids of objects it was inside); start the next one clean.
+            self._pickler = _FragmentPickler(self._buffer, self)
+            raise
+        volatile = pickler.volatile or any(o._p_oid is None for o in pickler.found)
+        return _strip(self._buffer.getvalue()), pickler.found, pickler.serials, volatile
+
+    def _open_pieces(self, node: Any, internal: bool) -> list[Any]:
+        """A large node's own opcodes, with its children left as nodes to write."""
+        head = [] if internal else [_EMPTY_DICT]
+        if isinstance(node, OOBucket):
+            state = node.__getstate__()
+            return self._item_pieces(state[0] if state else (), _SETITEMS)
+        if isinstance(node, OOBTree):  # a snaptree Mapping, or one of its interior nodes
+            state = node.__getstate__()
+            if state is None:
+                return head
+            if len(state) == 1:  # one bucket, held inline
+                return head + self._item_pieces(state[0][0][0], _SETITEMS)
+            return head + [(child,) for child in state[0][::2]]
+        if isinstance(node, FlatMapping):
+            flat = [x for item in node.data.items() for x in item]
+            return [_EMPTY_DICT, *self._item_pieces(flat, _SETITEMS)]
+        if isinstance(node, List):
+            return [_EMPTY_LIST, *self._item_pieces(node.data, _APPENDS)]
+        # a Counter: always small enough to seal
+        raise AssertionError(f"no open form for {type(node).__name__}")  # pragma: no cover
+
+    def _item_pieces(self, values: Any, end: bytes) -> list[Any]:
+        """MARK, the values, *end*, in batches; snaptree nodes among them stay nodes."""
+        values = list(values)
+        step = 2 * _BATCH if end == _SETITEMS else _BATCH
+        pieces: list[Any] = []
+        for start in range(0, len(values), step):
+            pieces.append(_MARK)
+            run: list[Any] = []
+            for value in values[start : start + step]:
+                if _is_node(value):
+                    if run:
+                        pieces.append(self._run(run))
+                        run = []
+                    pieces.append(value)
+                else:
+                    run.append(value)
+            if run:
+                pieces.append(self._run(run))
+            pieces.append(end)
+        return pieces
+
+    def _run(self, values: list[Any]) -> bytes:
+        """The opcodes that push *values*, cut out of the pickle of a list of them."""
+        fragment, found, _serials, _volatile = self._pickle(values, None)
+        if found:
+            # A user object, or a node inside a tuple: this node's own serial
+            # does not cover it, so the node is pickled again next time.
+            self._volatile = True
+        # ']' item 'a' for one value, ']' '(' items 'e' for several.
+        return fragment[1:-1] if len(values) == 1 else fragment[2:-1]
+
+
+def _is_node(value: Any) -> bool:
+    """A stored snaptree node (mapping, flat mapping, list, counter), which fragments cover."""
+    kind = type(value)
+    if kind in _PLAIN_REDUCERS or (
+        kind not in _SCALAR_KINDS and isinstance(value, Mapping | FlatMapping | List | Counter)
+    ):
+        return value._p_oid is not None
+    return False
+
+
+_SCALAR_KINDS = frozenset({str, int, float, bool, type(None), bytes, tuple, frozenset})
+
+
+def _write_pickle_incremental(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    caches = _fragment_caches.get()
+    if caches is None or getattr(connection, "before", None) is not None:
+        caches = None  # a table for this export only
+    writer = _IncrementalPickleWriter(out, connection, caches.table(connection) if caches else {})
+    try:
+        writer.dump(node)
+    except RecursionError:
+        raise ExportError(
+            f"{normalize_subtree(subtree)} holds a reference cycle or is nested too deeply "
+            "for the pickle writer; export it in the zodb format"
+        ) from None
+    except ValueError as exc:
+        if "cyclic" not in str(exc):
             raise
         raise ExportError(
             f"{normalize_subtree(subtree)} holds a reference cycle (through your own persistent "
@@ -341,7 +733,9 @@ def _write_pickle(node: Any, out: Any, connection: Any, subtree: str) -> int:
         ) from None
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise ExportError(f"cannot pickle the tree at {normalize_subtree(subtree)}: {exc}") from exc
-    return pickler.nodes
+    if caches is not None:
+        caches.keep(connection, writer.table)
+    return writer.nodes
 
 
 # -- json ---------------------------------------------------------------------------
@@ -501,7 +895,7 @@ def _write_zodb(node: Any, out: Any, connection: Any, subtree: str) -> int:
 
 
 _WRITERS: dict[str, Callable[[Any, Any, Any, str], int]] = {
-    "pickle": _write_pickle,
+    "pickle": _write_pickle_incremental,
     "json": _write_json,
     "zodb": _write_zodb,
 }
