@@ -178,8 +178,14 @@ def export_snapshot(
             raise ExportError(
                 f"cannot write {final}: directory {final.parent} does not exist; create it first"
             )
-        with _atomic.staged_file(final) as (writer, temp):
-            objects = _WRITERS[format](node, writer, snap.connection, subtree)
+        try:
+            with _atomic.staged_file(final) as (writer, temp):
+                objects = _WRITERS[format](node, writer, snap.connection, subtree)
+        except _TooDeepForFragments:
+            # The fragment writer recurses in Python, a few frames a level; the
+            # plain writer's C pickler takes one a level. Same file, written anew.
+            with _atomic.staged_file(final) as (writer, temp):
+                objects = _write_pickle_plain(node, writer, snap.connection, subtree)
         tid, committed_at = snap.tid, snap.committed_at
     # The snapshot's connection is back in the pool; what is left is renames.
     manifest_temp = None
@@ -712,6 +718,32 @@ def _is_node(value: Any) -> bool:
 _SCALAR_KINDS = frozenset({str, int, float, bool, type(None), bytes, tuple, frozenset})
 
 
+class _TooDeepForFragments(Exception):
+    """The tree is nested too deeply for the fragment writer: write it with the plain one."""
+
+
+def _write_pickle_plain(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    """The C pickler alone, without fragments: slower when warm, but one C frame a level."""
+    pickler = _PlainPickler(out, connection)
+    try:
+        pickler.dump(node)
+    except RecursionError:
+        raise ExportError(
+            f"{normalize_subtree(subtree)} holds a reference cycle or is nested too deeply "
+            "for the pickle writer; export it in the zodb format"
+        ) from None
+    except ValueError as exc:
+        if "cyclic" not in str(exc):
+            raise
+        raise ExportError(
+            f"{normalize_subtree(subtree)} holds a reference cycle (through your own persistent "
+            "objects); the pickle format writes a tree: export it in the zodb format"
+        ) from None
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise ExportError(f"cannot pickle the tree at {normalize_subtree(subtree)}: {exc}") from exc
+    return pickler.nodes
+
+
 def _write_pickle_incremental(node: Any, out: Any, connection: Any, subtree: str) -> int:
     caches = _fragment_caches.get()
     if caches is None or getattr(connection, "before", None) is not None:
@@ -720,10 +752,7 @@ def _write_pickle_incremental(node: Any, out: Any, connection: Any, subtree: str
     try:
         writer.dump(node)
     except RecursionError:
-        raise ExportError(
-            f"{normalize_subtree(subtree)} holds a reference cycle or is nested too deeply "
-            "for the pickle writer; export it in the zodb format"
-        ) from None
+        raise _TooDeepForFragments from None
     except ValueError as exc:
         if "cyclic" not in str(exc):
             raise
