@@ -41,6 +41,7 @@ def main(verbose: int) -> None:
 
     Example:
 
+    \b
         snaptree demo
     """
     level = logging.WARNING - 10 * min(verbose, 2)

@@ -64,6 +64,7 @@ def demo_command(
 
     Example:
 
+    \b
         snaptree demo --seconds 10 --writers 8
     """
     if compare:

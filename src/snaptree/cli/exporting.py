@@ -131,8 +131,9 @@ def export_command(
 
     Example:
 
+    \b
         snaptree export --db data/app.fs -o dump.pickle
-
+    \b
         snaptree export --db data/app.fs --dir dumps --every 300 --keep 24 --json
     """
     if (output is None) == (directory is None):
@@ -199,6 +200,7 @@ def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
 
     Example:
 
+    \b
         snaptree verify dumps/latest.pickle
     """
     info = verify(dump, allow=allow)

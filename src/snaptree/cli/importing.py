@@ -61,6 +61,7 @@ def import_command(
 
     Example:
 
+    \b
         snaptree import data/sample_model.json --db data/bank.fs --path bank
     """
     data = load_source(file, format=fmt, allow=allow)

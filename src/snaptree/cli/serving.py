@@ -62,8 +62,9 @@ def serve_command(
 
     Example:
 
+    \b
         snaptree serve --db data/snaptree.fs --listen 127.0.0.1:8100
-
+    \b
         SNAPTREE_DB=zeo://127.0.0.1:8100 python my_writer.py
     """
     tls = None
