@@ -116,7 +116,6 @@ class Mapping(_GuardedRemovals, OOBTree):
             for k, v in items:
                 insert(self, k, to_persistent(v, str(k)))
 
-
     def __repr__(self) -> str:
         return f"<snaptree.Mapping with {len(self)} keys>"
 
@@ -142,7 +141,6 @@ class FlatMapping(_GuardedRemovals, PersistentMapping):
             items = source.items() if hasattr(source, "items") else source
             for k, v in items:
                 self[k] = v
-
 
 
 class List(PersistentList):
