@@ -189,16 +189,23 @@ def worker_uri(store: Any) -> str | None:
 # -- the worker's side --------------------------------------------------------------
 
 
-class _Worker:
-    def __init__(self, uri: str, cache_size: int) -> None:
+class FollowingReader:
+    """A read-only store that keeps up with new commits between exports, and stays warm.
+
+    Used by the exporter process and by ``snaptree export --every``: before
+    each export it reads what was committed since the last one (reopening
+    the file after a pack), and pickle exports reuse the fragments of the
+    last export for every node whose serials are unchanged (see
+    snaptree.exports). The fragments belong to the store's connections and
+    go when it is opened again.
+    """
+
+    def __init__(self, uri: str | None, cache_size: int) -> None:
         from .exports import FragmentCaches
 
         self.uri = uri
         self.cache_size = cache_size
         self.store = self._open()
-        # The pickle fragments of the last export, reused by the next one for
-        # every node whose serials are unchanged (see snaptree.exports). They
-        # belong to the store's connections and go when it is opened again.
         self.fragments = FragmentCaches()
 
     def _open(self) -> Any:
@@ -211,11 +218,24 @@ class _Worker:
         from .exports import FragmentCaches
 
         if not _file_follower.catch_up(self.store):
-            log.info("%s was packed or replaced; opening it again", self.uri)
+            log.info("%s was packed or replaced; opening it again", self.store.source)
             self.store.close()
             self.store = self._open()
             self.fragments = FragmentCaches()
 
+    def call(self, function: Any, **kwargs: Any) -> Any:
+        """``function(store, **kwargs)`` on the caught-up store, with fragments kept."""
+        from . import exports
+
+        self.catch_up()
+        with exports.keeping_fragments(self.fragments):
+            return function(self.store, **kwargs)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _Worker(FollowingReader):
     def run(self, name: str, kwargs: dict[str, Any]) -> Any:
         from . import exports, schedule
 
@@ -223,9 +243,7 @@ class _Worker:
             "export_into": schedule.export_into,
             "export": exports.export,
         }
-        self.catch_up()
-        with exports.keeping_fragments(self.fragments):
-            return functions[name](self.store, **kwargs)
+        return self.call(functions[name], **kwargs)
 
 
 def main() -> None:

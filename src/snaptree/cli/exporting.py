@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-from .. import _file_follower, schedule
+from .. import schedule
+from .._export_worker import FollowingReader
 from ..errors import Error
 from ..exports import FORMATS, verify
-from ..store import open as open_store
 from ..store import parse_point
 from .options import allow_option, db_option
 
@@ -143,21 +143,23 @@ def export_command(
     if at is not None and every is not None:
         raise click.UsageError("--at exports one past state; it cannot be combined with --every")
 
-    holder = {"store": open_store(db, read_only=True, cache_size=cache_size)}
+    reader = FollowingReader(db, cache_size)
 
     def run_once() -> schedule.RunResult:
-        if not _file_follower.catch_up(holder["store"]):  # the file was packed meanwhile
-            holder["store"].close()
-            holder["store"] = open_store(db, read_only=True, cache_size=cache_size)
         if directory is not None:
-            result = schedule.export_into(
-                holder["store"], directory, format=fmt, subtree=subtree, keep=keep, at=at
+            result = reader.call(
+                schedule.export_into,
+                directory=directory,
+                format=fmt,
+                subtree=subtree,
+                keep=keep,
+                at=at,
             )
         else:
             assert output is not None
-            result = schedule.export_file(
-                holder["store"],
-                output,
+            result = reader.call(
+                schedule.export_file,
+                path=output,
                 format=fmt,
                 subtree=subtree,
                 at=at,
@@ -184,7 +186,7 @@ def export_command(
                     "snaptree: export abandoned; no file written under a final name", err=True
                 )
     finally:
-        holder["store"].close()
+        reader.close()
 
 
 @click.command("verify")
