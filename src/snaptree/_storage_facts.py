@@ -50,3 +50,8 @@ def keeps_history(storage: Any) -> bool:
         options = getattr(storage, "_options", None)
         keep = getattr(options, "keep_history", True)
     return bool(keep() if callable(keep) else keep)
+
+
+def is_client_of_a_server(storage: Any) -> bool:
+    """True for ZEO and RelStorage: another process may open the same URI at the same time."""
+    return type(storage).__module__.startswith(("ZEO.", "relstorage."))

@@ -30,7 +30,7 @@ from ZODB.utils import p64, u64
 
 from . import uris
 from ._connection import OwnedConnection
-from ._storage_facts import keeps_history, visible_tid
+from ._storage_facts import is_client_of_a_server, keeps_history, visible_tid
 from .errors import Error, MisuseError, OpenError
 from .retry import ConflictStats, Retry, RetryPolicy, run_with_retries
 from .tree import Mapping, walk
@@ -411,10 +411,6 @@ class Store:
         return f"<snaptree.Store {self.source}>"
 
 
-#: Storages that other processes can open at the same time with the same URI.
-_SHAREABLE_SCHEMES = frozenset({"zeo", "postgres"})
-
-
 class _DB(DB):
     klass = OwnedConnection  # ZODB's documented hook for the connection class
 
@@ -495,7 +491,7 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         retry=retry or RetryPolicy(),
         pool_size=pool_size,
         pool_timeout=pool_timeout,
-        shareable_uri=str(uri) if resolved.scheme in _SHAREABLE_SCHEMES else None,
+        shareable_uri=str(uri) if is_client_of_a_server(storage) else None,
     )
     try:
         _ensure_root(store)
