@@ -722,25 +722,34 @@ class _TooDeepForFragments(Exception):
     """The tree is nested too deeply for the fragment writer: write it with the plain one."""
 
 
-def _write_pickle_plain(node: Any, out: Any, connection: Any, subtree: str) -> int:
-    """The C pickler alone, without fragments: slower when warm, but one C frame a level."""
-    pickler = _PlainPickler(out, connection)
+@contextlib.contextmanager
+def _pickling_errors(subtree: str, too_deep: Exception) -> Iterator[None]:
+    """Turn what a pickler raises on a bad tree into one clear ExportError (or *too_deep*)."""
+    where = normalize_subtree(subtree)
     try:
-        pickler.dump(node)
+        yield
     except RecursionError:
-        raise ExportError(
-            f"{normalize_subtree(subtree)} holds a reference cycle or is nested too deeply "
-            "for the pickle writer; export it in the zodb format"
-        ) from None
+        raise too_deep from None
     except ValueError as exc:
         if "cyclic" not in str(exc):
             raise
         raise ExportError(
-            f"{normalize_subtree(subtree)} holds a reference cycle (through your own persistent "
-            "objects); the pickle format writes a tree: export it in the zodb format"
+            f"{where} holds a reference cycle (through your own persistent objects); "
+            "the pickle format writes a tree: export it in the zodb format"
         ) from None
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise ExportError(f"cannot pickle the tree at {normalize_subtree(subtree)}: {exc}") from exc
+        raise ExportError(f"cannot pickle the tree at {where}: {exc}") from exc
+
+
+def _write_pickle_plain(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    """The C pickler alone, without fragments: slower when warm, but one C frame a level."""
+    pickler = _PlainPickler(out, connection)
+    too_deep = ExportError(
+        f"{normalize_subtree(subtree)} holds a reference cycle or is nested too deeply "
+        "for the pickle writer; export it in the zodb format"
+    )
+    with _pickling_errors(subtree, too_deep):
+        pickler.dump(node)
     return pickler.nodes
 
 
@@ -749,19 +758,8 @@ def _write_pickle_incremental(node: Any, out: Any, connection: Any, subtree: str
     if caches is None or getattr(connection, "before", None) is not None:
         caches = None  # a table for this export only
     writer = _IncrementalPickleWriter(out, connection, caches.table(connection) if caches else {})
-    try:
+    with _pickling_errors(subtree, _TooDeepForFragments()):
         writer.dump(node)
-    except RecursionError:
-        raise _TooDeepForFragments from None
-    except ValueError as exc:
-        if "cyclic" not in str(exc):
-            raise
-        raise ExportError(
-            f"{normalize_subtree(subtree)} holds a reference cycle (through your own persistent "
-            "objects); the pickle format writes a tree: export it in the zodb format"
-        ) from None
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise ExportError(f"cannot pickle the tree at {normalize_subtree(subtree)}: {exc}") from exc
     if caches is not None:
         caches.keep(connection, writer.table)
     return writer.nodes
