@@ -754,14 +754,19 @@ def _write_pickle_plain(node: Any, out: Any, connection: Any, subtree: str) -> i
 
 
 def _write_pickle_incremental(node: Any, out: Any, connection: Any, subtree: str) -> int:
+    """Fragments when they will be kept for the next export, else the plain C pickler.
+
+    A one-off export (``store.export()``, a past ``at=``) gains nothing from
+    fragments and would hold all of them until it ends: measured at 1M
+    objects, 1.5 GiB peak against 0.2 GiB for the plain writer.
+    """
     caches = _fragment_caches.get()
     if caches is None or getattr(connection, "before", None) is not None:
-        caches = None  # a table for this export only
-    writer = _IncrementalPickleWriter(out, connection, caches.table(connection) if caches else {})
+        return _write_pickle_plain(node, out, connection, subtree)
+    writer = _IncrementalPickleWriter(out, connection, caches.table(connection))
     with _pickling_errors(subtree, _TooDeepForFragments()):
         writer.dump(node)
-    if caches is not None:
-        caches.keep(connection, writer.table)
+    caches.keep(connection, writer.table)
     return writer.nodes
 
 
