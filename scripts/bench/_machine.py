@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 #: The repository root: commands in the reports are written relative to it.
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +93,25 @@ def command_line(script: str | Path, argv: list[str]) -> str:
     except ValueError:
         pass
     return shlex.join([".venv/bin/python", str(script), *argv])
+
+
+def write_result(
+    path: str | Path,
+    *,
+    name: str,
+    title: str,
+    command: str,
+    markdown: str,
+    figures: list[str] | None = None,
+    **data: Any,
+) -> None:
+    """Write one benchmark's ``--json`` result in the form ``run.py`` stitches (see README)."""
+    result = {
+        "name": name,
+        "title": title,
+        "command": command,
+        "markdown": markdown,
+        "figures": figures or [],
+        **data,
+    }
+    Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import random
 import select
@@ -39,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import command_line
+from _machine import command_line, write_result
 
 import snaptree
 
@@ -311,20 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, accounts, seconds, repeats, cmd)
     print(text)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "name": "backends",
-                    "title": "Backends: commit throughput and export time",
-                    "command": cmd,
-                    "markdown": text,
-                    "figures": [],
-                    "results": results,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
+        write_result(
+            args.json,
+            name="backends",
+            title="Backends: commit throughput and export time",
+            command=cmd,
+            markdown=text,
+            results=results,
         )
     return 0
 

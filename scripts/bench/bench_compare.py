@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import replace
@@ -23,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import ROOT, command_line, facts
+from _machine import ROOT, command_line, facts, write_result
 
 from snaptree import compare
 
@@ -215,18 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, workload, reps, cmd)
     print(text)
     if args.json:
-        result = {
-            "name": "compare",
-            "title": "The original design side by side",
-            "command": cmd,
-            "markdown": text,
-            "figures": [str(FIGURE)],
-            "facts": facts(),
-            "rows": rows,
-            "runs": [run.to_json() for run in runs],
-            "baselines": [run.to_json() for run in baselines],
-        }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(
+            args.json,
+            name="compare",
+            title="The original design side by side",
+            command=cmd,
+            markdown=text,
+            figures=[str(FIGURE)],
+            facts=facts(),
+            rows=rows,
+            runs=[run.to_json() for run in runs],
+            baselines=[run.to_json() for run in baselines],
+        )
     return 1 if any(row["writer_errors"] for row in rows) else 0
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import ROOT, command_line, facts_markdown
+from _machine import ROOT, command_line, facts_markdown, write_result
 
 import snaptree
 from snaptree import exports, tree
@@ -401,18 +401,13 @@ def main() -> None:
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "name": "export",
-                    "title": "Exports",
-                    "command": command_line(HERE, sys.argv[1:]),
-                    "markdown": markdown,
-                    "figures": [],
-                    "data": figures,
-                },
-                default=str,
-            )
+        write_result(
+            args.json,
+            name="export",
+            title="Exports",
+            command=command_line(HERE, sys.argv[1:]),
+            markdown=markdown,
+            data=figures,
         )
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import command_line, facts_markdown
+from _machine import command_line, facts_markdown, write_result
 
 HERE = Path(__file__).resolve()
 MODES = ("raw", "raw-savepoints", "snaptree")
@@ -225,18 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(markdown)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "name": "import",
-                    "title": "Import",
-                    "command": command,
-                    "markdown": markdown,
-                    "figures": [],
-                    "results": [r for runs in results.values() for r in runs],
-                },
-                indent=1,
-            )
+        write_result(
+            args.json,
+            name="import",
+            title="Import",
+            command=command,
+            markdown=markdown,
+            results=[r for runs in results.values() for r in runs],
         )
     return 0
 
