@@ -26,7 +26,6 @@ import json
 import os
 import pickle
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import ROOT, command_line, facts_markdown, write_result
+from _machine import ROOT, command_line, facts_markdown, peak_rss_mib, write_result
 
 import snaptree
 from snaptree import exports, tree
@@ -257,9 +256,6 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 
 def child_main(what: str, db: str, out: str) -> None:
-    def rss_mib() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
     def current_mib() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -268,7 +264,7 @@ def child_main(what: str, db: str, out: str) -> None:
     base = current_mib()
     if what == "export":
         store.export(Path(out) / "rss.pickle")
-        result = {"peak_mib": rss_mib(), "base_mib": base}
+        result = {"peak_mib": peak_rss_mib(), "base_mib": base}
     else:  # the plain copy a dumping thread would need
         with store.snapshot() as snap:
             accounts = snap.root["accounts"]

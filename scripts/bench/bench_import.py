@@ -1,6 +1,6 @@
 """Benchmark: ``store.import_tree`` against a hand-written raw ZODB import of the same data.
 
-Each case runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its
+Each case runs in a fresh subprocess, so its peak RSS (VmHWM) is its
 own. The data (accounts, each a dict with an owner, a balance and a list of
 three entry dicts: five persistent objects per account) is generated in that
 process before the clock starts, and the RSS at that moment is recorded as
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import command_line, facts_markdown, write_result
+from _machine import command_line, facts_markdown, peak_rss_mib, write_result
 
 HERE = Path(__file__).resolve()
 MODES = ("raw", "raw-savepoints", "snaptree")
@@ -129,7 +128,7 @@ def run_case(mode: str, objects: int) -> dict[str, Any]:
         "seconds": wall,
         "cpu_seconds": cpu,
         "source_mib": source_kib / 1024,
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mib": peak_rss_mib(),
     }
 
 
