@@ -248,6 +248,8 @@ class _Worker(FollowingReader):
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The writers come first: an export may take longer, a commit should not.
+    os.nice(10)
     requests = sys.stdin.buffer.fileno()
     replies = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but replies may reach the parent's pipe
