@@ -52,10 +52,6 @@ class Snapshot:
     committed_at: datetime.datetime
     connection: Connection
 
-    @property
-    def tid_bytes(self) -> bytes:
-        return bytes.fromhex(self.tid)
-
 
 def tid_time(tid: bytes) -> datetime.datetime:
     """The commit time a tid encodes, as an aware UTC datetime."""
@@ -343,22 +339,13 @@ class Store:
         state as of that moment, where the storage keeps history; ``tid`` is
         then that moment, not necessarily the tid of a transaction.
         """
-        point = None if at is None else p64(u64(parse_point(at)) + 1)
-        with self._historical_or_current(point) as (conn, tm):
+        point = None if at is None else parse_point(at)
+        if point is not None and not keeps_history(self.db.storage):
+            raise Error(f"{self.source} keeps no history; a snapshot at a past time needs one")
+        with self._lease(at=point, read_only=True) as (conn, tm):
             tm.begin()
             tid = visible_tid(conn)
             yield Snapshot(conn.root()[ROOT_KEY], tid.hex(), tid_time(tid), conn)
-
-    @contextmanager
-    def _historical_or_current(self, before: bytes | None) -> Iterator[tuple[Any, Any]]:
-        if before is None:
-            with self._lease(read_only=True) as pair:
-                yield pair
-            return
-        if not keeps_history(self.db.storage):
-            raise Error(f"{self.source} keeps no history; a snapshot at a past time needs one")
-        with self._lease(at=p64(u64(before) - 1), read_only=True) as pair:
-            yield pair
 
     # -- import and export (the modules named after them do the work) --------
 
