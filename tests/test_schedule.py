@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -93,6 +94,36 @@ def test_run_periodically_keeps_the_rhythm_and_survives_a_failed_run():
     assert runs == 3
     assert stop.waits == [0, 55.0, 0, 59.0]
     assert [str(e) for e in errors] == ["disk full"]
+
+
+def test_back_to_back_exports_are_paced_by_the_share_of_time_spent_in_fsync():
+    """every=0 waits until the last export's fsyncs are FLUSH_SHARE of the time since it began."""
+    share = schedule.FLUSH_SHARE
+    assert schedule.next_run(100.0, 0, flushed=0.01) == pytest.approx(100.0 + 0.01 / share)
+    assert schedule.next_run(100.0, 60, flushed=0.01) == 160.0  # a slow schedule is not delayed
+    assert schedule.next_run(100.0, 0, flushed=0.01, flush_share=1.0) == pytest.approx(100.01)
+
+    now = [0.0]
+    stop = FakeStop(now, stop_after=2)
+    flushes = iter([0.002, 0.0])
+
+    def run_once():
+        now[0] += 0.05  # the export took 50 ms, 2 ms of them in fsync, then one with none
+        flushed = next(flushes)
+        return SimpleNamespace(flush_seconds=flushed)
+
+    assert schedule.run_periodically(run_once, every=0, stop=stop, clock=lambda: now[0]) == 2
+    assert stop.waits == [0, pytest.approx(0.002 / share - 0.05), 0]
+
+
+def test_an_export_reports_its_fsync_time_but_keeps_it_out_of_the_manifest(store, tmp_path):
+    _bump(store, 1)
+    result = schedule.export_into(store, tmp_path)
+    assert 0 < result.flush_seconds == result.info.flush_seconds
+    manifest = json.loads(result.info.manifest_path.read_text())
+    assert "flush_seconds" not in manifest and manifest["tid"] == result.info.tid
+    with pytest.raises(ValueError, match="flush_share must be"):
+        snaptree.Exporter(store, tmp_path, every=0, flush_share=0)
 
 
 # -- a directory of dumps ---------------------------------------------------------

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import ROOT, command_line, facts_markdown, peak_rss_mib, write_result
 
 import snaptree
-from snaptree import exports, tree
+from snaptree import exports, schedule, tree
 
 HERE = Path(__file__).resolve()
 
@@ -112,14 +112,18 @@ def writers_phase(db: Path, accounts: int, mode: str, seconds: float, out: Path)
     try:
         if mode == "none":
             return _writers(store, accounts, seconds)
-        if mode == "exporter-process":
+        if mode.startswith("exporter-process"):
             first = threading.Event()
 
             def count(result):
                 exports_done[0] += 1
                 first.set()
 
-            exporter = snaptree.Exporter(store, out, every=0, keep=2, on_export=count)
+            # every=0: back to back, paced by FLUSH_SHARE unless "unpaced"
+            share = 1.0 if mode.endswith("unpaced") else schedule.FLUSH_SHARE
+            exporter = snaptree.Exporter(
+                store, out, every=0, keep=2, on_export=count, flush_share=share
+            )
             exporter.start()
             try:
                 first.wait(600)  # not measured: the exporter process starts and reads the tree once
@@ -329,6 +333,7 @@ def main() -> None:
                 runs: dict[str, list[dict[str, Any]]] = {
                     "none": [],
                     "exporter-process": [],
+                    "exporter-process unpaced": [],
                     "thread": [],
                 }
                 for r in range(rounds):

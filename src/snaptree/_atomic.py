@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ class HashingWriter:
         self._file = file
         self._hash = hashlib.sha256()
         self.bytes = 0
+        #: Seconds the final fsync took: what making the file durable cost the disk.
+        self.flush_seconds = 0.0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._hash.update(data)
@@ -93,7 +96,9 @@ def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
             writer = HashingWriter(raw)
             yield writer, temp
             raw.flush()
+            started = time.perf_counter()
             os.fsync(raw.fileno())
+            writer.flush_seconds = time.perf_counter() - started
     except OSError as exc:
         discard(temp)
         raise ExportError(describe_os_error(exc, final)) from exc
@@ -102,14 +107,16 @@ def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
         raise
 
 
-def commit(temp: Path, final: Path) -> None:
-    """Rename *temp* over *final* and make the rename durable."""
+def commit(temp: Path, final: Path) -> float:
+    """Rename *temp* over *final* and make the rename durable; return the seconds that took."""
+    started = time.perf_counter()
     try:
         os.replace(temp, final)
         fsync_directory(final.parent)
     except OSError as exc:
         discard(temp)
         raise ExportError(describe_os_error(exc, final)) from exc
+    return time.perf_counter() - started
 
 
 def write_bytes(final: Path, data: bytes) -> None:

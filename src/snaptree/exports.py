@@ -42,7 +42,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,11 @@ class ExportInfo:
     source: str = ""
     seconds: float = 0.0
     snaptree_version: str = ""
+    #: Seconds spent waiting for the disk to make the dump and its manifest
+    #: durable (fsyncs): the share of the disk an export takes from writers'
+    #: commits, which the schedule uses to pace back-to-back exports. Not
+    #: kept in the manifest.
+    flush_seconds: float = field(default=0.0, compare=False)
     #: Filled in by :func:`verify`: a short description of what the dump holds.
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -209,19 +214,20 @@ def export_snapshot(
         # retention removes, rather than a dump no manifest vouches for.
         with _atomic.staged_file(manifest_path(final)) as (mwriter, manifest_temp):
             mwriter.write(_manifest_bytes(info))
-        _atomic.commit(manifest_temp, manifest_path(final))
-        _atomic.commit(temp, final)
+        flushed = writer.flush_seconds + mwriter.flush_seconds
+        flushed += _atomic.commit(manifest_temp, manifest_path(final))
+        flushed += _atomic.commit(temp, final)
     except BaseException:
         _atomic.discard(temp)
         if manifest_temp is not None:
             _atomic.discard(manifest_temp)
         raise
-    return info
+    return replace(info, flush_seconds=round(flushed, 6))
 
 
 def _manifest_bytes(info: ExportInfo) -> bytes:
     data = info.to_json()
-    del data["summary"]
+    del data["summary"], data["flush_seconds"]
     data["path"] = info.path.name  # relative: the pair can be moved together
     data = {"snaptree_manifest": MANIFEST_VERSION, **data}
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
