@@ -101,6 +101,13 @@ def _change_flat(root: Any) -> None:
     root["flat"][(1, 2)] = "tuple key"
 
 
+def _change_neighbours(root: Any) -> None:
+    """Several values of one bucket: one changes in place, one gains a node, one a scalar."""
+    root["accounts"][20]["balance"] = 0
+    root["accounts"][21]["history"].append({"new": 1})
+    root["accounts"][22]["history"].append(5)
+
+
 def _change_big_string(root: Any) -> None:
     root["big"] = "y" * 80_000
 
@@ -117,6 +124,7 @@ EDITS: list[Edit] = [
     _share_subtree,
     _change_shared_subtree,
     _change_flat,
+    _change_neighbours,
     _change_big_string,
 ]
 
@@ -280,5 +288,8 @@ def test_random_edits_never_leave_a_stale_dump(tmp_path, edits):
                 store.run(change)
                 info = store.export(tmp_path / "dump.pickle")
                 assert _loaded(info.path) == _expected(store, info.tid)
+                with exports.keeping_fragments(exports.FragmentCaches()):
+                    cold = store.export(tmp_path / "cold.pickle")
+                assert (info.sha256, info.objects) == (cold.sha256, cold.objects)
     finally:
         store.close()
