@@ -300,8 +300,11 @@ class _PlainPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # Exact-type dispatch first: isinstance() against these ABC-backed
         # classes costs more than the rest of this method together.
-        reduce = _PLAIN_REDUCERS.get(type(obj))
+        kind = type(obj)
+        reduce = _PLAIN_REDUCERS.get(kind)
         if reduce is None:
+            if kind is type:  # dict and list, named by every node's reduction: one call in two
+                return NotImplemented
             reduce = _subclass_reducer(obj)
             if reduce is None:
                 return NotImplemented
@@ -488,8 +491,11 @@ class _FragmentPickler(_PlainPickler):
         self.limit: int | None = None
 
     def reducer_override(self, obj: Any) -> Any:
-        reduce = _PLAIN_REDUCERS.get(type(obj))
+        kind = type(obj)
+        reduce = _PLAIN_REDUCERS.get(kind)
         if reduce is None:
+            if kind is type:
+                return NotImplemented
             reduce = _subclass_reducer(obj)
             if reduce is None:
                 return NotImplemented
