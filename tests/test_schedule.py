@@ -260,6 +260,24 @@ def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path)
         writer.close()
 
 
+def test_export_command_on_a_live_file_logs_no_stale_index_warning(tmp_path):
+    """A file its writer created and still has open has an empty .index: expected, not warned."""
+    db_file = tmp_path / "live.fs"
+    writer = snaptree.open(str(db_file))  # saves an .index of the empty file, and no other
+    try:
+        _bump(writer, 44)
+        done = subprocess.run(
+            [sys.executable, "-m", "snaptree", "export", "--db", str(db_file), "-o",
+             str(tmp_path / "d.pickle")],
+            capture_output=True, text=True, timeout=WAIT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Ignoring index" not in done.stderr
+        assert "exported" in done.stderr
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -324,11 +324,7 @@ LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
 
 
 def _one_line(stderr: str) -> str:
-    """The one error line on stderr; anything else there may only be log records.
-
-    (A read-only open of a live FileStorage logs ZODB's "Ignoring index", as
-    docs/export.md says; that is a log record, not part of the error.)
-    """
+    """The one error line on stderr; anything else there may only be log records."""
     assert "Traceback" not in stderr, f"a traceback instead of one line:\n{stderr}"
     lines = [line for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if not LOG_LINE.match(line)]

@@ -209,9 +209,11 @@ class FollowingReader:
         self.fragments = FragmentCaches()
 
     def _open(self) -> Any:
+        from ._file_follower import expected_stale_index
         from .store import open as open_store
 
-        return open_store(self.uri, read_only=True, cache_size=self.cache_size, pool_size=2)
+        with expected_stale_index():
+            return open_store(self.uri, read_only=True, cache_size=self.cache_size, pool_size=2)
 
     def catch_up(self) -> None:
         from . import _file_follower
@@ -256,8 +258,6 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    # "Ignoring index": expected on every read-only open of a live file (docs/export.md).
-    logging.getLogger("ZODB.FileStorage").setLevel(logging.ERROR)
     try:
         config = _read_message(requests)
     except EOFError:
