@@ -6,6 +6,9 @@ figures are stitched into the report below the machine facts and the exact
 command. A script that fails gets a section saying so, with the end of its
 stderr, and makes this command exit 1; the others still run.
 
+With ``--only NAME --merge``, only that section of the existing report is
+replaced, so one benchmark can be measured again without the others.
+
 Example:
 
     .venv/bin/python scripts/bench/run.py --quick
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -136,6 +140,26 @@ def report(
     return "\n".join(parts) + "\n"
 
 
+def merge(existing: str, sections: list[str], note: str) -> str:
+    """*existing* report with each of *sections* put in place of the one with its heading.
+
+    A section with a heading the report lacks is added at the end. Each new
+    section carries *note* under its heading, since its figures come from a
+    later run than the rest of the report.
+    """
+    parts = re.split(r"(?m)^(?=## )", existing.rstrip("\n") + "\n")
+    for text in sections:
+        heading, _, body = text.partition("\n")
+        new = f"{heading}\n\n_{note}_\n{body}\n"
+        for i, part in enumerate(parts):
+            if part.partition("\n")[0] == heading:
+                parts[i] = new + "\n"
+                break
+        else:
+            parts.append("\n" + new if not parts[-1].endswith("\n\n") else new)
+    return "".join(parts).rstrip("\n") + "\n"
+
+
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -162,12 +186,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="report path (docs/benchmarks.md)"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the sections measured now in the existing report (with --only)",
+    )
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
 
     machine = facts()
     results = [run_one(script, args.quick) for script in discover(args.only)]
-    text = report(results, command_line(__file__, argv), machine, args.output.parent)
+    command = command_line(__file__, argv)
+    if args.merge and args.output.exists():
+        note = (
+            f"Measured again on {machine['date']} by `{command}`; the other sections "
+            "come from the run named at the top."
+        )
+        sections = [section(r, args.output.parent) for r in results]
+        text = merge(args.output.read_text(), sections, note)
+    else:
+        text = report(results, command, machine, args.output.parent)
     write_atomically(args.output, text)
     failed = [r["name"] for r in results if r.get("failed")]
     print(f"wrote {args.output}", file=sys.stderr)
