@@ -87,7 +87,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     callback=_checked(schedule.check_every),
     metavar="SECONDS",
     help="Keep running and export every SECONDS (0 = back to back, paced so that fsyncs "
-    "take at most 0.5% of the time); skips runs when nothing was committed. "
+    "take at most 0.25% of the time); skips runs when nothing was committed. "
     "SIGINT/SIGTERM stop it after the export in progress.",
 )
 @click.option(
