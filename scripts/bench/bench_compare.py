@@ -141,9 +141,9 @@ def markdown(rows: list[dict[str, Any]], workload: compare.Workload, reps: int, 
         "",
         "How the designs differ by construction: the global lock and the owner thread make "
         "every writer wait for the whole of every dump (compare their max latency with the "
-        "dump time); snaptree's writers take no lock against a dump, but commit durably (a "
-        "FileStorage fsync per transaction, which the in-memory designs do not pay) and, "
-        "when the dump runs in their process, share the interpreter lock with it.",
+        "dump time); snaptree's writers take no lock against a dump, which runs in the "
+        "Exporter's own process, but they commit durably (a FileStorage fsync per "
+        "transaction, which the in-memory designs do not pay).",
     ]
     return "\n".join(lines)
 

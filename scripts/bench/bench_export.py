@@ -385,7 +385,7 @@ def main() -> None:
         "",
         "Targets: throughput >= 0.90x, p99 <= 1.5x of no export. The Exporter runs "
         "`every=0`: back to back, paced so that its fsyncs take at most "
-        f"{schedule.FLUSH_SHARE:.1%} of the time (`unpaced`: `flush_share=1.0`).",
+        f"{schedule.FLUSH_SHARE:.2%} of the time (`unpaced`: `flush_share=1.0`).",
         "",
         "### One pickle export (medians)",
         "",
