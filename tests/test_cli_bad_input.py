@@ -284,6 +284,18 @@ CASES = [
     ),
     Case("verify-a-directory", ("verify", "{exports}"), 2, r"is a directory"),
     Case("export-output-is-a-directory", ("export", *DB, "-o", "{exports}"), 2, r"is a directory"),
+    Case(
+        "export-output-under-a-file",
+        ("export", *DB, "-o", "{scratch}/good.json/out.pickle"),
+        1,
+        r"cannot write .*good\.json/out\.pickle: .*good\.json is a file, not a directory",
+    ),
+    Case(
+        "export-dir-is-a-file",
+        ("export", *DB, "--dir", "{scratch}/good.json"),
+        2,
+        r"Invalid value for '--dir': Directory '.*good\.json' is a file",
+    ),
     # -- malformed JSON (failure: 1) --
     Case(
         "import-malformed-json",

@@ -182,6 +182,10 @@ def export_snapshot(
         if final.is_dir():
             raise ExportError(f"cannot write {final}: it is a directory; name a file inside it")
         if not final.parent.is_dir():
+            if final.parent.exists():
+                raise ExportError(
+                    f"cannot write {final}: {final.parent} is a file, not a directory"
+                )
             raise ExportError(
                 f"cannot write {final}: directory {final.parent} does not exist; create it first"
             )

@@ -281,6 +281,8 @@ def export_into(
     check_keep(keep)
     folder = Path(directory)
     if not folder.is_dir():
+        if folder.exists():
+            raise ExportError(f"cannot export into {folder}: it is a file, not a directory")
         raise ExportError(f"cannot export into {folder}: no such directory; create it first")
     _atomic.remove_stale_temporaries(folder, owned=_OWNED)
     existing = complete_dumps(folder, format)
