@@ -257,6 +257,14 @@ CASES = [
         real=True,
     ),
     Case(
+        "export-postgres-nobody-listens",
+        ("export", "--db", "postgresql://app:s3cret@127.0.0.1:1/app", "-o", OUT),
+        2,
+        r"cannot open postgresql://app:\*\*\*@127\.0\.0\.1:1/app: .*Connection refused; "
+        r"Is the server running",
+        real=True,
+    ),
+    Case(
         "export-db-is-a-directory",
         ("export", "--db", "{scratch}/not-a-dir", "-o", OUT),
         2,

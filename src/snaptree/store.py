@@ -460,9 +460,10 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     except FileNotFoundError as exc:
         raise OpenError(f"cannot open {resolved.display}: {exc.strerror}: {exc.filename}") from None
     except Exception as exc:
-        raise OpenError(
-            f"cannot open {resolved.display}: {uris.scrub(str(exc), str(uri))}"
-        ) from exc
+        # Drivers' messages span lines (psycopg: "...refused\n\tIs the server
+        # running..."); an error is one line.
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise OpenError(f"cannot open {resolved.display}: {uris.scrub(reason, str(uri))}") from exc
     db_kwargs = dict(resolved.db_kwargs)
     db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)
     if cache_size is not None:

@@ -33,6 +33,14 @@ class _Group(click.Group):
             ctx.exit(EXIT_FAILURE)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """One line per log record: drivers' messages span lines (psycopg's hint after a tab)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        text = super().formatMessage(record)
+        return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="snaptree")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -45,9 +53,9 @@ def main(verbose: int) -> None:
         snaptree demo
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 for _module in (demo, importing, exporting, serving):
