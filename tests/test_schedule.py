@@ -116,17 +116,6 @@ def test_back_to_back_exports_are_paced_by_the_share_of_time_spent_in_fsync():
     assert stop.waits == [0, pytest.approx(0.002 / share - 0.05), 0]
 
 
-def test_a_file_where_the_directory_should_be_is_named_as_such(store, tmp_path):
-    """Not "no such directory": the path exists, it is a file."""
-    a_file = tmp_path / "dumps"
-    a_file.write_text("not a directory")
-    with pytest.raises(snaptree.ExportError, match="dumps: it is a file, not a directory"):
-        schedule.export_into(store, a_file)
-    with pytest.raises(snaptree.ExportError, match="dumps is a file, not a directory"):
-        store.export(a_file / "d.pickle")
-    assert a_file.read_text() == "not a directory"
-
-
 def test_an_export_reports_its_fsync_time_but_keeps_it_out_of_the_manifest(store, tmp_path):
     _bump(store, 1)
     result = schedule.export_into(store, tmp_path)

@@ -459,9 +459,9 @@ def test_export_directory_that_is_a_regular_file_fails_and_changes_nothing(
     not_a_dir = tmp_path / "dumps"
     not_a_dir.write_text("a file, not a directory\n")
     committed = writer.committed
-    with pytest.raises(ExportError, match=r"cannot write .*dumps/dump\.pickle: directory .*dumps"):
+    with pytest.raises(ExportError, match=r"cannot write .*dumps/dump\.pickle: .*dumps is a file"):
         store.export(not_a_dir / "dump.pickle")
-    with pytest.raises(ExportError, match=r"cannot export into .*dumps"):
+    with pytest.raises(ExportError, match=r"cannot export into .*dumps: it is a file"):
         schedule.export_into(store, not_a_dir)
     code, stderr = _cli_subprocess(["export", "--db", str(db), "-o", str(not_a_dir / "x.pickle")])
     assert code == 1 and "cannot write" in _one_line(stderr)

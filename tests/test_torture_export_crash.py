@@ -353,7 +353,7 @@ def commit(temp, final):
     renames.append(final)
     if len(renames) == 2:  # the first file of the pair is renamed, not the second
         os.kill(os.getpid(), signal.SIGKILL)
-    real_commit(temp, final)
+    return real_commit(temp, final)
 
 _atomic.commit = commit
 store = snaptree.open(sys.argv[1], read_only=True)

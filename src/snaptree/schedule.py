@@ -61,10 +61,10 @@ MAX_KEEP = 100_000
 #: Measured with 2 writer threads on a FileStorage (docs/export.md): exports
 #: back to back from the exporter process raised the writers' p99 2.2-2.5-fold
 #: at 10k objects (1.4-fold with the exporter's fsyncs turned off), 1.6-fold
-#: at 100k; paced to this share, 1.15-1.3-fold. Why so small a share: each
+#: at 100k; paced to this share, 1.05-1.3-fold. Why so small a share: each
 #: exporter fsync delays the commits that overlap it, and a p99 moves once
-#: about 1% of commits are delayed; at 0.5% the p99 still jumped between
-#: 1.3x and 2.1x from run to run. That is an export about every 0.6 s at
+#: about 1% of commits are delayed; at 0.5% it still ranged from 1.2x to
+#: 1.7x from run to run. That is an export about every 0.6 s at
 #: 10k objects, every 0.9 s at 100k: a schedule with ``every`` of a few
 #: seconds or more is never delayed by it.
 FLUSH_SHARE = 0.0025
