@@ -203,11 +203,22 @@ def _writer(store: snaptree.Store, run: Run, acked: Acknowledged, index: int, se
     return work
 
 
-def _check_dump(path: Path, fmt: str, required: set[str], where: str) -> tuple[str, set[str]]:
-    """Verify the dump against its manifest, load it, check it; return its tid and transfers."""
+def _check_dump(
+    store: snaptree.Store, path: Path, fmt: str, required: set[str], where: str
+) -> tuple[str, set[str]]:
+    """Verify the dump against its manifest, load it, check it; return its tid and transfers.
+
+    The dump must be exactly the committed state at the tid its manifest
+    names, read back from the store's history: a dump that holds a
+    committed state but names a later tid would fool "nothing new" skipping.
+    """
     info = snaptree.verify(path)
     assert info.format == fmt
     tree = _normalize(_load(info.path, fmt))
+    with store.snapshot(at=info.tid) as then:
+        assert tree == _normalize(snaptree.to_plain(then.root)), (
+            f"{where} {info.path.name} is not the committed state at its tid {info.tid}"
+        )
     ids = _check_invariants(tree, f"{where} {info.path.name}")
     lost = required - ids
     assert not lost, (
@@ -229,7 +240,7 @@ def _store_exports(store: snaptree.Store, run: Run, acked: Acknowledged, out: Pa
             path = out / f"dump-{n:05d}{SUFFIX[fmt]}"
             info = store.export(path, format=fmt)
             assert info.tid >= last_tid, "store.export went back in time"
-            tid, _ = _check_dump(path, fmt, acked.ids_before(marks), "store.export")
+            tid, _ = _check_dump(store, path, fmt, acked.ids_before(marks), "store.export")
             assert tid == info.tid
             last_tid = info.tid
             path.unlink()
@@ -241,6 +252,7 @@ def _store_exports(store: snaptree.Store, run: Run, acked: Acknowledged, out: Pa
 
 
 def _exporter_exports(
+    store: snaptree.Store,
     exporters: dict[str, snaptree.Exporter],
     first_tids: dict[str, str],
     run: Run,
@@ -260,7 +272,7 @@ def _exporter_exports(
             if result.skipped:  # nothing committed since this format's last dump
                 assert result.skipped_tid == last_tid[fmt]
                 continue
-            tid, _ = _check_dump(result.info.path, fmt, acked.ids_before(marks), "Exporter")
+            tid, _ = _check_dump(store, result.info.path, fmt, acked.ids_before(marks), "Exporter")
             assert tid > last_tid[fmt], "the Exporter wrote a dump older than its previous one"
             last_tid[fmt] = tid
             # latest points at this complete dump; retention keeps at most KEEP of them.
@@ -324,7 +336,7 @@ def test_dumps_in_every_format_hold_the_invariant_and_no_transfer_is_lost_or_dou
         targets = [_writer(store, run, acked, i, seed) for i in range(WRITERS)]
         targets += [
             _store_exports(store, run, acked, single),
-            _exporter_exports(exporters, first_tids, run, acked),
+            _exporter_exports(store, exporters, first_tids, run, acked),
             _controller(run),
         ]
         results = run_threads([run.guarded(t) for t in targets], timeout=HARD_LIMIT + 120)

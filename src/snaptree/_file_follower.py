@@ -17,6 +17,10 @@ ZODB has no public API for any of this; every private attribute used is
 used here and nowhere else (checked against ZODB 6.4):
 ``FileStorage._file_name``, ``._file``, ``._files`` (its read-file pool),
 ``._index``, ``._pos``, ``._ltid``, ``._oid``, and ``DB._mvcc_storage``.
+``read_index`` returns, besides the position it reached, the tid of the
+transaction it stopped at, which may be one still being committed: the tid
+of the last transaction followed is read from the file instead
+(:func:`settle`, :func:`refresh`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import read_index
+from ZODB.utils import u64
 
 
 class _RecordingIndex(dict):
@@ -75,6 +80,21 @@ def follows(storage: Any) -> bool:
     return isinstance(storage, FileStorage) and storage.isReadOnly()
 
 
+def settle(storage: Any) -> None:
+    """Give a freshly opened read-only FileStorage the tid of its last complete transaction.
+
+    Opening a file that its writer is committing to, ZODB's ``read_index``
+    stops before the transaction in progress but returns that
+    transaction's tid, which FileStorage takes as its last one: an export
+    would then claim a tid whose changes it does not hold (and :func:`refresh`
+    would later log a "time-stamp reduction" on meeting it).
+    """
+    if not follows(storage) or storage._pos <= 4:  # 4: the file header, no transaction yet
+        return
+    with open(storage._file_name, "rb", buffering=0) as raw:
+        storage._ltid = _tid_ending_at(raw, storage._pos)
+
+
 def refresh(db: Any) -> int:
     """Bring *db*'s read-only FileStorage up to the last transaction committed in the file.
 
@@ -99,7 +119,7 @@ def refresh(db: Any) -> int:
     # Unbuffered: a buffered reader could keep bytes of a transaction that the
     # writer then rolled back and overwrote.
     with open(name, "rb", buffering=0) as raw:
-        pos, maxoid, ltid = read_index(
+        pos, maxoid, _ = read_index(
             raw,
             name,
             storage._index,
@@ -108,18 +128,31 @@ def refresh(db: Any) -> int:
             start=storage._pos,
             read_only=True,
         )
-    if pos == storage._pos:
-        return 0
+        if pos == storage._pos:
+            return 0
+        # Not read_index's tid: that is the tid of the transaction it stopped
+        # at, which may be one still being committed. Followed that far, the
+        # file looked committed at a tid whose changes it did not hold, and the
+        # next export, seeing that tid again, would skip as "nothing new".
+        ltid = _tid_ending_at(raw, pos)
     # The pooled read files may hold buffered bytes past the old end of the
     # file, from a transaction that was later rolled back: drop them.
     storage._files.flush()
     storage._pos = pos
     storage._ltid = ltid
-    if maxoid > storage._oid:
+    if maxoid is not None and maxoid > storage._oid:
         storage._oid = maxoid
     changed = scratch.seen
     db._mvcc_storage.invalidate(ltid, changed)
     return len(changed)
+
+
+def _tid_ending_at(raw: Any, end: int) -> bytes:
+    """The tid of the transaction record that ends at *end* (its length closes it)."""
+    raw.seek(end - 8)
+    length = u64(raw.read(8))
+    raw.seek(end - 8 - length)
+    return raw.read(8)
 
 
 def catch_up(store: Any) -> bool:

@@ -28,7 +28,7 @@ from ZODB.FileStorage.FileStorage import FileStorageFormatError
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import p64, u64
 
-from . import uris
+from . import _file_follower, uris
 from ._connection import OwnedConnection
 from ._storage_facts import is_client_of_a_server, keeps_history, visible_tid
 from .errors import Error, MisuseError, OpenError
@@ -464,6 +464,7 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         # running..."); an error is one line.
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise OpenError(f"cannot open {resolved.display}: {uris.scrub(reason, str(uri))}") from exc
+    _file_follower.settle(storage)
     db_kwargs = dict(resolved.db_kwargs)
     db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)
     if cache_size is not None:
