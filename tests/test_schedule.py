@@ -116,6 +116,22 @@ def test_back_to_back_exports_are_paced_by_the_share_of_time_spent_in_fsync():
     assert stop.waits == [0, pytest.approx(0.002 / share - 0.05), 0]
 
 
+def test_a_schedule_stretched_by_pacing_says_so(caplog):
+    """every=1 with 10 ms of fsync per export: the next starts 4 s later, and a line says why."""
+    now = [0.0]
+    stop = FakeStop(now, stop_after=2)
+    with caplog.at_level("INFO", logger="snaptree.schedule"):
+        schedule.run_periodically(
+            lambda: SimpleNamespace(flush_seconds=0.01),
+            every=1,
+            stop=stop,
+            clock=lambda: now[0],
+            flush_share=0.0025,
+        )
+    assert stop.waits == [0, pytest.approx(4.0), pytest.approx(4.0)]
+    assert "starts 4.0 s after the last one, not 1 s" in caplog.text
+
+
 def test_an_export_reports_its_fsync_time_but_keeps_it_out_of_the_manifest(store, tmp_path):
     _bump(store, 1)
     result = schedule.export_into(store, tmp_path)
