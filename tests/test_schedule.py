@@ -110,10 +110,37 @@ def test_back_to_back_exports_are_paced_by_the_share_of_time_spent_in_fsync():
     def run_once():
         now[0] += 0.05  # the export took 50 ms, 2 ms of them in fsync, then one with none
         flushed = next(flushes)
-        return SimpleNamespace(flush_seconds=flushed)
+        return SimpleNamespace(flush_seconds=flushed, skipped=False)
 
     assert schedule.run_periodically(run_once, every=0, stop=stop, clock=lambda: now[0]) == 2
     assert stop.waits == [0, pytest.approx(0.002 / share - 0.05), 0]
+
+
+def test_back_to_back_runs_do_not_spin_when_idle_or_failing():
+    """every=0: after a run that found nothing new, 0.1 s; after a failed one, 1 s; else none."""
+    now = [0.0]
+    stop = FakeStop(now, stop_after=4)
+    outcomes = iter(["skipped", "failed", "written", "written"])
+
+    def run_once():
+        outcome = next(outcomes)
+        if outcome == "failed":
+            raise snaptree.ExportError("disk full")
+        return SimpleNamespace(flush_seconds=0.0, skipped=outcome == "skipped")
+
+    runs = schedule.run_periodically(
+        run_once, every=0, stop=stop, clock=lambda: now[0], on_error=lambda exc: None
+    )
+    assert runs == 4
+    assert stop.waits == [
+        0,
+        pytest.approx(schedule.PAUSE_AFTER_NOTHING_NEW),
+        pytest.approx(schedule.PAUSE_AFTER_FAILURE),
+        0,
+        0,
+    ]
+    with pytest.raises(ValueError, match="flush_share must be"):
+        schedule.run_periodically(run_once, every=0, stop=stop, flush_share=0)
 
 
 def test_a_schedule_stretched_by_pacing_says_so(caplog):
@@ -122,7 +149,7 @@ def test_a_schedule_stretched_by_pacing_says_so(caplog):
     stop = FakeStop(now, stop_after=2)
     with caplog.at_level("INFO", logger="snaptree.schedule"):
         schedule.run_periodically(
-            lambda: SimpleNamespace(flush_seconds=0.01),
+            lambda: SimpleNamespace(flush_seconds=0.01, skipped=False),
             every=1,
             stop=stop,
             clock=lambda: now[0],

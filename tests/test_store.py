@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import transaction
 from persistent import Persistent
+from ZODB.FileStorage import FileStorage
 
 import snaptree
 from _threads import run_threads
@@ -346,6 +347,15 @@ def test_unknown_scheme_names_the_scheme_and_hides_the_password():
 def test_missing_directory_says_what_to_do(tmp_path):
     with pytest.raises(OpenError, match="does not exist; create it"):
         snaptree.open(str(tmp_path / "nope" / "Data.fs"))
+
+
+def test_a_file_with_nothing_committed_cannot_be_opened_read_only(tmp_path):
+    """Not ZODB's bare ReadOnlyError from creating the root: an OpenError that says why."""
+    path = tmp_path / "Data.fs"
+    FileStorage(str(path)).close()  # the file header, no transaction
+    with pytest.raises(OpenError, match="read-only: nothing has been committed to it yet"):
+        snaptree.open(str(path), read_only=True)
+    snaptree.open(str(path)).close()  # opened for writing, it gets its root
 
 
 def test_filestorage_locked_by_another_process_says_what_to_do(tmp_path):

@@ -33,7 +33,7 @@ from typing import Any
 
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import read_index
-from ZODB.utils import u64
+from ZODB.utils import u64, z64
 
 
 class _RecordingIndex(dict):
@@ -89,10 +89,14 @@ def settle(storage: Any) -> None:
     would then claim a tid whose changes it does not hold (and :func:`refresh`
     would later log a "time-stamp reduction" on meeting it).
     """
-    if not follows(storage) or storage._pos <= 4:  # 4: the file header, no transaction yet
+    if not follows(storage):
         return
-    with open(storage._file_name, "rb", buffering=0) as raw:
-        storage._ltid = _tid_ending_at(raw, storage._pos)
+    if storage._pos <= 4:  # the file header alone: no transaction complete yet
+        storage._ltid = z64
+        return
+    # Through the storage's own descriptor: the file it indexed, even if
+    # the name was packed over since.
+    storage._ltid = _tid_ending_at(storage._file.fileno(), storage._pos, storage._file_name)
 
 
 def refresh(db: Any) -> int:
@@ -104,21 +108,24 @@ def refresh(db: Any) -> int:
     """
     storage = db.storage
     name = storage._file_name
-    try:
-        current = os.stat(name)
-    except FileNotFoundError:
-        raise FileReplaced(name) from None
-    opened = os.fstat(storage._file.fileno())
-    if (current.st_ino, current.st_dev) != (opened.st_ino, opened.st_dev):
-        raise FileReplaced(name)
-    if current.st_size < storage._pos:
-        raise FileReplaced(name)
-    if current.st_size == storage._pos:
-        return 0
     scratch = _RecordingIndex()
     # Unbuffered: a buffered reader could keep bytes of a transaction that the
     # writer then rolled back and overwrote.
-    with open(name, "rb", buffering=0) as raw:
+    try:
+        raw = open(name, "rb", buffering=0)  # noqa: SIM115 - closed below, after checks
+    except FileNotFoundError:
+        raise FileReplaced(name) from None
+    with raw:
+        # The file just opened must be the one the storage indexed: after a
+        # pack, the name holds a new, shorter file.
+        current = os.fstat(raw.fileno())
+        opened = os.fstat(storage._file.fileno())
+        if (current.st_ino, current.st_dev) != (opened.st_ino, opened.st_dev):
+            raise FileReplaced(name)
+        if current.st_size < storage._pos:
+            raise FileReplaced(name)
+        if current.st_size == storage._pos:
+            return 0
         pos, maxoid, _ = read_index(
             raw,
             name,
@@ -134,7 +141,7 @@ def refresh(db: Any) -> int:
         # at, which may be one still being committed. Followed that far, the
         # file looked committed at a tid whose changes it did not hold, and the
         # next export, seeing that tid again, would skip as "nothing new".
-        ltid = _tid_ending_at(raw, pos)
+        ltid = _tid_ending_at(raw.fileno(), pos, name)
     # The pooled read files may hold buffered bytes past the old end of the
     # file, from a transaction that was later rolled back: drop them.
     storage._files.flush()
@@ -147,12 +154,13 @@ def refresh(db: Any) -> int:
     return len(changed)
 
 
-def _tid_ending_at(raw: Any, end: int) -> bytes:
+def _tid_ending_at(fd: int, end: int, name: str) -> bytes:
     """The tid of the transaction record that ends at *end* (its length closes it)."""
-    raw.seek(end - 8)
-    length = u64(raw.read(8))
-    raw.seek(end - 8 - length)
-    return raw.read(8)
+    length = os.pread(fd, 8, end - 8)
+    tid = os.pread(fd, 8, end - 8 - u64(length)) if len(length) == 8 else b""
+    if len(tid) != 8:
+        raise FileReplaced(name)  # not a transaction's end: the file changed under us
+    return tid
 
 
 def catch_up(store: Any) -> bool:

@@ -69,6 +69,11 @@ MAX_KEEP = 100_000
 #: when an export's fsyncs take more than this share of it (0.15 s for
 #: every=60, a dump of several hundred MB), and that is logged.
 FLUSH_SHARE = 0.0025
+#: Least time between the starts of two runs when the last one found nothing
+#: new (0.1 s) or failed (1 s): with ``every=0`` the schedule would otherwise
+#: spin on an idle store, or on a full disk, as fast as it can.
+PAUSE_AFTER_NOTHING_NEW = 0.1
+PAUSE_AFTER_FAILURE = 1.0
 
 DUMP_NAME = re.compile(
     r"^snaptree-(?P<time>\d{8}T\d{6}\.\d{6}Z)-(?P<tid>[0-9a-f]{16})(?P<suffix>\.pickle|\.json|\.zexp)$"
@@ -105,12 +110,20 @@ def check_keep(keep: int | None) -> int | None:
     return keep
 
 
+def check_flush_share(flush_share: float) -> float:
+    """The share of time exports may spend in fsync: above 0, at most 1 (no pacing)."""
+    if not 0 < flush_share <= 1:
+        raise ValueError(f"flush_share must be above 0 and at most 1, not {flush_share!r}")
+    return flush_share
+
+
 def next_run(
     last_start: float | None,
     every: float,
     *,
     flushed: float = 0.0,
     flush_share: float = FLUSH_SHARE,
+    at_least: float = 0.0,
 ) -> float | None:
     """When (on the same clock as *last_start*) the next export is due; None: right away.
 
@@ -119,11 +132,12 @@ def next_run(
     next, with no burst of catch-up runs, unless the previous export spent
     *flushed* seconds in fsync: then the next waits until that is at most
     *flush_share* of the time since the previous one started (see
-    FLUSH_SHARE).
+    FLUSH_SHARE). *at_least* is a floor for the interval (see
+    PAUSE_AFTER_FAILURE).
     """
     if last_start is None:
         return None
-    return last_start + max(every, flushed / flush_share)
+    return last_start + max(every, at_least, flushed / flush_share if flushed > 0 else 0.0)
 
 
 def seconds_until(now: float, due: float | None) -> float:
@@ -338,16 +352,21 @@ def run_periodically(
     """Call *run_once* every *every* seconds until *stop* is set; return the number of runs.
 
     Runs are paced so that their fsyncs take at most *flush_share* of the
-    time (:func:`next_run`). A run that raises a snaptree Error is reported
-    to *on_error* and the schedule goes on (the disk may have space again
-    next time); without *on_error* the error propagates. *stop* is checked
+    time (:func:`next_run`), and start no sooner than PAUSE_AFTER_NOTHING_NEW
+    after one that wrote nothing. A run that raises a snaptree Error is
+    reported to *on_error* and the schedule goes on, PAUSE_AFTER_FAILURE
+    later at the soonest (the disk may have space again next time); without
+    *on_error* the error propagates. *stop* is checked
     between runs only: abandoning a run in progress is the caller's business.
     """
+    check_flush_share(flush_share)
     runs = 0
     last_start: float | None = None
-    flushed = 0.0
+    flushed = at_least = 0.0
     while True:
-        due = next_run(last_start, every, flushed=flushed, flush_share=flush_share)
+        due = next_run(
+            last_start, every, flushed=flushed, flush_share=flush_share, at_least=at_least
+        )
         if every > 0 and flushed > every * flush_share:
             log.info(
                 "pacing: the next export starts %.1f s after the last one, not %g s: its fsyncs "
@@ -360,14 +379,18 @@ def run_periodically(
         if stop.wait(seconds_until(clock(), due)):
             return runs
         last_start = clock()
-        flushed = 0.0
+        flushed = at_least = 0.0
         try:
             result = run_once()
-            flushed = result.flush_seconds if result is not None else 0.0
         except Error as exc:
             if on_error is None:
                 raise
             on_error(exc)
+            at_least = PAUSE_AFTER_FAILURE
+        else:
+            if result is not None:
+                flushed = result.flush_seconds
+                at_least = PAUSE_AFTER_NOTHING_NEW if result.skipped else 0.0
         runs += 1
 
 
@@ -453,10 +476,8 @@ class Exporter:
         every_checked = check_every(every)
         if every_checked is None:
             raise ValueError("every must be a number of seconds")
-        if not 0 < flush_share <= 1:
-            raise ValueError(f"flush_share must be above 0 and at most 1, not {flush_share!r}")
         self.every = every_checked
-        self.flush_share = flush_share
+        self.flush_share = check_flush_share(flush_share)
         self.keep = check_keep(keep)
         self.format = check_format(format)
         self.directory = Path(directory)

@@ -461,16 +461,30 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         raise OpenError(f"cannot open {resolved.display}: {exc.strerror}: {exc.filename}") from None
     except Exception as exc:
         # Drivers' messages span lines (psycopg: "...refused\n\tIs the server
-        # running..."); an error is one line.
-        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise OpenError(f"cannot open {resolved.display}: {uris.scrub(reason, str(uri))}") from exc
-    _file_follower.settle(storage)
+        # running..."); an error is one line. Scrubbed first: joining strips
+        # the lines, and a password at a line's edge would no longer match.
+        lines = uris.scrub(str(exc), str(uri)).splitlines()
+        reason = "; ".join(line.strip() for line in lines if line.strip())
+        raise OpenError(f"cannot open {resolved.display}: {reason}") from exc
     db_kwargs = dict(resolved.db_kwargs)
     db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)
     if cache_size is not None:
         db_kwargs["cache_size"] = cache_size
     try:
+        _file_follower.settle(storage)
         db = _DB(storage, **db_kwargs)
+    except ReadOnlyError:
+        storage.close()
+        raise OpenError(
+            f"cannot open {resolved.display} read-only: nothing has been committed to it yet "
+            "(ZODB would have to create the root object)"
+        ) from None
+    except _file_follower.FileReplaced:
+        storage.close()
+        raise OpenError(
+            f"cannot open {resolved.display}: the file was replaced (packed?) while it was "
+            "being opened; open it again"
+        ) from None
     except Exception:
         storage.close()
         raise
