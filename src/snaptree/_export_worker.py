@@ -209,11 +209,9 @@ class FollowingReader:
         self.fragments = FragmentCaches()
 
     def _open(self) -> Any:
-        from ._file_follower import expected_stale_index
         from .store import open as open_store
 
-        with expected_stale_index():
-            return open_store(self.uri, read_only=True, cache_size=self.cache_size, pool_size=2)
+        return open_store(self.uri, read_only=True, cache_size=self.cache_size, pool_size=2)
 
     def catch_up(self) -> None:
         from . import _file_follower

@@ -10,6 +10,15 @@ boundaries: exporter processes, ZEO clients, test harnesses.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """*text* on one line: its non-blank lines, stripped, joined by "; ".
+
+    Drivers' messages span lines (psycopg: "...refused\n\tIs the server
+    running..."); an error, or a log record on the command line, is one line.
+    """
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class Error(Exception):
     """Base class of every error snaptree raises on purpose."""
 

@@ -6,6 +6,7 @@ transaction manager, so threads share nothing but the database itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -31,7 +32,7 @@ from ZODB.utils import p64, u64
 from . import _file_follower, uris
 from ._connection import OwnedConnection
 from ._storage_facts import is_client_of_a_server, keeps_history, visible_tid
-from .errors import Error, MisuseError, OpenError
+from .errors import Error, MisuseError, OpenError, one_line
 from .retry import ConflictStats, Retry, RetryPolicy, run_with_retries
 from .tree import Mapping, walk
 from .tree import to_plain as _to_plain
@@ -444,7 +445,10 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         factory = uris.resolve(uri_text).factory
     companions = _absent_companions(resolved.file_path)
     try:
-        storage = factory()
+        # A live file's index is stale on every read-only open (docs/export.md).
+        quiet = _file_follower.expected_stale_index() if read_only else contextlib.nullcontext()
+        with quiet:
+            storage = factory()
     except FileStorageFormatError:
         _remove(companions)
         raise OpenError(
@@ -460,11 +464,9 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     except FileNotFoundError as exc:
         raise OpenError(f"cannot open {resolved.display}: {exc.strerror}: {exc.filename}") from None
     except Exception as exc:
-        # Drivers' messages span lines (psycopg: "...refused\n\tIs the server
-        # running..."); an error is one line. Scrubbed first: joining strips
-        # the lines, and a password at a line's edge would no longer match.
-        lines = uris.scrub(str(exc), str(uri)).splitlines()
-        reason = "; ".join(line.strip() for line in lines if line.strip())
+        # Scrubbed before it is made one line: joining strips the lines, and a
+        # password at a line's edge would no longer match.
+        reason = one_line(uris.scrub(str(exc), str(uri)))
         raise OpenError(f"cannot open {resolved.display}: {reason}") from exc
     db_kwargs = dict(resolved.db_kwargs)
     db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)

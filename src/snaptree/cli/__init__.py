@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..errors import Error, OpenError
+from ..errors import Error, OpenError, one_line
 from . import demo, exporting, importing, serving
 
 EXIT_FAILURE = 1
@@ -37,8 +37,7 @@ class _OneLineFormatter(logging.Formatter):
     """One line per log record: drivers' messages span lines (psycopg's hint after a tab)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        text = super().formatMessage(record)
-        return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        return one_line(super().formatMessage(record))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
