@@ -3,12 +3,14 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
+    ArgumentError,
     Error,
     ExportError,
     InputError,
     MisuseError,
     OpenError,
     RetriesExhausted,
+    StoreClosedError,
     UnstorableValueError,
     VerifyError,
     WrongThreadError,
@@ -26,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "ArgumentError",
     "Counter",
     "Error",
     "ExportError",
@@ -43,6 +46,7 @@ __all__ = [
     "RunResult",
     "Snapshot",
     "Store",
+    "StoreClosedError",
     "UnstorableValueError",
     "VerifyError",
     "WrongThreadError",

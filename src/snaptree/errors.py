@@ -23,26 +23,49 @@ class Error(Exception):
     """Base class of every error snaptree raises on purpose."""
 
 
+class ArgumentError(Error, ValueError):
+    """An argument is out of range or contradicts another one; the message names it.
+
+    Also a ValueError, so code written before snaptree had its own type for
+    this still catches it.
+    """
+
+
 class OpenError(Error):
     """A store could not be opened: bad URI, missing directory, locked file."""
+
+
+class StoreClosedError(Error):
+    """The store was closed (or is closing): open it again to go on."""
 
 
 class RetriesExhausted(Error):
     """A transaction kept conflicting until its attempts or deadline ran out.
 
     ``attempts`` is the number of attempts made, ``oid`` (hex string or None)
-    and ``class_name`` name the object that conflicted last; the last
-    conflict is chained as ``__cause__``.
+    and ``class_name`` name the object that conflicted last, ``path`` its
+    place in the tree (or its nearest ancestor's) when it could be found;
+    the last conflict is chained as ``__cause__``.
     """
 
-    def __init__(self, attempts: int, oid: str | None, class_name: str | None, reason: str = ""):
+    def __init__(
+        self,
+        attempts: int,
+        oid: str | None,
+        class_name: str | None,
+        reason: str = "",
+        path: str | None = None,
+    ):
         self.attempts = attempts
         self.oid = oid
         self.class_name = class_name
         self.reason = reason
+        self.path = path
         where = f" on {class_name} oid {oid}" if class_name or oid else ""
+        if path is not None:
+            where = f" at {path or '/'}{where}"
         why = f" ({reason})" if reason else ""
-        super().__init__(attempts, oid, class_name, reason)
+        super().__init__(attempts, oid, class_name, reason, path)
         self._message = (
             f"gave up after {attempts} attempt(s){why}: the last conflict was{where}; "
             "many threads writing the same object is a hot spot: spread the writes "
