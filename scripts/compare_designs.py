@@ -4,12 +4,12 @@ Example:
 
     .venv/bin/python scripts/compare_designs.py --seconds 3 --accounts 10000 --writers 2
 
-All the work is in ``snaptree.compare``; ``snaptree demo --compare`` runs the same code.
+All the work is in ``snaptree.demo.compare``; ``snaptree demo --compare`` runs the same code.
 """
 
 import sys
 
-from snaptree.compare import main
+from snaptree.demo.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

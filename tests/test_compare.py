@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import snaptree
-from snaptree import compare
+from snaptree.demo import compare
 
 WAIT = 30.0  # every wait has a timeout; none of them is expected to expire
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import snaptree
-from snaptree import demo
 from snaptree.cli import main
+from snaptree.demo import transfers as demo
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_model.json"
 

@@ -1,6 +1,6 @@
 """Benchmark: the original design, its two workarounds and snaptree, under the same workload.
 
-Wraps :mod:`snaptree.compare`: every design runs the same writer threads and a
+Wraps :mod:`snaptree.demo.compare`: every design runs the same writer threads and a
 dumper for a bounded time, several times; the table gives medians over the
 repetitions (dump counts are totals) and ratios against the original design
 measured in the same run. It also plots writer latency over time while dumps
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import ROOT, command_line, facts, write_result
 
-from snaptree import compare
+from snaptree.demo import compare
 
 FIGURE = Path("docs/img/compare_latency.png")
 PLOTTED = ("global-lock", "snaptree")

@@ -68,7 +68,7 @@ def demo_command(
         snaptree demo --seconds 10 --writers 8
     """
     if compare:
-        from ..compare import main as compare_main
+        from ..demo.compare import main as compare_main
 
         raise SystemExit(compare_main(["--seconds", str(seconds), "--writers", str(writers)]))
     with open_store(db) as store:

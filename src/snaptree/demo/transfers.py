@@ -5,7 +5,7 @@
    once, as an existing application would bring its model.
 2. Threads transfer money between its accounts, each transfer a few
    statements (debit, credit, two ledger entries), retried on conflicts.
-3. A background :class:`~snaptree.Exporter` dumps consistent snapshots as
+3. A background :class:`snaptree.Exporter` dumps consistent snapshots as
    pickles, the file the original program's ``pickle.dump`` thread wrote.
 
 Every dump is then loaded with plain ``pickle.load`` and must hold the
@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .imports import load_source
-from .schedule import Exporter
-from .store import Store
+import snaptree
 
 #: Where the demo keeps the model inside the tree.
 MODEL_KEY = "model"
@@ -94,12 +92,12 @@ def _total_of_dump(path: Path) -> int:
     return total_balance(tree[MODEL_KEY])
 
 
-def import_model(store: Store, sample: Path | None, accounts: int) -> tuple[int, str]:
+def import_model(store: snaptree.Store, sample: Path | None, accounts: int) -> tuple[int, str]:
     """Import the sample model unless the tree already holds one; (objects, where from)."""
     if store.run(lambda root: MODEL_KEY in root):
         return 0, "already in the store"
     if sample is not None and sample.is_file():
-        data, source = load_source(sample), str(sample)
+        data, source = snaptree.load_source(sample), str(sample)
     else:
         data, source = synthetic_model(accounts), f"a synthetic model of {accounts} accounts"
     result = store.import_tree(data, path=MODEL_KEY)
@@ -107,7 +105,7 @@ def import_model(store: Store, sample: Path | None, accounts: int) -> tuple[int,
 
 
 def run_demo(
-    store: Store,
+    store: snaptree.Store,
     export_dir: Path,
     *,
     sample: Path | None = None,
@@ -141,7 +139,7 @@ def run_demo(
             failures.append(exc)
             stop.set()
 
-    exporter = Exporter(store, export_dir, every=every, keep=keep, format="pickle")
+    exporter = snaptree.Exporter(store, export_dir, every=every, keep=keep, format="pickle")
     threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(writers)]
     started = time.monotonic()
     exporter.start()
