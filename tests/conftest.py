@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import snaptree
+
+# One hypothesis profile for the whole suite: generated trees are stored and
+# exported, which is slow next to hypothesis's default deadline of 200 ms.
+settings.register_profile(
+    "snaptree", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("snaptree")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -16,6 +25,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         help="run the torture tests with long settings",
+    )
+    parser.addoption(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the randomised tests (torture runs print the seed they used)",
     )
     parser.addoption(
         "--require-postgres",
@@ -33,6 +48,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.getoption("--torture"):
         for item in items:
             item.add_marker(pytest.mark.timeout(TORTURE_TIMEOUT))
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """--seed N, else a fresh seed; printed, so that a failing run can be repeated."""
+    chosen = request.config.getoption("--seed")
+    if chosen is None:
+        chosen = int.from_bytes(os.urandom(4), "big")
+    print(f"seed {chosen} (rerun with --seed {chosen})")  # shown on failure
+    return chosen
 
 
 @pytest.fixture(params=["memory", "file"])

@@ -38,6 +38,7 @@ def _newest_tid_in_database(name: str, history_free: bool) -> str:
         return f"{cursor.fetchone()[0]:016x}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", ["", "keep_history=false"], ids=["history", "history-free"])
 def test_writer_processes_and_an_exporter_share_one_postgresql(
     database: str, tmp_path: Path, options: str

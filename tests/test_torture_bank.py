@@ -309,13 +309,12 @@ def _controller(run: Run):
 # -- the test -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_dumps_in_every_format_hold_the_invariant_and_no_transfer_is_lost_or_doubled(
-    store_uri: str, tmp_path: Path, request: pytest.FixtureRequest
+    store_uri: str, tmp_path: Path, request: pytest.FixtureRequest, seed: int
 ) -> None:
     seconds = SECONDS_TORTURE if request.config.getoption("--torture") else SECONDS_DEFAULT
-    seed = int.from_bytes(os.urandom(4), "big")
-    print(f"seed {seed}")  # shown on failure
     store = snaptree.open(store_uri, retry=snaptree.RetryPolicy(attempts=10_000))
     single, scheduled = tmp_path / "single", tmp_path / "scheduled"
     single.mkdir()

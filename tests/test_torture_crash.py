@@ -16,7 +16,6 @@ The default setting (CI) kills the writer 24 times; ``--torture`` kills it
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -132,13 +131,12 @@ def _check_store(path: Path, acknowledged: list[int], kills: int) -> int:
     return len(transfers)
 
 
+@pytest.mark.slow
 def test_killed_writer_never_loses_an_acknowledged_transfer_nor_tears_one(
-    tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, seed: int
 ) -> None:
     kills = KILLS_TORTURE if request.config.getoption("--torture") else KILLS_DEFAULT
-    seed = int.from_bytes(os.urandom(4), "big")
     rand = random.Random(seed)
-    print(f"seed {seed}")  # shown on failure, to rerun the same kill points
     path, log, script = tmp_path / "Data.fs", tmp_path / "acknowledged.log", tmp_path / "writer.py"
     script.write_text(WRITER)
     transfers = 0

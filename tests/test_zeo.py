@@ -15,6 +15,7 @@ from _servers import ZeoProcess, check_books, open_bank, run_bank_workload, tran
 SNAPTREE = (sys.executable, "-m", "snaptree")
 
 
+@pytest.mark.slow
 def test_writer_processes_and_an_exporter_share_one_zeo_server(tmp_path: Path) -> None:
     """Two writer processes and an exporter process: no lost transfer, every dump balances."""
     with zeo_server(tmp_path) as server:
@@ -24,6 +25,7 @@ def test_writer_processes_and_an_exporter_share_one_zeo_server(tmp_path: Path) -
     assert result.exporter["dumps"] >= 2
 
 
+@pytest.mark.slow
 def test_zeo_server_restart_mid_workload_loses_no_acknowledged_transfer(tmp_path: Path) -> None:
     """The server stops and starts again while writers commit: they retry or wait, then resume.
 

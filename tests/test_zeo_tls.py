@@ -76,6 +76,7 @@ def client_config(where: Path, port: int, name: str, certificate: str, key: str)
     return f"zconfig://{config}"
 
 
+@pytest.mark.slow
 def test_tls_server_serves_certificate_holders_and_refuses_others(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
