@@ -13,7 +13,8 @@ starting. After every kill, with no exporter running:
   holds the invariant (a manifest without its dump may be left by a kill
   between the two renames; it is never counted as a dump);
 - ``latest.<ext>`` points at a complete dump that verifies;
-- only temporary files (``.*.tmp``) are partial.
+- only temporary files (``.*.tmp``) are partial;
+- the killed exporter's lock on the directory went with it.
 
 The next exporter is started in the same directory and must continue:
 its first run removes the temporaries of the killed processes (as
@@ -64,6 +65,7 @@ LANES = 2
 WAIT = 60.0  # seconds any single wait may take before the test fails
 
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+LOCK = re.compile(r"^\.snaptree-export-(pickle|json|zodb)\.lock$")
 
 
 class Lines:
@@ -155,6 +157,8 @@ def _check_directory(directory: Path, checked: dict[str, str]) -> dict[str, Any]
             continue  # partial by design; never under a final name
         if name.startswith("latest."):
             continue  # checked below
+        if LOCK.match(name):
+            continue  # checked below
         if name.endswith(".manifest.json"):
             dump = entry.with_name(name.removesuffix(".manifest.json"))
             assert schedule.DUMP_NAME.match(dump.name), f"an unexpected manifest: {name}"
@@ -190,6 +194,9 @@ def _check_directory(directory: Path, checked: dict[str, str]) -> dict[str, Any]
         assert target in complete, f"{link.name} -> {target.name}, which is not a complete dump"
         assert target.name in checked  # verified above
         latest[fmt] = target.name
+    for fmt in FORMATS:
+        with schedule.DirectoryLock.acquire(directory, fmt):
+            pass  # the killed holder does not block the next one
     return {"orphans": orphans, "latest": latest}
 
 

@@ -15,12 +15,15 @@ was committed since the last one (:mod:`snaptree._file_follower` for a
 FileStorage; ZEO and RelStorage clients follow commits by themselves).
 
 The protocol is deliberately small: length-prefixed pickles over the
-child's stdin and stdout. The first message names the store to open; every
-later one is ``(function name, keyword arguments)`` and gets back
-``("ok", result)`` or ``("error", exception)`` (snaptree errors pickle
-unchanged). End of input means "exit". The worker ignores SIGINT, so a
-Ctrl-C in the terminal reaches only the parent, which decides whether to
-finish or abandon the export in progress.
+child's stdin and stdout. The first message names the store to open and
+the descriptor of the directory's lock, which the child inherits (see
+snaptree.schedule.DirectoryLock); every later one is ``(function name,
+keyword arguments)`` and gets back ``("ok", result)`` or ``("error",
+exception)``: a snaptree error unchanged, anything else as one ExportError
+line that names its type (the child's stderr is the parent's, and a
+traceback there is no report). End of input means "exit". The worker
+ignores SIGINT, so a Ctrl-C in the terminal reaches only the parent, which
+decides whether to finish or abandon the export in progress.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import Error, ExportError
+from .errors import Error, ExportError, one_line
+
+if TYPE_CHECKING:
+    from .schedule import DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,38 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def _reply(out: BinaryIO, status: str, value: Any) -> None:
+    """Send a reply; an error that cannot be pickled goes as an ExportError with its message."""
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        if status == "error":
+            value = ExportError(one_line(str(value)))
+        else:
+            status = "error"
+            value = ExportError(one_line(f"the export process cannot send its result back: {exc}"))
+    _write_message(out, (status, value))
+
+
+def _as_error(exc: Exception) -> Error:
+    """What the parent is told: a snaptree error as it is, anything else in one line."""
+    if isinstance(exc, Error):
+        return exc
+    log.debug("the traceback of the failure", exc_info=exc)
+    return ExportError(
+        one_line(f"the export process failed: unexpected {type(exc).__name__}: {exc}")
+    )
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            pass
+    return f"exited (status {returncode})"
+
+
 def _read_message(fd: int) -> Any:
     header = _read_exactly(fd, _LENGTH)
     if header is None:
@@ -80,22 +118,39 @@ def _read_message(fd: int) -> Any:
 
 
 class ExportProcess:
-    """The parent's handle on one worker process: start it, call it, stop it."""
+    """The parent's handle on one worker process: start it, call it, stop it.
 
-    def __init__(self, uri: str, *, cache_size: int, start_timeout: float = 300.0) -> None:
+    *lock* (a snaptree.schedule.DirectoryLock the caller holds) is handed to
+    the worker as an inherited descriptor: the worker's export_into runs
+    under it instead of locking again, and it stays held until both have
+    let go of it (see DirectoryLock).
+    """
+
+    def __init__(
+        self, uri: str, *, cache_size: int, lock: DirectoryLock, start_timeout: float = 300.0
+    ) -> None:
         self.uri = uri
         self._lock = threading.Lock()
+        fd = lock.fileno()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "snaptree._export_worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            pass_fds=(fd,),
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._in = self._proc.stdin
         self._out = self._proc.stdout.fileno()
+        config = {
+            "uri": uri,
+            "cache_size": cache_size,
+            "lock": {"directory": str(lock.directory), "format": lock.format, "fd": fd},
+            # the parent's verbosity for snaptree's own records (tracebacks at DEBUG)
+            "log_level": logging.getLogger("snaptree").getEffectiveLevel(),
+        }
         try:
-            _write_message(self._in, {"uri": uri, "cache_size": cache_size})
+            _write_message(self._in, config)
             self._receive(deadline=time.monotonic() + start_timeout, cancel=None)
         except BaseException:
             self.close(timeout=5)
@@ -118,7 +173,7 @@ class ExportProcess:
         with self._lock:
             if not self.alive():
                 raise ExportError(
-                    f"the export process exited (status {self._proc.returncode}); "
+                    f"the export process {_describe_exit(self._proc.returncode)}; "
                     "see its messages above"
                 )
             try:
@@ -145,8 +200,12 @@ class ExportProcess:
         except EOFError:
             self._proc.wait(timeout=10)
             raise ExportError(
-                f"the export process exited (status {self._proc.returncode}) in the "
+                f"the export process {_describe_exit(self._proc.returncode)} in the "
                 "middle of an export; nothing was written under a final name"
+            ) from None
+        except Exception as exc:  # a reply this process cannot unpickle
+            raise ExportError(
+                one_line(f"cannot read the export process's reply: {type(exc).__name__}: {exc}")
             ) from None
         if status == "error":
             raise value
@@ -236,14 +295,22 @@ class FollowingReader:
 
 
 class _Worker(FollowingReader):
+    def __init__(self, uri: str | None, cache_size: int, lock: DirectoryLock) -> None:
+        super().__init__(uri, cache_size)
+        self.lock = lock
+
     def run(self, name: str, kwargs: dict[str, Any]) -> Any:
         from . import exports, schedule
 
-        functions = {
-            "export_into": schedule.export_into,
-            "export": exports.export,
-        }
+        if name == "export_into":
+            return self.call(schedule.export_into, lock=self.lock, **kwargs)
+        functions = {"export": exports.export}
         return self.call(functions[name], **kwargs)
+
+
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return one_line(super().formatMessage(record))
 
 
 def main() -> None:
@@ -253,20 +320,27 @@ def main() -> None:
     requests = sys.stdin.buffer.fileno()
     replies = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but replies may reach the parent's pipe
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _OneLineFormatter("%(levelname)s %(name)s (export process %(process)d): %(message)s")
     )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         config = _read_message(requests)
     except EOFError:
         return
+    logging.getLogger("snaptree").setLevel(config["log_level"])
     try:
-        worker = _Worker(config["uri"], config["cache_size"])
-    except Error as exc:
-        _write_message(replies, ("error", exc))
+        from .schedule import DirectoryLock
+
+        worker = _Worker(
+            config["uri"], config["cache_size"], DirectoryLock.inherited(**config["lock"])
+        )
+    except Exception as exc:
+        _reply(replies, "error", _as_error(exc))
         return
-    _write_message(replies, ("ok", os.getpid()))
     try:
+        _reply(replies, "ok", os.getpid())
         while True:
             try:
                 name, kwargs = _read_message(requests)
@@ -274,15 +348,15 @@ def main() -> None:
                 return
             try:
                 result = worker.run(name, kwargs)
-            except Error as exc:
-                _write_message(replies, ("error", exc))
-            except Exception as exc:  # a bug or an unexpected storage error: report, keep serving
-                log.exception("export failed")
-                _write_message(replies, ("error", ExportError(f"the export failed: {exc!r}")))
+            except Exception as exc:  # a bug, a user's class, a storage error: report, go on
+                _reply(replies, "error", _as_error(exc))
             else:
-                _write_message(replies, ("ok", result))
+                _reply(replies, "ok", result)
+    except BrokenPipeError:
+        return  # the parent is gone; the export it asked for was finished under its lock
     finally:
-        worker.store.close()
+        worker.close()
+        worker.lock.release()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import click
@@ -49,6 +49,11 @@ def _emit(result: schedule.RunResult, as_json: bool) -> None:
         click.echo(json.dumps(result.to_json()))
 
 
+def _report_failure(exc: Exception) -> None:
+    """A failed run of --every: one line, and the schedule goes on."""
+    click.echo(f"snaptree: error: {schedule.describe_failure(exc)}", err=True)
+
+
 @contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the export in progress, then stop. Second: abandon it."""
@@ -78,7 +83,10 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     "--dir",
     "directory",
     type=click.Path(file_okay=False),
-    help="Write time- and tid-named dumps into DIR, with latest.<ext> and retention.",
+    metavar="DIR",
+    help="Write time- and tid-named dumps into DIR, with latest.<ext> and retention. "
+    "One writer per format in DIR: a second one is refused (DIR/.snaptree-export-<format>.lock "
+    "names the holder).",
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="pickle", show_default=True)
 @click.option(
@@ -87,7 +95,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     callback=_checked(schedule.check_every),
     metavar="SECONDS",
     help="Keep running and export every SECONDS (0 = back to back, paced so that fsyncs "
-    "take at most 0.25% of the time); skips runs when nothing was committed. "
+    "take at most 0.25% of the time); skips runs when nothing was committed. A failed run "
+    "is one error line and the next starts 1 s later at the soonest. "
     "SIGINT/SIGTERM stop it after the export in progress.",
 )
 @click.option(
@@ -101,7 +110,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     "--at",
     metavar="TIME|TID",
     callback=_checked_point,
-    help="Export the tree as of an ISO time or a hex tid.",
+    help="Export the tree as of an ISO time or a hex tid, with -o FILE only (in --dir a past "
+    "state would become latest).",
 )
 @click.option("--subtree", default="/", show_default=True, help="Export only this path.")
 @click.option(
@@ -130,10 +140,18 @@ def export_command(
     has open is read without its lock (or use --db zeo://host:port). Every
     dump is written atomically with a manifest beside it.
 
+    With --dir, this command is the one writer of its format's dumps in DIR
+    while it runs (an Exporter or another export of that format in DIR makes
+    it exit 1 at once, naming the holder). With --every, a failed run (a
+    full disk, a value the format cannot hold) is reported in one line and
+    the schedule goes on.
+
     Example:
 
     \b
         snaptree export --db data/app.fs -o dump.pickle
+    \b
+        snaptree export --db data/app.fs -o old.json --format json --at 040d41d07e885dbb
     \b
         snaptree export --db data/app.fs --dir dumps --every 300 --keep 24 --json
     """
@@ -143,33 +161,44 @@ def export_command(
         raise click.UsageError("--keep needs --dir (it removes old dumps in that directory)")
     if at is not None and every is not None:
         raise click.UsageError("--at exports one past state; it cannot be combined with --every")
+    if at is not None and directory is not None:
+        raise click.UsageError(
+            "--at exports one past state: write it with -o FILE; in --dir it would become "
+            "latest and count for --keep"
+        )
 
-    reader = FollowingReader(db, cache_size)
-
-    def run_once() -> schedule.RunResult:
+    with ExitStack() as held:
+        # The lock before the store, which may take long to open: a second writer is
+        # refused at once.
+        lock = None
         if directory is not None:
-            result = reader.call(
-                schedule.export_into,
-                directory=directory,
-                format=fmt,
-                subtree=subtree,
-                keep=keep,
-                at=at,
-            )
-        else:
-            assert output is not None
-            result = reader.call(
-                schedule.export_file,
-                path=output,
-                format=fmt,
-                subtree=subtree,
-                at=at,
-                skip_unchanged=every is not None,
-            )
-        _emit(result, as_json)
-        return result
+            lock = held.enter_context(schedule.DirectoryLock.acquire(directory, fmt))
+        reader = FollowingReader(db, cache_size)
+        held.callback(reader.close)
 
-    try:
+        def run_once() -> schedule.RunResult:
+            if directory is not None:
+                result = reader.call(
+                    schedule.export_into,
+                    directory=directory,
+                    format=fmt,
+                    subtree=subtree,
+                    keep=keep,
+                    lock=lock,
+                )
+            else:
+                assert output is not None
+                result = reader.call(
+                    schedule.export_file,
+                    path=output,
+                    format=fmt,
+                    subtree=subtree,
+                    at=at,
+                    skip_unchanged=every is not None,
+                )
+            _emit(result, as_json)
+            return result
+
         if every is None:
             run_once()
             return
@@ -177,17 +206,12 @@ def export_command(
         with _stop_on_signals(stop):
             try:
                 schedule.run_periodically(
-                    run_once,
-                    every=every,
-                    stop=stop,
-                    on_error=lambda exc: click.echo(f"snaptree: error: {exc}", err=True),
+                    run_once, every=every, stop=stop, on_error=_report_failure
                 )
             except KeyboardInterrupt:
                 click.echo(
                     "snaptree: export abandoned; no file written under a final name", err=True
                 )
-    finally:
-        reader.close()
 
 
 @click.command("verify")
