@@ -6,6 +6,7 @@ thread is joined with a timeout.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -71,6 +72,8 @@ def test_exhausted_retries_raise_with_attempts_object_and_cause(store_uri):
         assert err.attempts == 3
         assert err.class_name == "snaptree.tree.Mapping"
         assert err.oid == oid
+        assert err.path == "box"
+        assert "the last conflict was at box on snaptree.tree.Mapping" in str(err)
         assert isinstance(err.__cause__, ConflictError)
         assert s.run(lambda root: root["box"]["n"]) == 300  # only the rival's commits
         assert s.stats()["exhausted"] == 1
@@ -78,21 +81,56 @@ def test_exhausted_retries_raise_with_attempts_object_and_cause(store_uri):
         s.close()
 
 
-def test_transactional_decorator_uses_its_own_attempt_limit(store_uri):
+@pytest.mark.parametrize("retries", [0, 1, 2])
+def test_transactional_retries_means_tries_after_the_first_attempt(store_uri, retries):
+    """retries=N: the first attempt and N more; retries=0 tries once."""
     s = snaptree.open(store_uri, retry=RetryPolicy(attempts=50, sleep=lambda s: None))
     try:
         s.run(lambda root: root.update(box={"n": 0}))
         calls = []
 
-        @s.transactional(retries=2)
+        @s.transactional(retries=retries)
         def doomed(root: Any) -> None:
             calls.append(1)
             root["box"]["n"] += 1
             run_threads([lambda: s.run(lambda r: r["box"].__setitem__("n", r["box"]["n"] - 1))])
 
-        with pytest.raises(RetriesExhausted):
+        with pytest.raises(RetriesExhausted) as info:
             doomed()
-        assert len(calls) == 2
+        assert len(calls) == info.value.attempts == retries + 1
+        assert f"the first and {retries} retr" in str(info.value)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_transactional_refuses_a_retries_count_that_is_not_a_natural_number(store, bad):
+    with pytest.raises(snaptree.ArgumentError, match="retries must be an int of 0 or more"):
+        store.transactional(retries=bad)
+
+
+def test_retries_exhausted_on_a_bucket_names_the_mapping_it_belongs_to(store_uri):
+    """A big mapping keeps its keys in buckets: the conflict is on one, the path its mapping's."""
+    s = snaptree.open(store_uri, retry=RetryPolicy(attempts=2, sleep=lambda s: None))
+    try:
+        s.run(
+            lambda root: root.update(
+                teams={"red": {"scores": {f"p{i:04}": 0 for i in range(2000)}}}
+            )
+        )
+        steps = itertools.count(1)
+
+        def rival() -> None:
+            s.run(lambda root: root["teams"]["red"]["scores"].__setitem__("p1500", -next(steps)))
+
+        def doomed(root: Any) -> None:
+            root["teams"]["red"]["scores"]["p1500"] = 1  # the rival's values are all different
+            run_threads([rival])
+
+        with pytest.raises(RetriesExhausted) as info:
+            s.run(doomed)
+        assert info.value.class_name == "BTrees.OOBTree.OOBucket"
+        assert info.value.path == "teams/red/scores"
     finally:
         s.close()
 
@@ -185,37 +223,166 @@ def test_root_tolerates_concurrent_inserts_of_different_keys(patient_store):
 
 
 def _on_call_scenario(store: snaptree.Store, guard: bool) -> dict[str, bool]:
-    """Two doctors each go off call if the *other* one is still on call (write skew)."""
+    """Two doctors each go off call if the *other* one is still on call (write skew).
+
+    Forced order: both read, then alice commits, then bob commits.
+    """
     store.run(lambda root: root.update(doctors={"alice": {"on": True}, "bob": {"on": True}}))
-    barrier = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
-    first = {"alice": True, "bob": True}
+    both_read = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
+    alice_done = threading.Event()
+    attempts = {"alice": 0, "bob": 0}
 
     def go_off(root: Any, me: str, other: str) -> None:
+        attempts[me] += 1
         doctors = root["doctors"]
         if guard:
             snaptree.read_current(doctors[other])
         other_on = doctors[other]["on"]
-        if first[me]:
-            first[me] = False
-            barrier.wait()  # both have checked the other before either writes
+        if attempts[me] == 1:
+            both_read.wait()  # both have checked the other before either writes
+            if me == "bob":
+                assert alice_done.wait(BARRIER_TIMEOUT)  # alice has committed
         if other_on:
             doctors[me]["on"] = False
 
-    run_threads(
-        [
-            lambda: store.run(go_off, "alice", "bob"),
-            lambda: store.run(go_off, "bob", "alice"),
-        ]
-    )
+    def alice() -> None:
+        try:
+            store.run(go_off, "alice", "bob")
+        finally:
+            alice_done.set()
+
+    run_threads([alice, lambda: store.run(go_off, "bob", "alice")])
+    assert attempts["alice"] == 1
     return store.run(lambda root: {k: v["on"] for k, v in root["doctors"].items()})
 
 
 def test_write_skew_happens_without_read_current(patient_store):
     """The anomaly: each transaction read what the other wrote, and both committed."""
     assert _on_call_scenario(patient_store, guard=False) == {"alice": False, "bob": False}
+    assert patient_store.stats()["retries"] == 0
 
 
 def test_read_current_prevents_write_skew(patient_store):
-    state = _on_call_scenario(patient_store, guard=True)
-    assert sorted(state.values()) == [False, True]  # exactly one doctor still on call
+    """bob read alice's record current; alice's commit makes bob's conflict and retry."""
+    assert _on_call_scenario(patient_store, guard=True) == {"alice": False, "bob": True}
     assert patient_store.stats()["retries"] == 1
+
+
+def test_read_current_guards_a_node_that_is_not_loaded_yet(patient_store):
+    """A ghost has no serial yet; ZODB's readCurrent alone would record nothing for it."""
+    patient_store.run(
+        lambda root: root.update(doctors={"alice": {"on": True}, "bob": {"on": True}})
+    )
+    patient_store.db.cacheMinimize()  # every connection's objects become ghosts
+    rival_may_go, rival_done = threading.Event(), threading.Event()
+    ghost_states: list[object] = []
+
+    def alice_goes_off(root: Any) -> None:
+        bob = root["doctors"]["bob"]
+        first = not ghost_states
+        ghost_states.append(bob._p_changed)
+        snaptree.read_current(bob)
+        if first:
+            rival_may_go.set()
+            assert rival_done.wait(BARRIER_TIMEOUT)  # bob went off call meanwhile
+        if bob["on"]:
+            root["doctors"]["alice"]["on"] = False
+
+    def bob_goes_off() -> None:
+        assert rival_may_go.wait(BARRIER_TIMEOUT)
+        try:
+            patient_store.run(lambda root: root["doctors"]["bob"].__setitem__("on", False))
+        finally:
+            rival_done.set()
+
+    run_threads([lambda: patient_store.run(alice_goes_off), bob_goes_off])
+    assert ghost_states[0] is None  # the node was a ghost when read_current was called
+    assert len(ghost_states) == 2  # the conflict was detected and alice's call ran again
+    state = patient_store.run(lambda root: {k: v["on"] for k, v in root["doctors"].items()})
+    assert state == {"alice": True, "bob": False}
+
+
+def test_read_current_on_a_large_mapping_covers_every_bucket(patient_store):
+    """A change to one key rewrites only its bucket; the guard must still see it."""
+    patient_store.run(lambda root: root.update(rota={f"d{i:04}": True for i in range(1000)}))
+    attempts: list[int] = []
+
+    def last_one_on_call_stays(root: Any) -> None:
+        attempts.append(1)
+        rota = root["rota"]
+        snaptree.read_current(rota)
+        if len(attempts) == 1:
+            run_threads(
+                [lambda: patient_store.run(lambda r: r["rota"].__setitem__("d0999", False))]
+            )
+        if rota["d0999"]:
+            rota["d0000"] = False
+
+    patient_store.run(last_one_on_call_stays)
+    assert len(attempts) == 2
+    assert patient_store.run(lambda root: (root["rota"]["d0000"], root["rota"]["d0999"])) == (
+        True,
+        False,
+    )
+
+
+class _ConflictAtVote:
+    """A data manager whose vote fails with a genuine ZODB ConflictError, ``times`` times."""
+
+    def __init__(self, times: int) -> None:
+        self.left = times
+        self.transaction_manager = None
+
+    def tpc_vote(self, txn: Any) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise ConflictError(message="forced by the test")
+
+    def abort(self, txn: Any) -> None:
+        pass
+
+    tpc_begin = commit = tpc_finish = tpc_abort = abort
+
+    def sortKey(self) -> str:
+        return "~test-conflict-at-vote"
+
+
+class _JoinEveryTransaction:
+    """An ISynchronizer that joins one data manager to every transaction it sees begin."""
+
+    def __init__(self, manager: _ConflictAtVote) -> None:
+        self.manager = manager
+        self.begun = 0
+
+    def newTransaction(self, txn: Any) -> None:
+        self.begun += 1
+        txn.join(self.manager)
+
+    def beforeCompletion(self, txn: Any) -> None:
+        pass
+
+    def afterCompletion(self, txn: Any) -> None:
+        pass
+
+
+def test_a_registered_synchronizer_can_force_a_conflict_the_store_retries(patient_store):
+    synchronizer = _JoinEveryTransaction(_ConflictAtVote(times=1))
+    calls: list[int] = []
+
+    def add(root: Any) -> None:
+        calls.append(1)
+        root["n"] = root.get("n", 0) + 1
+
+    patient_store.register_synchronizer(synchronizer)
+    with patient_store.snapshot() as snap:
+        assert "n" not in snap.root
+    assert synchronizer.begun == 0  # snapshots do not get it
+    patient_store.run(add)
+    stats = patient_store.stats()
+    assert (len(calls), stats["conflicts"], stats["retries"]) == (2, 1, 1)
+    patient_store.unregister_synchronizer(synchronizer)
+    patient_store.run(add)
+    assert synchronizer.begun == 2  # the two attempts of the first call only
+    assert patient_store.run(lambda root: root["n"]) == 2
+    with pytest.raises(snaptree.ArgumentError, match="not registered"):
+        patient_store.unregister_synchronizer(synchronizer)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 from ZODB.POSException import ConflictError
 
-from snaptree import RetriesExhausted, RetryPolicy
+from snaptree import ArgumentError, RetriesExhausted, RetryPolicy
 from snaptree.retry import ConflictStats, Retry, run_with_retries
 
 
@@ -101,15 +101,57 @@ def test_other_errors_propagate_on_the_first_attempt():
     assert calls == [1]
 
 
-@pytest.mark.parametrize("bad", [{"attempts": 0}, {"base_delay": -1}, {"deadline": 0}])
-def test_nonsense_policies_are_refused(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad", [{"attempts": 0}, {"attempts": 2.5}, {"base_delay": -1}, {"deadline": 0}]
+)
+def test_nonsense_policies_are_argument_errors_naming_the_argument(bad):
+    """ArgumentError is also a ValueError, which these were before."""
+    (name,) = bad
+    with pytest.raises(ArgumentError, match=name):
         RetryPolicy(**bad)
+
+
+def test_attempts_count_the_first_one_and_retries_the_rest():
+    assert RetryPolicy().attempts == 20
+    assert RetryPolicy().retries == 19
+    assert RetryPolicy(attempts=1).retries == 0
+
+
+def test_the_path_of_the_conflict_is_looked_up_only_when_giving_up():
+    """Finding a path reads the tree: a call that succeeds after retries must not pay it."""
+    asked: list[bytes] = []
+
+    def locate(oid: bytes) -> str:
+        asked.append(oid)
+        return "accounts/a1"
+
+    outcomes = iter([Retry(ConflictError(oid=b"\0" * 7 + b"\x2a")), None])
+
+    def attempt() -> str:
+        failure = next(outcomes)
+        if failure:
+            raise failure
+        return "done"
+
+    fake = FakeTime()
+    assert run_with_retries(attempt, policy(fake), ConflictStats(), locate) == "done"
+    assert asked == []
+    with pytest.raises(RetriesExhausted) as info:
+        run_with_retries(always_conflicting, policy(fake, attempts=2), ConflictStats(), locate)
+    assert asked == [b"\0" * 7 + b"\x2a"]
+    assert info.value.path == "accounts/a1"
+    assert "2 attempt(s) allowed: the first and 1 retry)" in str(info.value)
+    assert "the last conflict was at accounts/a1 on" in str(info.value)
 
 
 def test_retries_exhausted_survives_pickling():
     """Errors cross process boundaries (exporter processes, ZEO), so they must unpickle."""
-    err = RetriesExhausted(3, "0x2a", "snaptree.tree.Mapping", "3 attempts allowed")
+    err = RetriesExhausted(3, "0x2a", "snaptree.tree.Mapping", "3 attempts allowed", "a/b")
     copy = pickle.loads(pickle.dumps(err))
-    assert (copy.attempts, copy.oid, copy.class_name) == (3, "0x2a", "snaptree.tree.Mapping")
+    assert (copy.attempts, copy.oid, copy.class_name, copy.path) == (
+        3,
+        "0x2a",
+        "snaptree.tree.Mapping",
+        "a/b",
+    )
     assert str(copy) == str(err)

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+import functools
 import logging
 import pickle
 import subprocess
 import sys
 import threading
-from typing import Any
+import time
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from typing import Any, NamedTuple
 
 import pytest
 import transaction
+from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.FileStorage import FileStorage
 
 import snaptree
 from _threads import run_threads
-from snaptree import MisuseError, OpenError, UnstorableValueError, WrongThreadError
+from snaptree import (
+    MisuseError,
+    OpenError,
+    StoreClosedError,
+    UnstorableValueError,
+    WrongThreadError,
+)
 
 BARRIER_TIMEOUT = 30
 
@@ -306,7 +318,7 @@ def test_committing_the_stores_own_transaction_is_an_error(store):
         root["x"] = 1
         root._p_jar.transaction_manager.commit()
 
-    with pytest.raises(MisuseError, match="committed or aborted"):
+    with pytest.raises(MisuseError, match=r"tried to commit the store.s transaction itself"):
         store.run(commits_itself)
 
 
@@ -456,3 +468,425 @@ def test_tuple_keys_that_cannot_be_ordered_fall_back_to_a_flat_mapping(store):
 
     assert store.run(kinds) == ("Mapping", "FlatMapping")
     assert store.run(lambda root: root["unordered"]) == {(1, "a"): 1, ("b", 2): 2}
+
+
+# -- what a call returns: plain data, never live nodes -------------------------
+
+
+def _seed_views(root: Any) -> None:
+    root["m"] = {"a": {"n": 1}, "b": {"n": 2}}
+    root["l"] = [{"n": 1}, {"n": 2}]
+    root["deep"] = {"inner": [{"n": 1}]}
+
+
+def _change_everything(root: Any) -> None:
+    """A later, unrelated call: a live node returned earlier would show this."""
+    root["m"]["a"]["n"] = 99
+    root["m"]["c"] = {"n": 3}
+    root["l"][0]["n"] = 99
+    root["l"].append({"n": 3})
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+RETURNED_LIVE = {
+    # A mapping's views come back as views if the node's are views, else as lists.
+    "mapping.values()": (lambda r: r["m"].values(), (ValuesView, list), [{"n": 1}, {"n": 2}]),
+    "mapping.keys()": (lambda r: r["m"].keys(), (KeysView, list), ["a", "b"]),
+    "mapping.items()": (
+        lambda r: r["m"].items(),
+        (ItemsView, list),
+        [("a", {"n": 1}), ("b", {"n": 2})],
+    ),
+    "iter(mapping)": (lambda r: iter(r["m"]), Iterator, ["a", "b"]),
+    "iter(list)": (lambda r: iter(r["l"]), Iterator, [{"n": 1}, {"n": 2}]),
+    "reversed(list)": (lambda r: reversed(r["l"]), Iterator, [{"n": 2}, {"n": 1}]),
+    "btree sequence": (lambda r: OOBTree.values(r["m"]), list, [{"n": 1}, {"n": 2}]),
+    "btree iterator": (lambda r: OOBTree.itervalues(r["m"]), Iterator, [{"n": 1}, {"n": 2}]),
+    "dict view of nodes": (
+        lambda r: {"x": r["m"]["a"], "y": r["l"][0]}.values(),
+        ValuesView,
+        [{"n": 1}, {"n": 1}],
+    ),
+    "map": (lambda r: map(lambda v: v, r["m"].values()), Iterator, [{"n": 1}, {"n": 2}]),
+    "filter": (lambda r: filter(None, r["l"]), Iterator, [{"n": 1}, {"n": 2}]),
+    "zip": (
+        lambda r: zip(r["m"].keys(), r["l"], strict=True),
+        Iterator,
+        [("a", {"n": 1}), ("b", {"n": 2})],
+    ),
+    "enumerate": (lambda r: enumerate(r["l"]), Iterator, [(0, {"n": 1}), (1, {"n": 2})]),
+    "namedtuple": (lambda r: Pair(r["m"]["a"], r["l"]), Pair, [{"n": 1}, [{"n": 1}, {"n": 2}]]),
+}
+
+
+def _holds_no_persistent_object(value: Any) -> bool:
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Persistent):
+            return False
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(RETURNED_LIVE))
+def test_returned_views_and_iterators_are_plain_and_never_show_a_later_commit(store, name):
+    """pool reuse hands the same connection to the next call: a live node would change."""
+    make, kind, expected = RETURNED_LIVE[name]
+    store.run(_seed_views)
+    returned = store.run(make)
+    store.run(_change_everything)
+    assert isinstance(returned, kind)
+    items = list(returned)
+    assert items == expected
+    assert _holds_no_persistent_object(items)
+
+
+@pytest.mark.parametrize("view", ["keys", "values", "items"])
+def test_a_returned_view_of_a_node_is_the_same_kind_of_view_over_a_plain_copy(store, view):
+    store.run(_seed_views)
+    kinds = store.run(
+        lambda r: [
+            k for k in (KeysView, ValuesView, ItemsView) if isinstance(getattr(r["m"], view)(), k)
+        ]
+    )
+    returned = store.run(lambda r: getattr(r["m"], view)())
+    assert [k for k in (KeysView, ValuesView, ItemsView) if isinstance(returned, k)] == kinds
+    if view == "keys":
+        assert "a" in returned and len(returned) == 2
+
+
+def test_a_generator_returned_is_refused_and_nothing_is_committed(store):
+    def lazy(root: Any) -> Any:
+        root["x"] = 1
+        return (v for v in root.values())
+
+    with pytest.raises(MisuseError, match=r"returned a generator.*list\(\.\.\.\)"):
+        store.run(lambda root: lazy(root))
+    assert store.run(lambda root: "x" in root) is False
+
+
+def test_a_returned_coroutine_is_refused_and_closed(store):
+    made = []
+
+    async def later(root: Any) -> None:
+        root["x"] = 1
+
+    def returns_coroutine(root: Any) -> Any:
+        made.append(later(root))
+        return made[-1]
+
+    with pytest.raises(MisuseError, match="returned a coroutine"):
+        store.run(returns_coroutine)
+    assert made[0].cr_frame is None  # closed: no "never awaited" warning, never runs
+    assert store.run(lambda root: "x" in root) is False
+
+
+def test_generator_and_async_functions_are_refused_before_anything_runs(store):
+    def generator_function(root: Any) -> Any:
+        root["x"] = 1
+        yield root
+
+    async def async_function(root: Any) -> None:
+        root["x"] = 1
+
+    for fn in (generator_function, async_function, functools.partial(async_function)):
+        with pytest.raises(MisuseError, match=r"generator function|async function"):
+            store.run(fn)
+        with pytest.raises(MisuseError, match=r"generator function|async function"):
+            store.transactional(fn)
+    assert store.stats()["commits"] == 1  # creating the tree; nothing since
+    assert store.run(lambda root: "x" in root) is False
+
+
+@dataclasses.dataclass
+class Summary:
+    accounts: Any
+
+
+def test_a_node_inside_a_returned_dataclass_is_refused_with_its_field(store):
+    store.run(make_accounts)
+    with pytest.raises(MisuseError, match=r"Summary whose field 'accounts'"):
+        store.run(lambda root: Summary(root["accounts"]))
+    assert store.run(lambda root: Summary(len(root["accounts"]))) == Summary(20)
+
+
+def test_plain_results_come_back_as_they_are(store):
+    mine = {"a": [1, 2], "b": (3, "x")}
+    assert store.run(lambda root: mine) is mine
+
+
+def test_a_tree_deeper_than_the_recursion_limit_reads_back_without_recursion_error(store):
+    """50,000 nested mappings: the plain value, or a snaptree.Error; never a RecursionError."""
+    depth = 50_000
+
+    def build(root: Any) -> None:
+        node = root
+        for _ in range(depth):
+            node["c"] = {}
+            node = node["c"]
+
+    store.run(build)
+    try:
+        value = store.run(lambda root: root["c"])
+    except snaptree.Error as exc:
+        assert "too deeply" in str(exc)
+        return
+    levels = 1  # the innermost mapping is the empty one
+    while value:
+        value = value["c"]
+        levels += 1
+    assert levels == depth
+
+
+# -- ending the store's transaction from inside a call -------------------------
+
+
+def _abort_then_change(root: Any) -> None:
+    root["box"]["n"] = 2
+    root._p_jar.transaction_manager.abort()
+    root["box"]["n"] = 3  # outside any transaction now
+
+
+def _commit_midway(root: Any) -> None:
+    root["box"]["n"] = 2
+    root._p_jar.transaction_manager.commit()
+
+
+def _commit_midway_and_carry_on(root: Any) -> None:
+    root["box"]["n"] = 2
+    with contextlib.suppress(MisuseError):
+        root._p_jar.transaction_manager.commit()
+    root["box"]["n"] = 3
+
+
+@pytest.mark.parametrize("fn", [_abort_then_change, _commit_midway, _commit_midway_and_carry_on])
+def test_ending_the_transaction_through_the_jar_is_refused_and_leaves_nothing_behind(store_uri, fn):
+    """pool_size=1: the next calls reuse the very connection the misuse happened in."""
+    with snaptree.open(store_uri, pool_size=1) as s:
+        s.run(lambda root: root.update(box={"n": 1}, other={"n": 1}))
+        with pytest.raises(MisuseError, match=r"(aborted|tried to commit) the store's transaction"):
+            s.run(fn)
+        assert s.run(lambda root: root["box"]["n"]) == 1
+        s.run(lambda root: root["other"].__setitem__("n", 2))  # an unrelated later commit
+        assert s.run(lambda root: (root["box"]["n"], root["other"]["n"])) == (1, 2)
+        with s.snapshot() as snap:
+            assert snap.root["box"]["n"] == 1
+
+
+def test_aborting_through_the_jar_inside_a_transaction_block_is_refused(store):
+    store.run(lambda root: root.update(box={"n": 1}))
+    with (
+        pytest.raises(MisuseError, match="aborted the store's transaction"),
+        store.transaction() as root,
+    ):
+        _abort_then_change(root)
+    assert store.run(lambda root: root["box"]["n"]) == 1
+
+
+# -- a closed store --------------------------------------------------------------
+
+
+CALLS_ON_A_STORE = {
+    "run": lambda s, tmp: s.run(lambda root: None),
+    "transactional": lambda s, tmp: s.transactional(lambda root: None)(),
+    "transaction": lambda s, tmp: s.transaction().__enter__(),
+    "snapshot": lambda s, tmp: s.snapshot().__enter__(),
+    "snapshot at": lambda s, tmp: s.snapshot(at="0" * 15 + "1").__enter__(),
+    "export": lambda s, tmp: s.export(tmp / "dump.pickle", format="pickle"),
+    "import_tree": lambda s, tmp: s.import_tree({"a": 1}, path="imported"),
+    "stats": lambda s, tmp: s.stats(),
+    "last_tid": lambda s, tmp: s.last_tid(),
+    "with": lambda s, tmp: s.__enter__(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS_ON_A_STORE))
+def test_every_call_on_a_closed_store_is_a_store_closed_error(store_uri, tmp_path, call):
+    s = snaptree.open(store_uri)
+    s.close()
+    with pytest.raises(StoreClosedError, match=r"is closed \(store.close\(\) was called\)"):
+        CALLS_ON_A_STORE[call](s, tmp_path)
+    s.close()  # closing again is harmless
+    assert not (tmp_path / "dump.pickle").exists()
+
+
+def test_close_waits_for_calls_in_flight_and_refuses_calls_that_start_later(tmp_path, caplog):
+    path = str(tmp_path / "Data.fs")
+    s = snaptree.open(path)
+    workers = 3
+    inside = threading.Barrier(workers + 1, timeout=BARRIER_TIMEOUT)
+    finish = threading.Event()
+
+    def work(root: Any, i: int) -> None:
+        root[f"w{i}"] = i
+        inside.wait()
+        assert finish.wait(BARRIER_TIMEOUT)
+
+    threads = [threading.Thread(target=s.run, args=(work, i), daemon=True) for i in range(workers)]
+    closer = threading.Thread(target=s.close, daemon=True)
+    for t in threads:
+        t.start()
+    inside.wait()  # every worker is inside store.run
+    with caplog.at_level(logging.WARNING, logger="snaptree"):
+        closer.start()
+        _wait_until_closing(s)
+        with pytest.raises(StoreClosedError, match="is closing"):
+            s.run(lambda root: root.update(late=1))
+        late: list[BaseException] = []
+        run_threads([lambda: _record_failure(late, lambda: s.run(lambda root: None))])
+        assert [type(e) for e in late] == [StoreClosedError]
+        finish.set()
+        for t in [*threads, closer]:
+            t.join(BARRIER_TIMEOUT)
+        assert not any(t.is_alive() for t in [*threads, closer])
+    assert [r.getMessage() for r in caplog.records] == []
+    with snaptree.open(path) as reopened:
+        assert reopened.run(lambda root: sorted(root.keys())) == ["w0", "w1", "w2"]
+
+
+def test_close_gives_up_waiting_after_its_timeout_and_the_late_call_commits_nothing(
+    tmp_path, caplog
+):
+    path = str(tmp_path / "Data.fs")
+    s = snaptree.open(path)
+    inside, finish = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def slow(root: Any) -> None:
+        root["slow"] = 1
+        inside.set()
+        assert finish.wait(BARRIER_TIMEOUT)
+
+    worker = threading.Thread(target=_record_failure, args=(failures, lambda: s.run(slow)))
+    worker.start()
+    assert inside.wait(BARRIER_TIMEOUT)
+    with caplog.at_level(logging.WARNING, logger="snaptree"):
+        s.close(timeout=0.01)
+    assert "1 call(s) still running" in caplog.text
+    finish.set()
+    worker.join(BARRIER_TIMEOUT)
+    assert not worker.is_alive()
+    assert [type(e) for e in failures] == [StoreClosedError]
+    with snaptree.open(path) as reopened:
+        assert reopened.run(lambda root: "slow" in root) is False
+
+
+@pytest.mark.parametrize("timeout", [0.0, 30.0])
+def test_closing_under_busy_writers_never_leaves_a_thread_hanging(store_uri, timeout):
+    """timeout=0 closes at once under commits in flight: they end, then the storage closes."""
+    s = snaptree.open(store_uri, retry=snaptree.RetryPolicy(attempts=1000, sleep=lambda t: None))
+    s.run(lambda root: root.update(n=0))
+    writers = 5
+    started = threading.Barrier(writers + 1, timeout=BARRIER_TIMEOUT)
+    endings: list[BaseException] = []
+
+    def bump(root: Any) -> None:
+        root["n"] += 1
+
+    def writer() -> None:
+        s.run(bump)
+        started.wait()
+        try:
+            while True:
+                s.run(bump)
+        except BaseException as exc:
+            endings.append(exc)
+
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    started.wait()  # every writer has committed at least once and is still writing
+    s.close(timeout=timeout)
+    for t in threads:
+        t.join(BARRIER_TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert [type(e) for e in endings] == [StoreClosedError] * writers
+
+
+def _wait_until_closing(s: snaptree.Store) -> None:
+    """Return once close() has begun: from then on every new call is refused."""
+    deadline = time.monotonic() + BARRIER_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            s.stats()
+        except StoreClosedError:
+            return
+    raise AssertionError("close() did not begin")
+
+
+def _record_failure(failures: list[BaseException], fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except BaseException as exc:
+        failures.append(exc)
+
+
+# -- snapshots at a time the storage cannot show ---------------------------------
+
+
+def test_a_snapshot_before_the_tree_existed_says_how_far_back_history_goes(store_uri, tmp_path):
+    with snaptree.open(store_uri) as s:
+        created = s.last_tid()  # opening created the tree: nothing committed since
+        s.run(lambda root: root.update(x=1))
+        long_ago = datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC)
+        for ask in (
+            lambda: s.snapshot(at=long_ago).__enter__(),
+            lambda: s.snapshot(at="0000000000000001").__enter__(),
+            lambda: s.export(tmp_path / "old.pickle", format="pickle", at=long_ago),
+        ):
+            with pytest.raises(snaptree.ArgumentError) as info:
+                ask()
+            message = str(info.value)
+            assert "there is no tree" in message
+            assert "oldest state of the tree it keeps is from" in message
+            assert created in message and "ask for that time or later" in message
+        assert "2001-02-03T00:00:00+00:00" in str(_error_of(lambda: s.snapshot(at=long_ago)))
+    assert not (tmp_path / "old.pickle").exists()
+
+
+def test_a_snapshot_before_the_history_a_pack_kept_is_an_argument_error(tmp_path):
+    with snaptree.open(str(tmp_path / "Data.fs")) as s:
+        s.run(lambda root: root.update(box={"n": 1}))
+        first = s.last_tid()
+        s.run(lambda root: root["box"].__setitem__("n", 2))
+        s.run(lambda root: root["box"].__setitem__("n", 3))
+        s.db.pack()
+        with (
+            pytest.raises(snaptree.ArgumentError, match=r"no longer kept.*ask for a later time"),
+            s.snapshot(at=first) as snap,
+        ):
+            assert snap.root["box"]["n"] == 1  # its old version was packed away
+        with s.snapshot() as snap:
+            assert snap.root["box"]["n"] == 3
+
+
+def _error_of(cm_factory: Callable[[], Any]) -> BaseException:
+    try:
+        cm_factory().__enter__()
+    except BaseException as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+# -- caches ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", ["memory://", "file"])
+def test_every_storage_gets_the_same_default_object_cache(uri, tmp_path):
+    """ZODB's own default (400 objects) made memory:// reload trees of more in every call."""
+    uri = str(tmp_path / "Data.fs") if uri == "file" else uri
+    with snaptree.open(uri) as s:
+        assert s.db.getCacheSize() == snaptree.store.DEFAULT_CACHE_SIZE == 10_000
+    with snaptree.open(uri, cache_size=123) as s:
+        assert s.db.getCacheSize() == 123

@@ -1,13 +1,16 @@
 """What a storage can tell about itself where ZODB has no public API for it.
 
 Every private attribute snaptree reads from ZODB or RelStorage is read here,
-in one place, with the versions it was checked against.
+in one place, with the versions it was checked against; so is the layout of
+a BTree's pickled state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from BTrees.Interfaces import IBTree
 from ZODB.Connection import Connection
 from ZODB.utils import p64, u64
 
@@ -55,3 +58,30 @@ def keeps_history(storage: Any) -> bool:
 def is_client_of_a_server(storage: Any) -> bool:
     """True for ZEO and RelStorage: another process may open the same URI at the same time."""
     return type(storage).__module__.startswith(("ZEO.", "relstorage."))
+
+
+def btree_parts(tree: Any) -> Iterator[Any]:
+    """The inner nodes and buckets a BTree keeps as persistent records of their own.
+
+    A BTree small enough for one bucket keeps it inline (none here); a
+    larger one is a tree of inner nodes (of the BTree's own class) over
+    buckets, and a change to one key rewrites only its bucket. Anything that
+    must cover "the whole mapping" (``read_current``, finding which mapping
+    a conflicting bucket belongs to) needs these records too. Read from the
+    pickled state, ``((child, key, child, ..., child), first_bucket)``:
+    the format BTrees writes into every database (checked against BTrees
+    6.5); reading it loads the nodes, not the values.
+    """
+    if not IBTree.providedBy(tree):
+        return
+    stack = [tree]
+    while stack:
+        state = stack.pop().__getstate__()
+        if state is None or len(state) < 2:
+            continue  # empty, or a single bucket stored inline
+        children, first_bucket = state
+        bucket_type = type(first_bucket)
+        for child in children[::2]:
+            yield child
+            if type(child) is not bucket_type:
+                stack.append(child)

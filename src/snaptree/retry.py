@@ -18,7 +18,7 @@ from typing import Any
 
 from ZODB.utils import oid_repr
 
-from .errors import RetriesExhausted
+from .errors import ArgumentError, RetriesExhausted
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +31,9 @@ class RetryPolicy:
     exponent: threads that collided once pick different delays, so the next
     round usually has a winner instead of the same collision again.
 
-    ``attempts`` bounds the total number of attempts (the first included);
+    ``attempts`` bounds the total number of attempts, the first included:
+    the default 20 is the first attempt and up to 19 retries (``retries``;
+    ``store.transactional(retries=N)`` allows N + 1 attempts).
     ``deadline`` (seconds, optional) bounds the total time: no new attempt
     starts, and no sleep extends, past it. ``sleep``, ``clock`` and ``rand``
     are the policy's sense of time and chance; replace them to test code
@@ -47,12 +49,22 @@ class RetryPolicy:
     rand: Callable[[], float] = field(default=random.random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ArgumentError(
+                f"attempts must be an int of at least 1 (the first attempt), not {self.attempts!r}"
+            )
         if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("base_delay and max_delay must not be negative")
+            raise ArgumentError(
+                f"base_delay and max_delay must not be negative, not {self.base_delay!r} "
+                f"and {self.max_delay!r}"
+            )
         if self.deadline is not None and self.deadline <= 0:
-            raise ValueError(f"deadline must be positive seconds, not {self.deadline}")
+            raise ArgumentError(f"deadline must be positive seconds, not {self.deadline!r}")
+
+    @property
+    def retries(self) -> int:
+        """How many times a conflicting call is tried again after its first attempt."""
+        return self.attempts - 1
 
     def backoff(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number *attempt* (1-based)."""
@@ -107,8 +119,18 @@ class Retry(Exception):
         self.cause = cause
 
 
-def run_with_retries(attempt: Callable[[], Any], policy: RetryPolicy, stats: ConflictStats) -> Any:
-    """Call *attempt* until it returns, raises a non-transient error, or the policy gives up."""
+def run_with_retries(
+    attempt: Callable[[], Any],
+    policy: RetryPolicy,
+    stats: ConflictStats,
+    locate: Callable[[bytes], str | None] | None = None,
+) -> Any:
+    """Call *attempt* until it returns, raises a non-transient error, or the policy gives up.
+
+    ``locate`` turns the oid of the object that conflicted last into its
+    path in the tree for :class:`RetriesExhausted`; it is asked only when
+    giving up, since finding a path means reading the tree.
+    """
     started = policy.clock()
     number = 0
     while True:
@@ -122,13 +144,16 @@ def run_with_retries(attempt: Callable[[], Any], policy: RetryPolicy, stats: Con
         reason = ""
         delay = policy.backoff(number)
         if number >= policy.attempts:
-            reason = f"{policy.attempts} attempts allowed"
+            retries = f"{policy.retries} {'retry' if policy.retries == 1 else 'retries'}"
+            reason = f"{policy.attempts} attempt(s) allowed: the first and {retries}"
         elif policy.deadline is not None:
             remaining = policy.deadline - (policy.clock() - started)
             if remaining <= delay:
                 reason = f"deadline of {policy.deadline:g} s reached"
         if reason:
             stats.count("exhausted")
-            raise RetriesExhausted(number, oid, class_name, reason) from cause
+            raw_oid = getattr(cause, "oid", None)
+            path = locate(raw_oid) if locate is not None and raw_oid is not None else None
+            raise RetriesExhausted(number, oid, class_name, reason, path) from cause
         stats.count("retries")
         policy.sleep(delay)
