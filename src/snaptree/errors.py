@@ -61,7 +61,8 @@ class RetriesExhausted(Error):
         self.class_name = class_name
         self.reason = reason
         self.path = path
-        where = f" on {class_name} oid {oid}" if class_name or oid else ""
+        named = " ".join(part for part in (class_name, oid and f"oid {oid}") if part)
+        where = f" on {named}" if named else ""
         if path is not None:
             where = f" at {path or '/'}{where}"
         why = f" ({reason})" if reason else ""
