@@ -95,9 +95,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         def fill(tree: Any) -> None:
             tree["accounts"] = {f"a{i:03d}": {"balance": 100} for i in range(50)}
             tree["blob"] = b"\x00bytes JSON cannot hold"
+            tree["text"] = "a lone surrogate \ud800 UTF-8 cannot hold"
+            tree["huge"] = 10**5000
 
         store.run(fill)
         store.export(w.dump)
+        good_zexp = store.export(root / "good.zexp").path
         schedule.export_into(store, w.exports, format="pickle")
         schedule.export_into(store, w.exports, format="zodb")
 
@@ -141,6 +144,36 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     )
     _dump_with_manifest(root / "forged.pickle", pickle.dumps(Hostile(os.system, f"touch {marker}")))
     _dump_with_manifest(root / "unknown-format.pickle", good_pickle, fmt="yaml")
+
+    # zodb dumps: a record whose state calls os.system, a zeroed record; manifests to match.
+    data = good_zexp.read_bytes()
+    first = int.from_bytes(data[12:20], "big")  # the length of the root record
+    hostile_state = pickle.dumps(snaptree.Mapping, protocol=3) + pickle.dumps(
+        Hostile(os.system, f"touch {marker}"), protocol=3
+    )
+    forged = data[:4] + data[4:12] + len(hostile_state).to_bytes(8, "big") + hostile_state
+    _dump_with_manifest(root / "forged.zexp", forged + data[20 + first :], fmt="zodb")
+    _dump_with_manifest(
+        root / "damaged.zexp", data[:20] + b"\0" * first + data[20 + first :], fmt="zodb"
+    )
+    # Manifests missing a field, or with a bad time, beside an intact dump.
+    for name, change in {
+        "no-bytes": lambda m: m.pop("bytes"),
+        "no-tid": lambda m: m.pop("tid"),
+        "bad-time": lambda m: m.update(committed_at="not a time"),
+    }.items():
+        copy = root / f"{name}.pickle"
+        shutil.copy(w.dump, copy)
+        fields = json.loads(manifest.read_text())
+        change(fields)
+        snaptree.exports.manifest_path(copy).write_text(json.dumps(fields))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _dump_with_manifest(root / "deep-dump.json", deep, fmt="json")
+    (root / "long-int.json").write_text('{"n": ' + "7" * 5000 + "}")
+    shared: Any = []
+    for _ in range(9):
+        shared = [shared] * 10
+    (root / "bomb.pickle").write_bytes(pickle.dumps(shared, protocol=2))
     return w
 
 
@@ -523,6 +556,118 @@ CASES = [
         r"forged\.pickle: .*refused",
         real=True,
     ),
+    # -- zodb dumps are read without running them --
+    Case(
+        "verify-forged-zexp",
+        ("verify", "{scratch}/forged.zexp"),
+        1,
+        r"forged\.zexp: record 0x[0-9a-f]{16}: refused global posix\.system: .*no code",
+        real=True,
+    ),
+    Case(
+        "import-forged-zexp",
+        ("import", "{scratch}/forged.zexp", *DB, "--path", "copy"),
+        1,
+        r"forged\.zexp: record 0x[0-9a-f]{16}: refused global posix\.system",
+        real=True,
+    ),
+    Case(
+        "verify-damaged-zexp-under-a-matching-manifest",
+        ("verify", "{scratch}/damaged.zexp"),
+        1,
+        r"damaged\.zexp: record 0x[0-9a-f]{16}: not a valid pickle",
+    ),
+    # -- damaged manifests, deep dumps --
+    Case(
+        "verify-manifest-without-bytes",
+        ("verify", "{scratch}/no-bytes.pickle"),
+        1,
+        r"no-bytes\.pickle\.manifest\.json: damaged manifest: bytes '\(missing\)' is not a count",
+        real=True,
+    ),
+    Case(
+        "verify-manifest-without-tid",
+        ("verify", "{scratch}/no-tid.pickle"),
+        1,
+        r"damaged manifest: tid '\(missing\)' is not 16 hex digits",
+    ),
+    Case(
+        "verify-manifest-with-a-bad-time",
+        ("verify", "{scratch}/bad-time.pickle"),
+        1,
+        r"damaged manifest: committed_at 'not a time' is not an ISO 8601 time",
+    ),
+    Case(
+        "verify-json-dump-nested-100000-deep",
+        ("verify", "{scratch}/deep-dump.json"),
+        1,
+        r"deep-dump\.json: the JSON is nested too deeply",
+        real=True,
+    ),
+    # -- values JSON cannot hold, an int Python will not read --
+    Case(
+        "export-json-of-a-lone-surrogate",
+        ("export", *DB, "-o", "{scratch}/out.json", "--format", "json", "--subtree", "/text"),
+        1,
+        r"/text: a string holding a lone surrogate .*export this tree as pickle or zodb",
+        real=True,
+    ),
+    Case(
+        "export-json-of-a-long-int",
+        ("export", *DB, "-o", "{scratch}/out.json", "--format", "json", "--subtree", "/huge"),
+        1,
+        r"/huge: an int of more than 4300 digits",
+    ),
+    Case(
+        "import-json-long-int",
+        ("import", "{scratch}/long-int.json", *DB),
+        1,
+        r"long-int\.json: an integer of more than 4300 digits at line 1, column 7",
+        real=True,
+    ),
+    # -- the store's own files, an empty path, a pickle bomb --
+    Case(
+        "export-over-its-own-database",
+        ("export", *DB, "-o", "{db}", "--format", "pickle"),
+        1,
+        r"cannot write .*Data\.fs: it is one of the store's own files",
+        real=True,
+    ),
+    Case(
+        "export-over-its-own-index",
+        ("export", *DB, "-o", "{db}.index", "--format", "pickle"),
+        1,
+        r"it is one of the store's own files",
+    ),
+    Case(
+        "import-empty-path",
+        ("import", "{scratch}/good.json", *DB, "--path", ""),
+        1,
+        r"the import path '' is empty; give the path to import into, or /",
+        real=True,
+    ),
+    Case(
+        "import-pickle-bomb",
+        ("import", "{scratch}/bomb.pickle", *DB, "--path", "b"),
+        1,
+        r"the data would create 1,111,111,111 objects from 10 distinct .*--max-objects",
+        real=True,
+    ),
+    # -- schemes snaptree does not open --
+    Case(
+        "export-mysql",
+        ("export", "--db", "mysql://app:s3cret@127.0.0.1/app", "-o", OUT),
+        2,
+        r"cannot open mysql://app:\*\*\*@127\.0\.0\.1/app: unsupported URI scheme 'mysql'; "
+        r"use a file path",
+        real=True,
+    ),
+    Case(
+        "import-sqlite",
+        ("import", "{scratch}/good.json", "--db", "sqlite:///x.db"),
+        2,
+        r"unsupported URI scheme 'sqlite'",
+    ),
 ]
 
 
@@ -559,6 +704,27 @@ def test_a_password_in_the_uri_never_reaches_the_output(world: World) -> None:
     assert "s3cret-pw" not in stdout + stderr
     assert "snaptree: error: cannot open postgresql://app:***@127.0.0.1:1/app" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql://app:se#cret9@127.0.0.1:1/app",
+        "postgresql://app:se/cret9@127.0.0.1:1/app",
+        "postgresql://app:se?cret9@127.0.0.1:1/app",
+        "zeo://app:se#cret9@127.0.0.1:1?wait_timeout=1",
+    ],
+    ids=["hash", "slash", "question-mark", "zeo-hash"],
+)
+def test_a_password_with_a_reserved_character_never_reaches_the_output(
+    world: World, uri: str
+) -> None:
+    """An unencoded #, / or ?: exit 2, one line, no piece of the password."""
+    code, stdout, stderr = _run(world, ["export", "--db", uri, "-o", OUT], real=True)
+    assert code == 2
+    line = _error_line(stderr)
+    assert "se#cret9" not in stdout + stderr and "cret9" not in stdout + stderr
+    assert re.match(r"snaptree: error: cannot open (postgresql|zeo)://\*\*\*@127\.0\.0\.1:1", line)
 
 
 def test_a_json_export_of_a_deep_tree_import_accepted_is_not_a_traceback(

@@ -20,7 +20,7 @@ from ZODB.MappingStorage import MappingStorage
 import snaptree
 from _threads import run_threads
 from snaptree import _atomic
-from snaptree.errors import ExportError, UnstorableValueError
+from snaptree.errors import ArgumentError, ExportError, UnstorableValueError
 
 ACCOUNTS = 50
 BALANCE = 100
@@ -298,14 +298,14 @@ def test_a_killed_export_leaves_no_file_under_the_final_name(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    left = [p.name for p in dumps.iterdir()]
+    left = [p.name for p in dumps.iterdir() if not p.name.endswith(".lock")]  # the schedule's
     assert len(left) == 2 and all(n.startswith(".snaptree-") and n.endswith(".tmp") for n in left)
     store = snaptree.open(str(db), read_only=True)
     try:
         result = snaptree.Exporter(store, dumps, process=False).export_now()
     finally:
         store.close()
-    names = sorted(p.name for p in dumps.iterdir())
+    names = sorted(p.name for p in dumps.iterdir() if not p.name.endswith(".lock"))
     assert names == sorted(
         [result.info.path.name, result.info.path.name + ".manifest.json", "latest.pickle"]
     )
@@ -327,4 +327,346 @@ def test_a_cycle_through_user_objects_is_a_clear_pickle_error(store, tmp_path):
     with pytest.raises(ExportError, match=r"reference cycle.*zodb format"):
         store.export(tmp_path / "c.pickle")
     assert not (tmp_path / "c.pickle").exists()
-    assert snaptree.verify(store.export(tmp_path / "c.zexp", format="zodb").path)
+    dump = store.export(tmp_path / "c.zexp", format="zodb").path
+    with pytest.raises(snaptree.VerifyError, match=r"refused global test_export\.Linked"):
+        snaptree.verify(dump)  # a class of yours loads only when you name it
+    assert snaptree.verify(dump, allow=[Linked]).summary["type"] == "dict"
+
+
+# -- the format, from the name -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("d.json", "json"), ("d.pickle", "pickle"), ("d.PKL", "pickle"), ("d.zexp", "zodb")],
+)
+def test_the_format_comes_from_the_suffix(store, tmp_path, name, fmt):
+    """``export("x.json")`` writes JSON: the name is not a lie about the content."""
+    _fill(store)
+    info = snaptree.exports.export(store, tmp_path / name)
+    assert info.format == fmt
+    assert snaptree.verify(info.path).format == fmt
+    assert snaptree.load_source(info.path, format=fmt)["meta"]["name"] == "bank"
+
+
+def test_a_format_contradicting_the_suffix_is_refused(store, tmp_path):
+    """A pickle in x.json would mislead every reader that trusts the name; nothing is written."""
+    _fill(store)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ArgumentError, match=r"the name says json, .* asked for is pickle"):
+        snaptree.exports.export(store, out / "x.json", format="pickle")
+    assert list(out.iterdir()) == []
+
+
+def test_an_unknown_suffix_needs_a_format(store, tmp_path):
+    """``app.dump`` says nothing: name the format, or use a suffix that does."""
+    _fill(store)
+    with pytest.raises(ArgumentError, match=r"\.pickle \(or \.pkl\), \.json or \.zexp"):
+        snaptree.exports.export(store, tmp_path / "app.dump")
+    assert snaptree.exports.export(store, tmp_path / "app.dump", format="json").format == "json"
+
+
+def test_an_open_file_is_refused_with_what_to_do(store, tmp_path):
+    """export() needs a path (temporary file, rename, manifest): an open file is refused."""
+    _fill(store)
+    with (
+        open(tmp_path / "f.pickle", "wb") as f,
+        pytest.raises(ArgumentError, match=r"not to a BufferedWriter.*its \.name"),
+    ):
+        snaptree.exports.export(store, f)
+    assert (tmp_path / "f.pickle").read_bytes() == b""
+
+
+# -- the store's own files ---------------------------------------------------------------
+
+
+@pytest.fixture
+def file_store(tmp_path):
+    s = snaptree.open(str(tmp_path / "app.fs"))
+    _fill(s)
+    yield s
+    s.close()
+
+
+def _fingerprint(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["app.fs", "app.fs.index", "app.fs.lock", "app.fs.tmp", "app.fs.old", "./sub/../app.fs"],
+)
+def test_an_export_never_replaces_the_stores_own_files(file_store, tmp_path, target, monkeypatch):
+    """The data file or a companion, named however (relative too): ExportError, nothing written."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = _fingerprint(tmp_path)
+    with pytest.raises(ExportError, match=r"one of the store's own files .*another name"):
+        file_store.export(target, format="pickle")
+    with pytest.raises(ExportError, match="one of the store's own files"):
+        snaptree.exports.export(file_store, target)  # before asking what format it is
+    assert _fingerprint(tmp_path) == before
+    assert file_store.run(lambda root: root["meta"]["name"]) == "bank"
+
+
+def test_a_link_to_the_stores_file_is_refused(file_store, tmp_path):
+    """By inode: a hard link, a symlink, a symlinked directory all lead to the data file."""
+    os.link(tmp_path / "app.fs", tmp_path / "hard.pickle")
+    (tmp_path / "soft.pickle").symlink_to(tmp_path / "app.fs")
+    (tmp_path / "linked-dir").symlink_to(tmp_path)
+    before = (tmp_path / "app.fs").read_bytes()
+    for target in ("hard.pickle", "soft.pickle", "linked-dir/app.fs"):
+        with pytest.raises(ExportError, match="one of the store's own files"):
+            file_store.export(tmp_path / target, format="pickle")
+    assert (tmp_path / "app.fs").read_bytes() == before
+
+
+def test_another_filestorage_is_never_replaced(file_store, tmp_path):
+    """A FileStorage that is not this store's (say, the one a ZEO server serves) is refused too."""
+    other = tmp_path / "other.fs"
+    snaptree.open(str(other)).close()
+    before = other.read_bytes()
+    with pytest.raises(ExportError, match="is a ZODB FileStorage"):
+        file_store.export(other, format="pickle")
+    memory = snaptree.open("memory://")
+    try:
+        _fill(memory)
+        with pytest.raises(ExportError, match="is a ZODB FileStorage"):
+            memory.export(tmp_path / "app.fs", format="pickle")
+    finally:
+        memory.close()
+    assert other.read_bytes() == before
+
+
+def test_the_blob_directory_is_refused(tmp_path):
+    """Nothing is written into the store's blob directory."""
+    uri = f"file://{tmp_path}/app.fs?blobstorage_dir={tmp_path}/blobs"
+    with snaptree.open(uri) as store:
+        _fill(store)
+        with pytest.raises(ExportError, match="inside the store's blob directory"):
+            store.export(tmp_path / "blobs" / "d.pickle")
+        with pytest.raises(ExportError, match="one of the store's own files"):
+            store.export(tmp_path / "app.fs", format="pickle")
+
+
+def test_the_command_refuses_to_overwrite_its_own_database(tmp_path):
+    """``snaptree export --db app.fs -o app.fs``: one error line, exit 1, the file as it was."""
+    db = tmp_path / "app.fs"
+    with snaptree.open(str(db)) as store:
+        _fill(store)
+    before = db.read_bytes()
+    for output in ("app.fs", "app.fs.index"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snaptree",
+                "export",
+                "--db",
+                "app.fs",
+                "-o",
+                output,
+                "--format",
+                "pickle",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=WAIT,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("snaptree: error: cannot write")
+    assert db.read_bytes() == before
+    with snaptree.open(str(db), read_only=True) as store:
+        assert store.run(lambda root: root["meta"]["name"]) == "bank"
+
+
+# -- permissions ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644])
+def test_a_dump_is_never_more_readable_than_the_store(tmp_path, umask_022, mode):
+    """The data file's permission bits cap the dump's and the manifest's (-o and --dir alike)."""
+    db = tmp_path / "app.fs"
+    with snaptree.open(str(db)) as store:
+        _fill(store)
+    db.chmod(mode)
+    (tmp_path / "dumps").mkdir()
+    with snaptree.open(str(db), read_only=True) as store:
+        single = store.export(tmp_path / "one.pickle")
+        scheduled = snaptree.schedule.export_into(store, tmp_path / "dumps", format="json").info
+    for path in (single.path, single.manifest_path, scheduled.path, scheduled.manifest_path):
+        assert path.stat().st_mode & 0o777 == mode, path
+
+
+def test_a_dump_of_a_store_without_a_local_file_is_private(store, tmp_path, umask_022):
+    """memory:// (and ZEO, PostgreSQL) have no file bits to copy: dumps are 0600."""
+    _fill(store)
+    if store.source != "memory://":
+        (tmp_path / "Data.fs").chmod(0o600)
+    info = store.export(tmp_path / "d.json")
+    assert info.path.stat().st_mode & 0o777 == 0o600
+    assert info.manifest_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_temporary_file_is_private_from_its_creation(store, tmp_path, umask_022, monkeypatch):
+    """No window in which the half-written dump is world-readable: the mode is set at creation."""
+    _fill(store)
+    if store.source != "memory://":
+        (tmp_path / "Data.fs").chmod(0o600)
+    seen = []
+    real_write = _atomic.HashingWriter.write
+
+    def spy(self, data):
+        seen.extend(
+            p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp"
+        )
+        return real_write(self, data)
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(_atomic.HashingWriter, "write", spy)
+    store.export(tmp_path / "out" / "d.pickle")
+    assert seen and set(seen) == {0o600}
+
+
+# -- values JSON cannot hold ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("a\ud800b", r"/bad/v: a string holding a lone surrogate"),
+        (10**5000, r"/bad/v: an int of more than 4300 digits"),
+        ([1, "\udfff"], r"/bad/v/1: a string holding a lone surrogate"),
+    ],
+    ids=["surrogate", "long-int", "surrogate-in-list"],
+)
+def test_a_json_export_of_an_unwritable_value_names_its_path(store, tmp_path, value, message):
+    """UnstorableValueError with the path; nothing written; the pickle format takes them."""
+    store.run(lambda root: root.__setitem__("bad", {"v": value, "w": 1}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnstorableValueError, match=message):
+        store.export(out / "d.json", format="json")
+    assert list(out.iterdir()) == []
+    with open(store.export(out / "d.pickle", format="pickle").path, "rb") as f:
+        assert pickle.load(f)["bad"]["v"] == value
+
+
+def test_unwritable_keys_and_counters_are_named_too(store, tmp_path):
+    """A surrogate key, a long-int key, a counter past the digit limit: paths, not tracebacks."""
+    store.run(lambda root: root.__setitem__("k", {"\ud800": 1}))
+    with pytest.raises(UnstorableValueError, match=r"/k/'\\ud800': a string holding a lone"):
+        store.export(tmp_path / "a.json")
+    store.run(lambda root: root.__setitem__("k", {10**5000: 1}))
+    with pytest.raises(UnstorableValueError, match=r"/k/<int key>: an int of more than"):
+        store.export(tmp_path / "b.json")
+    store.run(lambda root: root.__setitem__("k", snaptree.Counter()))
+    store.run(lambda root: root["k"].add(10**5000))
+    with pytest.raises(UnstorableValueError, match=r"/k: an int of more than"):
+        store.export(tmp_path / "c.json")
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_json_export_of_a_lone_surrogate_on_the_command_line_is_one_line(tmp_path):
+    """The CLI path of the same refusal: exit 1, one line, no file."""
+    db = tmp_path / "app.fs"
+    with snaptree.open(str(db)) as store:
+        store.run(lambda root: root.__setitem__("bad", "x\ud800"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snaptree",
+            "export",
+            "--db",
+            str(db),
+            "-o",
+            "d.json",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=WAIT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("snaptree: error: /bad: a string holding a lone surrogate")
+    assert not (tmp_path / "d.json").exists()
+
+
+# -- objects whose class this process cannot import ----------------------------------------------
+
+_MAIN_CLASS = """
+import sys, snaptree
+from persistent import Persistent
+
+class Account(Persistent):
+    def __init__(self, owner):
+        self.owner = owner
+
+with snaptree.open(sys.argv[1]) as store:
+    store.run(lambda root: root.__setitem__("accounts", {"a": Account("ann")}))
+"""
+
+
+@pytest.fixture
+def main_class_store(tmp_path):
+    """A FileStorage holding an instance of a class defined in its writer's __main__."""
+    db = tmp_path / "app.fs"
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAIN_CLASS, str(db)], capture_output=True, text=True, timeout=WAIT
+    )
+    assert proc.returncode == 0, proc.stderr
+    return db
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "json"])
+def test_a_broken_object_stops_the_export_and_says_why(main_class_store, tmp_path, fmt):
+    """``__main__.Account`` is broken here: ExportError naming the class, the cause, the fixes."""
+    with snaptree.open(str(main_class_store), read_only=True) as store:
+        with pytest.raises(ExportError) as caught:
+            store.export(tmp_path / f"d.{fmt}", format=fmt)
+        message = str(caught.value)
+        assert "cannot export a __main__.Account" in message
+        assert "importable module" in message and "process=False" in message
+        assert not (tmp_path / f"d.{fmt}").exists()
+        # The zodb format copies records without loading them: it needs no class.
+        info = store.export(tmp_path / "d.zexp")
+    assert info.objects > 2
+
+
+def test_a_broken_object_on_the_command_line_is_one_line(main_class_store, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snaptree",
+            "export",
+            "--db",
+            str(main_class_store),
+            "-o",
+            "d.pickle",
+            "--format",
+            "pickle",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=WAIT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("snaptree: error: cannot export a __main__.Account (oid 0x")
+    assert not (tmp_path / "d.pickle").exists()

@@ -49,6 +49,7 @@ def _fill(root: Any) -> None:
     root["log"] = [{"n": n} for n in range(1500)]  # a list too large to cache whole
     root["flat"] = {1: "one", "two": [2]}  # mixed key types: a FlatMapping
     root["big"] = "x" * 70_000  # pickled outside a frame
+    root["tags"] = {"a", "b", (1, 2)}  # a Set node
 
 
 def _deep_leaf(root: Any) -> None:
@@ -112,6 +113,11 @@ def _change_big_string(root: Any) -> None:
     root["big"] = "y" * 80_000
 
 
+def _change_set(root: Any) -> None:
+    root["tags"].add("c")
+    root["tags"].discard("a")
+
+
 EDITS: list[Edit] = [
     _deep_leaf,
     _add_keys,
@@ -126,6 +132,7 @@ EDITS: list[Edit] = [
     _change_flat,
     _change_neighbours,
     _change_big_string,
+    _change_set,
 ]
 
 
@@ -291,5 +298,31 @@ def test_random_edits_never_leave_a_stale_dump(tmp_path, edits):
                 with exports.keeping_fragments(exports.FragmentCaches()):
                     cold = store.export(tmp_path / "cold.pickle")
                 assert (info.sha256, info.objects) == (cold.sha256, cold.objects)
+    finally:
+        store.close()
+
+
+class Tag(Persistent):
+    """A hashable user object, as a set may hold."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+def test_a_set_of_many_objects_of_yours_is_written_in_parts(tmp_path, warm):
+    """More objects of yours than one fragment holds: the set is written item by item."""
+    store = snaptree.open("memory://")
+    try:
+        tags = {Tag(f"t{i}") for i in range(exports._SEAL_NODES + 50)}
+        store.run(lambda root: root.update({"tags": tags, "small": {"x", 1}}))
+        for name in ("1.pickle", "2.pickle"):
+            info = store.export(tmp_path / name)
+            assert _loaded(info.path) == {"tags": tags, "small": {"x", 1}}
     finally:
         store.close()

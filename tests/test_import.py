@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import decimal
 import json
@@ -67,7 +68,7 @@ def test_large_mapping_keeps_every_key(store: snaptree.Store) -> None:
 
 
 def test_leaves_are_stored_as_the_tree_stores_them(store: snaptree.Store) -> None:
-    """Scalars, tuples, bytes, datetimes and Decimals stay; sets freeze; bytearrays become bytes."""
+    """Scalars, tuples, bytes, datetimes and Decimals stay; sets become Set nodes."""
     when = datetime.datetime(2026, 11, 25, 17, 0, tzinfo=datetime.UTC)
     data = {
         "when": when,
@@ -75,7 +76,6 @@ def test_leaves_are_stored_as_the_tree_stores_them(store: snaptree.Store) -> Non
         "price": decimal.Decimal("19.99"),
         "pair": (1, "two"),
         "raw": b"\x00\xff",
-        "buffer": bytearray(b"ab"),
         "tags": {"a", "b"},
         "frozen": frozenset({1}),
         "z": complex(1, 2),
@@ -86,10 +86,33 @@ def test_leaves_are_stored_as_the_tree_stores_them(store: snaptree.Store) -> Non
     assert got["price"] == decimal.Decimal("19.99")
     assert got["pair"] == (1, "two")
     assert got["raw"] == b"\x00\xff"
-    assert got["buffer"] == b"ab" and type(got["buffer"]) is bytes
-    assert got["tags"] == frozenset({"a", "b"}) and type(got["tags"]) is frozenset
+    assert got["tags"] == {"a", "b"}
     assert got["frozen"] == frozenset({1})
     assert got["z"] == complex(1, 2)
+    with store.snapshot() as snap:
+        assert isinstance(snap.root["leaves"]["tags"], snaptree.tree.Set)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (bytearray(b"ab"), r"^leaves/buffer: cannot store a bytearray"),
+        (
+            collections.defaultdict(list, {"a": [1]}),
+            r"^leaves/buffer: a collections\.defaultdict cannot be stored: its default",
+        ),
+        ({1.5: "x", float("nan"): "n"}, r"^leaves/buffer/nan: "),
+    ],
+    ids=["bytearray", "defaultdict", "nan-key"],
+)
+def test_what_assignment_refuses_import_refuses_with_the_path(
+    store: snaptree.Store, value: Any, message: str
+) -> None:
+    """A bytearray, a defaultdict (its factory), a NaN key: refused where they are, nothing kept."""
+    tid = store.last_tid()
+    with pytest.raises(snaptree.UnstorableValueError, match=message):
+        store.import_tree({"leaves": {"ok": 1, "buffer": value}})
+    assert store.last_tid() == tid
 
 
 def test_users_persistent_objects_are_stored_as_they_are(store: snaptree.Store) -> None:
@@ -267,16 +290,21 @@ def test_object_of_another_connection_is_refused(store: snaptree.Store) -> None:
 
 
 class _WriteOnFirstRead(dict):
-    """A dict that, the first time the import reads it, lets another writer commit first."""
+    """A dict that, the first time the import reads it in a transaction, lets another writer commit.
+
+    The import reads the data once before any transaction (to count what it
+    will create), then once per attempt: the hook runs at the second read.
+    """
 
     def __init__(self, data: dict, on_first_read: Any) -> None:
         super().__init__(data)
         self._on_first_read = on_first_read
+        self._reads = 0
 
     def values(self) -> Any:
-        hook, self._on_first_read = self._on_first_read, None
-        if hook is not None:
-            hook()
+        self._reads += 1
+        if self._reads == 2:
+            self._on_first_read()
         return super().values()
 
 
@@ -331,6 +359,25 @@ def test_progress_bar_goes_to_stderr_only(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "obj" in captured.err
+
+
+@pytest.mark.parametrize("path", ["", "   ", "\t"])
+def test_an_empty_path_is_refused_not_taken_for_the_root(store: snaptree.Store, path: str) -> None:
+    """--path "$UNSET" must not merge the data over the root; "/" is how to mean the root."""
+    store.import_tree({"accounts": {f"a{i}": i for i in range(10)}})
+    tid = store.last_tid()
+    with pytest.raises(snaptree.ArgumentError, match=r"empty; give the path .* or /"):
+        store.import_tree({"accounts": {"a0": 1}}, path=path, replace=True)
+    assert store.last_tid() == tid
+    assert len(store.run(lambda root: root["accounts"])) == 10
+    store.import_tree({"more": 1}, path="/")
+    assert store.run(lambda root: root["more"]) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "10"])
+def test_max_objects_must_be_a_positive_int(store: snaptree.Store, bad: Any) -> None:
+    with pytest.raises(snaptree.ArgumentError, match="max_objects"):
+        store.import_tree({"a": 1}, max_objects=bad)
 
 
 def test_savepoint_every_must_be_positive(store: snaptree.Store) -> None:

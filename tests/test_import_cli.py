@@ -189,3 +189,43 @@ def test_real_process_exit_code_and_stderr(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # not a terminal: no progress bar
     assert state(db)[1] == {"a": [1, 2]}
+
+
+def test_an_empty_path_is_one_error_line_and_changes_nothing(db: str, tmp_path: Path) -> None:
+    """``snaptree import f.json --path "$UNSET"``: refused, not imported into the root."""
+    source = tmp_path / "model.json"
+    source.write_text('{"existing": {"replaced": true}}')
+    before = state(db)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snaptree",
+            "import",
+            str(source),
+            "--db",
+            db,
+            "--path",
+            "",
+            "--replace",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("snaptree: error: the import path '' is empty")
+    assert state(db) == before
+
+
+def test_max_objects_lets_intended_copies_in(db: str, tmp_path: Path) -> None:
+    """--max-objects raises (or lowers) the limit on what shared containers may become."""
+    shared: Any = [[]] * 50
+    source = tmp_path / "shared.pickle"
+    source.write_bytes(pickle.dumps({"s": [shared] * 50}))
+    refused = invoke(str(source), "--db", db, "--max-objects", "100")
+    assert refused.exit_code == 1 and "would create 2,552 objects" in refused.stderr
+    done = invoke(str(source), "--db", db, "--max-objects", "3000")
+    assert done.exit_code == 0, done.output
+    assert state(db)[1]["s"] == [shared] * 50

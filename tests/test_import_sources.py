@@ -90,6 +90,37 @@ def test_format_comes_from_the_name_or_the_first_bytes(tmp_path: Path) -> None:
         snaptree.load_source(tmp_path / "x.data", format="xml")
 
 
+def test_an_int_past_pythons_digit_limit_is_an_input_error_with_its_place(tmp_path: Path) -> None:
+    """int() refuses more than 4,300 digits; the error says where, not a bare ValueError."""
+    digits = "7" * 5000
+    source = write(tmp_path / "big.json", f'{{"a": 1,\n "note": "{digits}",\n "n": {digits}}}')
+    with pytest.raises(
+        snaptree.InputError,
+        match=r"big\.json: an integer of more than 4300 digits at line 3, column 7",
+    ):
+        snaptree.load_source(source)
+    assert snaptree.load_source(write(tmp_path / "ok.json", f'{{"n": "{digits}"}}'))["n"] == digits
+
+
+def test_a_lone_surrogate_in_json_is_accepted_as_python_does(tmp_path: Path) -> None:
+    """JSON escapes may spell a lone surrogate; json.loads accepts it, and so does import."""
+    assert snaptree.load_source(write(tmp_path / "s.json", '{"a": "x\\ud800"}')) == {"a": "x\ud800"}
+
+
+def test_a_zodb_export_is_recognised_by_name_and_by_header(
+    store: snaptree.Store, tmp_path: Path
+) -> None:
+    """.zexp, or a file starting with ZEXP, is read as a zodb export; format="zodb" forces it."""
+    store.run(lambda root: root.__setitem__("a", {"b": [1, 2]}))
+    dump = store.export(tmp_path / "d.zexp").path
+    copy = write(tmp_path / "copy.bin", dump.read_bytes())
+    expected = {"a": {"b": [1, 2]}}
+    assert snaptree.load_source(dump) == snaptree.load_source(copy) == expected
+    assert snaptree.load_source(copy, format="zodb") == expected
+    with pytest.raises(snaptree.InputError, match="not a ZODB export"):
+        snaptree.load_source(write(tmp_path / "x.zexp", b"PK\x03\x04"))
+
+
 def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(snaptree.InputError, match="cannot read"):
         snaptree.load_source(tmp_path / "nope.json")
@@ -153,6 +184,13 @@ def test_truncated_pickle_is_a_clear_error(tmp_path: Path) -> None:
             snaptree.load_source(source)
     with pytest.raises(snaptree.InputError, match="empty or truncated"):
         snaptree.load_source(write(tmp_path / "empty.pickle", b""))
+
+
+def test_bytes_after_the_pickle_are_refused(tmp_path: Path) -> None:
+    """Two pickles in one file: loading only the first would silently drop the rest."""
+    source = write(tmp_path / "two.pickle", pickle.dumps({"a": 1}) + pickle.dumps({"b": 2}))
+    with pytest.raises(snaptree.InputError, match="bytes after the end of the pickle"):
+        snaptree.load_source(source)
 
 
 def test_garbage_pickle_is_an_input_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,89 @@ def test_postgresql_dsn_has_only_the_parts_the_uri_has(monkeypatch: pytest.Monke
         "sslmode": "require",
         "connect_timeout": "10",
     }
+
+
+PASSWORD_SHAPES = [
+    # (uri, the secret, what the display keeps)
+    ("postgresql://app:se#cret9@127.0.0.1:1/db", "se#cret9", "postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://app:pa/ss@127.0.0.1:1/db", "pa/ss", "postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://app:pa?ss@127.0.0.1:1/db", "pa?ss", "postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://app:pa@ss@127.0.0.1:1/db", "pa@ss", "postgresql://app:***@127.0.0.1:1/db"),
+    ("postgresql://app:p@s/s#w@127.0.0.1:1/db", "p@s/s#w", "postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://app:12#34@127.0.0.1/db", "12#34", "postgresql://***@127.0.0.1/db"),
+    ("postgresql://app:[pw]@127.0.0.1:1/db", "[pw]", "postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://app:p%23w%2F@127.0.0.1:1/db", "p%23w%2F", "postgresql://app:***@127.0.0.1:1/db"),
+    ("zeo://app:se#cret9@127.0.0.1:1", "se#cret9", "zeo://***@127.0.0.1:1"),
+    ("zeo://app:pa/ss@127.0.0.1:1?wait_timeout=1", "pa/ss", "zeo://***@127.0.0.1:1?wait_timeout=1"),
+    ("zeo://127.0.0.1:1?password=se#cret9", "se#cret9", "zeo://127.0.0.1:1?password=***#***"),
+    ("zeo://127.0.0.1:1?password=p%26w&wait_timeout=1", "p%26w", None),
+]
+
+
+@pytest.mark.parametrize(("uri", "secret", "shown"), PASSWORD_SHAPES)
+def test_a_password_of_any_shape_is_masked(uri: str, secret: str, shown: str | None) -> None:
+    """Unencoded #, /, ?, @ or [ split the URI in odd places: no piece of the secret shows."""
+    display = uris.redact(uri)
+    if shown is not None:
+        assert display == shown
+    for piece in {secret, *secret.replace("%", "#").split("#"), *secret.split("/")}:
+        if len(piece) >= 3:
+            assert piece not in display
+    message = uris.scrub(f"could not connect with {uri} ({secret})", uri)
+    assert secret not in message
+
+
+@pytest.mark.parametrize(("uri", "secret", "shown"), PASSWORD_SHAPES)
+def test_opening_a_uri_with_any_password_shape_never_shows_it(
+    uri: str, secret: str, shown: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenError (never a parser's own message quoting a piece of the password)."""
+    caplog.set_level("DEBUG")
+    uri = (
+        uri
+        if "wait_timeout" in uri or "postgres" in uri
+        else uri + ("&wait_timeout=1" if "?" in uri else "?wait_timeout=1")
+    )
+    with pytest.raises(snaptree.OpenError) as failure:
+        snaptree.open(uri.replace("127.0.0.1/", "127.0.0.1:1/") + "")
+    message = str(failure.value)
+    for piece in {secret, *[p for p in secret.replace("%", "#").replace("/", "#").split("#")]}:
+        if len(piece) >= 3:
+            assert piece not in message and piece not in caplog.text, message
+    assert message.startswith("cannot open ") or message.startswith("no ZEO server")
+
+
+def test_a_misplaced_at_is_named_with_how_to_encode_it() -> None:
+    """The refusal says what to do: percent-encode the reserved character."""
+    with pytest.raises(snaptree.OpenError, match=r"percent-encode it \(@ as %40, # as %23"):
+        uris.resolve("postgresql://app:se#cret9@127.0.0.1:1/db")
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind"),
+    [
+        ("mysql://u:pw@127.0.0.1/db", "unsupported"),
+        ("sqlite:///tmp/x.db", "unsupported"),
+        ("oracle://u:pw@h/db", "unsupported"),
+        ("redis://h/0", "unknown"),
+    ],
+)
+def test_schemes_snaptree_does_not_open_are_one_clear_error(uri: str, kind: str) -> None:
+    """zodburi knows mysql:// and sqlite:// (RelStorage) but snaptree supports neither."""
+    with pytest.raises(snaptree.OpenError) as failure:
+        snaptree.open(uri)
+    message = str(failure.value)
+    assert f"{kind} URI scheme" in message
+    assert "file://, memory://, zeo://host:port, postgresql://user@host/db or zconfig://" in message
+    assert "pw" not in message and "\n" not in message
+    assert message.startswith(f"cannot open {uri.split(':')[0]}:")
+
+
+def test_paths_with_at_signs_are_not_taken_for_passwords(tmp_path: Path) -> None:
+    """A file path may hold '@' (user@host directories): it is a path, shown as it is."""
+    folder = tmp_path / "me@host"
+    folder.mkdir()
+    with snaptree.open(str(folder / "Data.fs")) as store:
+        assert store.source == str(folder / "Data.fs")
+    assert uris.redact(f"file://{folder}/Data.fs") == f"file://{folder}/Data.fs"
+    assert uris.redact("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"

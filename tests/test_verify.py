@@ -77,3 +77,60 @@ def test_verify_command_exit_codes(dumps):
     bad = runner.invoke(main, ["verify", str(path)])
     assert bad.exit_code == 1
     assert bad.stderr.startswith("snaptree: error:") and "truncated" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("bytes"), r"bytes '\(missing\)' is not a count"),
+        (lambda m: m.pop("tid"), r"tid '\(missing\)' is not 16 hex digits"),
+        (lambda m: m.update(committed_at="yesterday"), r"committed_at 'yesterday' is not an ISO"),
+        (lambda m: m.update(committed_at="2026-01-01T00:00:00"), r"committed_at .* UTC offset"),
+        (lambda m: m.update(objects="many"), r"objects 'many' is not a count"),
+        (lambda m: m.update(bytes=True), r"bytes True is not a count"),
+        (lambda m: m.update(sha256=None), r"sha256 None is not 64 hex digits"),
+    ],
+    ids=["no-bytes", "no-tid", "bad-time", "naive-time", "bad-objects", "bool-bytes", "no-sha"],
+)
+def test_a_damaged_manifest_is_one_verify_error_naming_the_field(dumps, change, message):
+    """A manifest missing a field or holding a bad one: VerifyError, never a KeyError."""
+    info = dumps["pickle"]
+    manifest = json.loads(info.manifest_path.read_text())
+    change(manifest)
+    info.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match=rf"damaged manifest: .*{message}"):
+        snaptree.verify(info.path)
+
+
+def test_a_very_deep_json_dump_is_a_verify_error_not_a_recursion_error(dumps):
+    """100,000 levels under a matching manifest: the parser's limit is reported as one line."""
+    info = dumps["json"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    info.path.write_bytes(deep)
+    manifest = json.loads(info.manifest_path.read_text())
+    manifest.update(bytes=len(deep), sha256=hashlib.sha256(deep).hexdigest())
+    info.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match="nested too deeply"):
+        snaptree.verify(info.path)
+    result = CliRunner().invoke(main, ["verify", str(info.path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit | None)
+    assert result.stderr.startswith("snaptree: error:") and "nested too deeply" in result.stderr
+
+
+def test_a_zodb_dump_is_verified_without_importfile(dumps):
+    """The summary comes from reading the records: their number and what the root holds."""
+    info = snaptree.verify(dumps["zodb"].path)
+    assert info.summary["records"] == dumps["zodb"].objects
+    assert info.summary["type"] == "dict" and info.summary["first_keys"] == ["accounts"]
+
+
+def test_a_pickle_dump_with_bytes_after_its_end_is_refused(dumps):
+    """A second pickle appended under a matching manifest would be ignored by pickle.load."""
+    info = dumps["pickle"]
+    data = info.path.read_bytes() + b"\x80\x04N."
+    info.path.write_bytes(data)
+    manifest = json.loads(info.manifest_path.read_text())
+    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    info.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match="bytes after the end of the pickle"):
+        snaptree.verify(info.path)

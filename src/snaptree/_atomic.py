@@ -77,8 +77,13 @@ def fsync_directory(directory: Path) -> None:
 
 
 @contextmanager
-def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
+def staged_file(final: Path, *, mode: int = 0o600) -> Iterator[tuple[HashingWriter, Path]]:
     """Yield a hashing writer on a fresh temporary file beside *final*, then flush and fsync it.
+
+    The file is created with permission bits *mode* (less whatever the
+    umask removes), so it is never readable by more users than *mode*
+    allows, not even for the moment between its creation and a chmod; the
+    rename keeps them. The default is the owner alone.
 
     The file is *not* renamed here: the caller commits it with :func:`commit`
     once everything it depends on is ready (the dump waits for its manifest),
@@ -86,7 +91,7 @@ def staged_file(final: Path) -> Iterator[tuple[HashingWriter, Path]]:
     """
     temp = _temp_path(final)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as exc:
         raise ExportError(describe_os_error(exc, final)) from exc
     try:
@@ -119,9 +124,9 @@ def commit(temp: Path, final: Path) -> float:
     return time.perf_counter() - started
 
 
-def write_bytes(final: Path, data: bytes) -> None:
+def write_bytes(final: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Write a small file atomically (the manifest, a pointer)."""
-    with staged_file(final) as (writer, temp):
+    with staged_file(final, mode=mode) as (writer, temp):
         writer.write(data)
     commit(temp, final)
 

@@ -13,15 +13,18 @@ Three formats:
     The same tree as JSON, streamed the same way. A value JSON cannot hold
     (bytes, a datetime, NaN, a tuple key ...) is an error naming its path.
 ``zodb``
-    ZODB's own export format (what ``Connection.exportFile`` writes),
-    importable with ``Connection.importFile``. It is copied record by record
-    from the storage; nothing is unpickled.
+    ZODB's own export format (what ``Connection.exportFile`` writes). It is
+    copied record by record from the storage; nothing is unpickled. snaptree
+    reads it back (verify, import) record by record with the allow-list
+    unpickler, never with ``Connection.importFile``, which runs any pickle.
 
 Every dump is written atomically (see :mod:`snaptree._atomic`) and followed
 by a manifest ``<dump>.manifest.json``: format, tid, commit time, object
 count, size, sha256, snaptree version and the source with its password
 masked. Both are complete and fsynced before the manifest and then the dump
 are renamed into place, so a file under a dump's final name is always whole.
+Neither is ever more readable than the store, nor written over one of the
+store's own files (:class:`StoreFiles`).
 """
 
 from __future__ import annotations
@@ -50,13 +53,21 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree, OOBucket
 from persistent import Persistent
+from ZODB.broken import Broken
 from ZODB.ExportImport import export_end_marker
+from ZODB.FileStorage import packed_version
 from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
 from . import _atomic
-from .errors import Error, ExportError, UnstorableValueError, VerifyError
-from .tree import Counter, FlatMapping, List, Mapping
+from .errors import (
+    ArgumentError,
+    Error,
+    ExportError,
+    UnstorableValueError,
+    VerifyError,
+)
+from .tree import Counter, FlatMapping, List, Mapping, Set
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +130,38 @@ def check_format(format: str) -> str:  # noqa: A002
     return format
 
 
+#: The format each file name suffix means (case-insensitive).
+_SUFFIX_FORMATS = {".json": "json", ".pickle": "pickle", ".pkl": "pickle", ".zexp": "zodb"}
+
+
+def resolve_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
+    """The format of a dump at *path*: *format*, or the one its suffix names.
+
+    A suffix of another format contradicts *format* (``x.json`` written as a
+    pickle would mislead every reader that trusts the name), and without
+    *format* the suffix must name one: both are ArgumentErrors. A suffix
+    no format claims (``app.dump``) is fine with an explicit *format*.
+    """
+    if format is not None:
+        check_format(format)
+    suffix = Path(path).suffix.lower()
+    implied = _SUFFIX_FORMATS.get(suffix)
+    if format is None:
+        if implied is None:
+            raise ArgumentError(
+                f"cannot tell the export format of {os.fspath(path)} from its name: end it "
+                "in .pickle (or .pkl), .json or .zexp, or pass the format (format= / "
+                f"--format {'|'.join(FORMATS)})"
+            )
+        return implied
+    if implied is not None and implied != format:
+        raise ArgumentError(
+            f"{os.fspath(path)}: the name says {implied}, but the format asked for is "
+            f"{format}; name the file {Path(path).stem}{SUFFIXES[format]}, or ask for {implied}"
+        )
+    return format
+
+
 def _version() -> str:
     from . import __version__
 
@@ -132,7 +175,7 @@ def export(
     store: Any,
     path: str | os.PathLike[str],
     *,
-    format: str = "pickle",  # noqa: A002 - the name users know from the CLI
+    format: str | None = None,  # noqa: A002 - the name users know from the CLI
     at: datetime.datetime | str | bytes | None = None,
     subtree: str = "/",
 ) -> ExportInfo:
@@ -142,7 +185,14 @@ def export(
     is written, so writers carry on committing while it runs and the dump
     still shows exactly one committed state. ``at`` (an aware datetime or a
     hex tid) exports the tree as it was then, where the storage keeps
-    history.
+    history. ``format`` defaults to the one the name's suffix says
+    (:func:`resolve_format`).
+
+    *path* must be a path, not an open file: the dump is written to a
+    temporary file beside it, renamed over it once complete and vouched for
+    by a manifest beside it, none of which a file object allows (a failed
+    export would leave half a dump in it). The dump is never more readable
+    than the store it copies, and never replaces the store's own files.
 
     This runs in the calling process. For repeated exports from an
     application whose threads write to the store, use
@@ -150,6 +200,12 @@ def export(
     a CPU-bound export sharing the writers' interpreter lock slows every
     writer down (see docs/export.md).
     """
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentError(
+            f"export() writes to a path, not to a {type(path).__name__}: it writes a temporary "
+            "file beside the final name, renames it into place once complete and writes a "
+            "manifest beside it; pass the file's path (for an open file, its .name)"
+        )
     info = export_snapshot(
         store, lambda snap: Path(path), format=format, at=at, subtree=subtree, unless_tid=None
     )
@@ -161,7 +217,7 @@ def export_snapshot(
     store: Any,
     target: Callable[[Any], Path],
     *,
-    format: str,  # noqa: A002
+    format: str | None,  # noqa: A002
     at: datetime.datetime | str | bytes | None,
     subtree: str,
     unless_tid: str | None,
@@ -170,15 +226,22 @@ def export_snapshot(
 
     Returns None, writing nothing, when the snapshot's tid is *unless_tid*
     (nothing was committed since that export). Shared by :func:`export` and
-    the schedule, whose file names depend on the snapshot taken.
+    the schedule, whose file names depend on the snapshot taken. A *format*
+    of None is taken from the final name (:func:`resolve_format`).
     """
-    check_format(format)
+    if format is not None:
+        check_format(format)
     started = time.perf_counter()
+    protected = StoreFiles.of(store)
+    mode = protected.dump_mode()
     with store.snapshot(at=at) as snap:
         if unless_tid is not None and snap.tid == unless_tid:
             return None
         node = resolve_subtree(snap.root, subtree)
         final = Path(target(snap))
+        protected.refuse(final)
+        protected.refuse(manifest_path(final))
+        format = resolve_format(final, format)  # noqa: A001
         if final.is_dir():
             raise ExportError(f"cannot write {final}: it is a directory; name a file inside it")
         if not final.parent.is_dir():
@@ -190,12 +253,12 @@ def export_snapshot(
                 f"cannot write {final}: directory {final.parent} does not exist; create it first"
             )
         try:
-            with _atomic.staged_file(final) as (writer, temp):
+            with _atomic.staged_file(final, mode=mode) as (writer, temp):
                 objects = _WRITERS[format](node, writer, snap.connection, subtree)
         except _TooDeepForFragments:
             # The fragment writer recurses in Python, a few frames a level; the
             # plain writer's C pickler takes one a level. Same file, written anew.
-            with _atomic.staged_file(final) as (writer, temp):
+            with _atomic.staged_file(final, mode=mode) as (writer, temp):
                 objects = _write_pickle_plain(node, writer, snap.connection, subtree)
         tid, committed_at = snap.tid, snap.committed_at
     # The snapshot's connection is back in the pool; what is left is renames.
@@ -218,7 +281,7 @@ def export_snapshot(
         # manifest is renamed first: a crash between the two renames leaves a
         # manifest without its dump, which no reader takes for a dump and
         # retention removes, rather than a dump no manifest vouches for.
-        with _atomic.staged_file(manifest_path(final)) as (mwriter, manifest_temp):
+        with _atomic.staged_file(manifest_path(final), mode=mode) as (mwriter, manifest_temp):
             mwriter.write(_manifest_bytes(info))
         flushed = writer.flush_seconds + mwriter.flush_seconds
         flushed += _atomic.commit(manifest_temp, manifest_path(final))
@@ -229,6 +292,115 @@ def export_snapshot(
             _atomic.discard(manifest_temp)
         raise
     return replace(info, flush_seconds=round(flushed, 6))
+
+
+# -- the store's own files --------------------------------------------------------
+
+
+#: What FileStorage keeps beside its data file (ZODB 6.4: FileStorage.__init__,
+#: pack, cleanup; ``.index.index_tmp`` is the index being saved).
+_COMPANIONS = ("", ".index", ".index.index_tmp", ".lock", ".tmp", ".old", ".pack")
+
+#: How a FileStorage data file starts: ``FS30`` (ZODB.FileStorage.packed_version
+#: under Python 3), ``FS21`` (files written under Python 2).
+_FILESTORAGE_MAGIC = frozenset({packed_version, b"FS21"})
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """The files of a store on this machine: what an export must never replace.
+
+    Empty for stores without a local file (memory, ZEO, PostgreSQL). For a
+    FileStorage: its data file and every file FileStorage keeps beside it,
+    and its blob directory with everything in it.
+    """
+
+    data_file: Path | None = None
+    files: tuple[Path, ...] = ()
+    blob_dirs: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, store: Any) -> StoreFiles:
+        from ZODB.interfaces import IBlobStorage
+
+        storage = store.db.storage
+        blob_dirs: tuple[Path, ...] = ()
+        if IBlobStorage.providedBy(storage):  # a FileStorage with blobs, ZODB's BlobStorage...
+            try:
+                blobs = Path(os.path.abspath(storage.temporaryDirectory())).parent
+            except Exception:  # declared, but no local blob directory (ZEO, RelStorage)
+                pass
+            else:
+                blob_dirs = (blobs, blobs.with_name(blobs.name + ".old"))
+        # A FileStorage's name is the file name it was opened with (ZODB 6.4),
+        # also through BlobStorage, which wraps it; other storages' names are
+        # not files (memory, a ZEO address, a DSN).
+        name = storage.getName()
+        data_file = Path(os.path.abspath(name)) if isinstance(name, str) else None
+        if data_file is None or not _is_filestorage(data_file):
+            return cls(blob_dirs=blob_dirs)
+        files = tuple(data_file.with_name(data_file.name + ext) for ext in _COMPANIONS)
+        return cls(data_file, files, blob_dirs)
+
+    def dump_mode(self) -> int:
+        """Permission bits for a dump: the data file's, else the owner's alone.
+
+        A dump holds everything its store holds, so it is readable by no
+        one the store is not readable by: a FileStorage's dump gets the data
+        file's read and write bits (plus the owner's, so that the exporter
+        can read what it wrote); a store with no local file (memory, ZEO,
+        PostgreSQL, whose access rules are not file bits) gets 0600.
+        """
+        if self.data_file is None:
+            return 0o600
+        try:
+            return (self.data_file.stat().st_mode & 0o666) | 0o600
+        except OSError:
+            return 0o600
+
+    def refuse(self, target: Path) -> None:
+        """Raise ExportError if writing *target* would replace one of these files.
+
+        Checked by resolved path (relative names, symlinked directories, a
+        symlink as the target) and by inode (a hard link, another mount of
+        the same file), and any existing FileStorage, which is never a dump
+        to replace: another store's, or the file a ZEO server serves.
+        """
+        real = Path(os.path.realpath(target))
+        where = f"cannot write {target}"
+        for path in self.files:
+            if real == Path(os.path.realpath(path)) or _same_file(target, path):
+                raise ExportError(
+                    f"{where}: it is one of the store's own files ({path}); a dump written "
+                    "there would destroy the database. Write the dump to another name"
+                )
+        for blobs in self.blob_dirs:
+            if real.is_relative_to(os.path.realpath(blobs)):
+                raise ExportError(
+                    f"{where}: it is inside the store's blob directory {blobs}; write the "
+                    "dump elsewhere"
+                )
+        if _is_filestorage(target):
+            raise ExportError(
+                f"{where}: it is a ZODB FileStorage (a database, perhaps another store's or "
+                "the one a ZEO server serves), which an export never replaces; write the "
+                "dump to another name"
+            )
+
+
+def _is_filestorage(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) in _FILESTORAGE_MAGIC
+    except OSError:  # absent, a directory, unreadable
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
 
 
 def _manifest_bytes(info: ExportInfo) -> bytes:
@@ -334,6 +506,10 @@ def _reduce_counter(obj: Any) -> Any:
     return (int, (obj.value,))
 
 
+def _reduce_set(obj: Any) -> Any:
+    return (set, (list(obj.data),))
+
+
 def _reduce_own_class(obj: Any) -> Any:
     return NotImplemented  # the user's own persistent class, pickled as itself
 
@@ -342,6 +518,7 @@ _PLAIN_REDUCERS: dict[type, Callable[[Any], Any]] = {
     Mapping: _reduce_mapping,
     FlatMapping: _reduce_flat,
     List: _reduce_list,
+    Set: _reduce_set,
     Counter: _reduce_counter,
 }
 
@@ -350,9 +527,35 @@ def _subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
     for base, reduce in _PLAIN_REDUCERS.items():
         if isinstance(obj, base):
             return reduce
+    if isinstance(obj, Broken):
+        raise broken_object_error(obj)
     if isinstance(obj, Persistent):
         return _reduce_own_class
     return None
+
+
+def broken_object_error(obj: Any, path: str = "") -> ExportError:
+    """Why an object ZODB could not load (a ``ZODB.broken.Broken``) stops an export.
+
+    ZODB gives an object whose class this process cannot import as a broken
+    stand-in that holds the state but not the class; a dump of it would load
+    as that stand-in, not as the user's object. The usual cause is a class
+    defined in the application's ``__main__``, which the exporter process
+    (another program) cannot import.
+    """
+    kind = type(obj)
+    name = f"{kind.__module__}.{kind.__name__}"
+    oid = getattr(obj, "_p_oid", None)
+    where = f"{path}: " if path else ""
+    which = f" (oid 0x{oid.hex()})" if isinstance(oid, bytes) else ""
+    return ExportError(
+        f"{where}cannot export a {name}{which}: this process cannot import the class "
+        f"{name}, so ZODB gives the object as a broken stand-in, and a dump would hold "
+        "that instead of your object. A class defined in the application's __main__ (its "
+        "script) cannot be imported by another process such as the exporter: define it "
+        "in an importable module (myapp/models.py), or export in the application's own "
+        "process (Exporter(..., process=False))"
+    )
 
 
 # -- pickle, reusing the serialized form of unchanged nodes ---------------------------
@@ -418,6 +621,8 @@ _EMPTY_DICT = b"}"
 _EMPTY_LIST = b"]"
 _SETITEMS = b"u"
 _APPENDS = b"e"
+_EMPTY_SET = b"\x8f"
+_ADDITEMS = b"\x90"
 #: Most values in one MARK ... SETITEMS/APPENDS batch (pickle's own batch size).
 _BATCH = 1000
 #: A subtree with more persistent objects than this is cached in parts, so
@@ -775,6 +980,8 @@ class _IncrementalPickleWriter:
             return [_EMPTY_DICT, *self._item_pieces(flat, _SETITEMS)]
         if isinstance(node, List):
             return [_EMPTY_LIST, *self._item_pieces(node.data, _APPENDS)]
+        if isinstance(node, Set):  # more than _SEAL_NODES objects of yours in it
+            return [_EMPTY_SET, *self._item_pieces(list(node.data), _ADDITEMS)]
         # a Counter: always small enough to seal
         raise AssertionError(f"no open form for {type(node).__name__}")  # pragma: no cover
 
@@ -815,10 +1022,11 @@ def _span_first(span: tuple[int, int, int]) -> int:
 
 
 def _is_node(value: Any) -> bool:
-    """A stored snaptree node (mapping, flat mapping, list, counter), which fragments cover."""
+    """A stored snaptree node (mapping, flat mapping, list, set, counter): fragments cover it."""
     kind = type(value)
     if kind in _PLAIN_REDUCERS or (
-        kind not in _SCALAR_KINDS and isinstance(value, Mapping | FlatMapping | List | Counter)
+        kind not in _SCALAR_KINDS
+        and isinstance(value, Mapping | FlatMapping | List | Set | Counter)
     ):
         return value._p_oid is not None
     return False
@@ -919,12 +1127,28 @@ class _JsonWriter:
         if type(value) is float and not math.isfinite(value):
             raise UnstorableValueError(path, f"JSON cannot hold the float {value!r}")
         if isinstance(value, _JSON_SCALARS) and not isinstance(value, Persistent):
-            return self._encode(value)
+            try:
+                return _utf8_safe(self._encode(value), path)
+            except ValueError:  # int() -> str past sys.get_int_max_str_digits()
+                raise UnstorableValueError(path, _long_int_detail()) from None
+        if isinstance(value, Broken):
+            raise broken_object_error(value, path)
         raise UnstorableValueError(
             path,
             f"JSON cannot hold a {type(value).__module__}.{type(value).__qualname__}; "
             "export this tree as pickle or zodb, or store it as str/int/float",
         )
+
+    def _key(self, key: Any, path: str) -> str:
+        if not isinstance(key, _JSON_KEYS) or isinstance(key, bool):
+            raise UnstorableValueError(
+                f"{path}/{key!r}",
+                f"JSON object keys are strings; cannot write the {type(key).__name__} key {key!r}",
+            )
+        try:
+            return _utf8_safe(self._encode(str(key)), f"{path}/{key!r}")
+        except ValueError:  # an int key past sys.get_int_max_str_digits()
+            raise UnstorableValueError(f"{path}/<int key>", _long_int_detail()) from None
 
     def write(self, value: Any, path: str) -> None:
         if isinstance(value, Mapping | FlatMapping | dict):
@@ -939,21 +1163,18 @@ class _JsonWriter:
                     type(v) in _JSON_SCALARS and type(k) in _JSON_KEYS for k, v in items
                 ):
                     try:
-                        self._emit(self._encode(dict(items)))
-                        return
+                        text = self._encode(dict(items))
+                        if text.isascii() or _encodes(text):
+                            self._emit(text)
+                            return
                     except (TypeError, ValueError):
                         pass  # find and name the offending value below
             self._emit("{")
             first = True
             for key, item in items:
-                if not isinstance(key, _JSON_KEYS) or isinstance(key, bool):
-                    raise UnstorableValueError(
-                        f"{path}/{key!r}",
-                        f"JSON object keys are strings; cannot write the "
-                        f"{type(key).__name__} key {key!r}",
-                    )
+                key_text = self._key(key, path)
                 child = f"{path}/{key}"
-                self._emit(("" if first else ",") + self._encode(str(key)) + ":")
+                self._emit(("" if first else ",") + key_text + ":")
                 first = False
                 # inline rather than a helper: one Python frame per level of the tree
                 if type(item) in _JSON_SCALARS:
@@ -975,9 +1196,37 @@ class _JsonWriter:
             self._emit("]")
         elif isinstance(value, Counter):
             self._node()
-            self._emit(str(value.value))
+            self._emit(self._scalar(value.value, path))
         else:
             self._emit(self._scalar(value, path))
+
+
+def _encodes(text: str) -> bool:
+    """Whether *text* is valid UTF-8 once encoded: no lone surrogates (``"\\ud800"``)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_safe(text: str, path: str) -> str:
+    if text.isascii() or _encodes(text):
+        return text
+    raise UnstorableValueError(
+        path,
+        "a string holding a lone surrogate (such as '\\ud800'), which UTF-8, and so a "
+        "JSON file, cannot hold; export this tree as pickle or zodb, or store the text "
+        "without it",
+    )
+
+
+def _long_int_detail() -> str:
+    return (
+        f"an int of more than {sys.get_int_max_str_digits()} digits, which Python will "
+        "not turn into JSON text (nor read back); export this tree as pickle or zodb, "
+        "or store it as a string"
+    )
 
 
 def _write_json(node: Any, out: Any, connection: Any, subtree: str) -> int:
@@ -1044,8 +1293,11 @@ _WRITERS: dict[str, Callable[[Any, Any, Any, str], int]] = {
 
 # -- verify ---------------------------------------------------------------------------
 
+_HEX = frozenset("0123456789abcdef")
+
 
 def read_manifest(dump: Path) -> dict[str, Any]:
+    """The manifest of *dump*, with every field verify relies on checked (VerifyError if not)."""
     path = manifest_path(dump)
     try:
         data = json.loads(path.read_text())
@@ -1058,25 +1310,62 @@ def read_manifest(dump: Path) -> dict[str, Any]:
         raise VerifyError(f"{path}: unreadable manifest: {exc}") from None
     if not isinstance(data, dict) or "snaptree_manifest" not in data:
         raise VerifyError(f"{path}: not a snaptree manifest")
+    fmt = data.get("format")
+    if fmt not in FORMATS:
+        raise VerifyError(f"{dump}: the manifest names an unknown format {fmt!r}")
+    problems = [
+        f"{name} {data.get(name, '(missing)')!r} is not {what}"
+        for name, what, valid in (
+            ("tid", "16 hex digits", lambda v: _is_hex(v, 16)),
+            ("sha256", "64 hex digits", lambda v: _is_hex(v, 64)),
+            ("bytes", "a count", _is_count),
+            ("objects", "a count", _is_count),
+            ("committed_at", "an ISO 8601 time with its UTC offset", _is_aware_time),
+        )
+        if not valid(data.get(name))
+    ]
+    if problems:
+        raise VerifyError(
+            f"{path}: damaged manifest: {'; '.join(problems)}; export the dump again, or "
+            "restore the manifest that was written with it"
+        )
     return data
+
+
+def _is_hex(value: Any, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and set(value) <= _HEX
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_aware_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return datetime.datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) -> ExportInfo:
     """Check a dump against its manifest (size, sha256) and load it; return what it holds.
 
-    A pickle dump is loaded with the same allow-list unpickler as imports
-    (plain containers and scalars, datetime, decimal, plus the classes named
-    in *allow*), so a forged dump with a matching manifest still cannot run
-    code. Raises VerifyError saying what does not match.
+    The dump is read the way ``snaptree import`` reads it, so a forged dump
+    with a matching manifest still cannot run code: a pickle with the
+    allow-list unpickler (plain containers and scalars, datetime, decimal,
+    plus the classes named in *allow*); a zodb dump record by record with
+    the same unpickler, never with ZODB's importFile (see
+    :func:`snaptree.imports.read_zexp`); JSON with the standard parser.
+    Raises VerifyError saying what does not match or does not load.
     """
     dump = Path(path)
     if dump.name.endswith(MANIFEST_SUFFIX):
         dump = dump.with_name(dump.name[: -len(MANIFEST_SUFFIX)])
     dump = Path(os.path.realpath(dump)) if dump.is_symlink() else dump
     manifest = read_manifest(dump)
-    fmt = manifest.get("format")
-    if fmt not in FORMATS:
-        raise VerifyError(f"{dump}: the manifest names an unknown format {fmt!r}")
+    fmt = manifest["format"]
     try:
         size = dump.stat().st_size
     except FileNotFoundError:
@@ -1095,7 +1384,7 @@ def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) ->
             f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
             f"{manifest['sha256']}; the file was changed after the export"
         )
-    summary = _LOADERS[fmt](dump, manifest, allow)
+    summary = _load_dump(dump, fmt, manifest["objects"], allow)
     return ExportInfo(
         path=dump,
         format=fmt,
@@ -1124,91 +1413,17 @@ def describe(value: Any) -> dict[str, Any]:
     return summary
 
 
-def _load_pickle(
-    dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]
-) -> dict[str, Any]:
-    from .imports import AllowListUnpickler
+def _load_dump(dump: Path, fmt: str, objects: int, allow: Iterable[str | type]) -> dict[str, Any]:
+    """Load *dump* as import would, and describe it; any failure is a VerifyError."""
+    from .imports import load_source, read_zexp
 
-    with open(dump, "rb") as f:
-        try:
-            value = AllowListUnpickler(f, allow=allow, source=str(dump)).load()
-        except Error as exc:
-            raise VerifyError(f"the pickle does not load: {exc}") from None
-        except Exception as exc:
-            raise VerifyError(f"{dump}: the pickle does not load: {exc!r}") from None
-        if f.read(1):
-            raise VerifyError(f"{dump}: bytes after the end of the pickle")
-    return describe(value)
-
-
-def _load_json(dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]) -> dict[str, Any]:
-    with open(dump, "rb") as f:
-        try:
-            value = json.load(f)
-        except ValueError as exc:
-            raise VerifyError(f"{dump}: the JSON does not load: {exc}") from None
-    return describe(value)
-
-
-def _load_zodb(dump: Path, manifest: dict[str, Any], allow: Iterable[str | type]) -> dict[str, Any]:
-    """Import the dump into a throwaway in-memory database, as importFile would anywhere."""
-    import transaction
-    from ZODB import DB
-    from ZODB.MappingStorage import MappingStorage
-
-    records = _count_zexp_records(dump)
-    if records != manifest["objects"]:
-        raise VerifyError(f"{dump}: {records} records, but the manifest says {manifest['objects']}")
-    db = DB(MappingStorage())
     try:
-        tm = transaction.TransactionManager(explicit=True)
-        conn = db.open(transaction_manager=tm)
-        tm.begin()
-        try:
-            imported = conn.importFile(str(dump))
-            tm.commit()
-        except Exception as exc:
-            tm.abort()
-            raise VerifyError(f"{dump}: importFile failed: {exc!r}") from None
-        tm.begin()
-        summary: dict[str, Any] = {"records": records, "type": type(imported).__name__}
-        if isinstance(imported, Mapping | FlatMapping):
-            summary["keys"] = len(imported)
-            summary["first_keys"] = [
-                str(k) for _, k in zip(range(10), imported.keys(), strict=False)
-            ]
-        elif isinstance(imported, List):
-            summary["items"] = len(imported)
-        tm.abort()
-        conn.close()
-    finally:
-        db.close()
-    return summary
-
-
-def _count_zexp_records(dump: Path) -> int:
-    with open(dump, "rb") as f:
-        if f.read(4) != b"ZEXP":
-            raise VerifyError(f"{dump}: not a ZODB export (no ZEXP header)")
-        count = 0
-        while True:
-            header = f.read(16)
-            if header == export_end_marker:
-                break
-            if len(header) != 16:
-                raise VerifyError(f"{dump}: ends in the middle of record {count + 1}")
-            length = int.from_bytes(header[8:], "big")
-            data = f.read(length)
-            if len(data) != length:
-                raise VerifyError(f"{dump}: ends in the middle of record {count + 1}")
-            count += 1
-        if f.read(1):
-            raise VerifyError(f"{dump}: bytes after the export's end marker")
-    return count
-
-
-_LOADERS: dict[str, Callable[[Path, dict[str, Any], Iterable[str | type]], dict[str, Any]]] = {
-    "pickle": _load_pickle,
-    "json": _load_json,
-    "zodb": _load_zodb,
-}
+        if fmt != "zodb":
+            return describe(load_source(dump, format=fmt, allow=allow))
+        with open(dump, "rb") as f:
+            value, records = read_zexp(f, str(dump), allow)
+    except Error as exc:
+        raise VerifyError(f"the dump does not load: {exc}") from None
+    if records != objects:
+        raise VerifyError(f"{dump}: {records} records, but the manifest says {objects}")
+    return {"records": records, **describe(value)}

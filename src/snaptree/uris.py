@@ -57,29 +57,71 @@ ZEO_WAIT_TIMEOUT = 10
 #: (libpq's own default is to wait as long as TCP does).
 POSTGRES_CONNECT_TIMEOUT = 10
 
+#: The schemes snaptree opens (after aliases); ``demo`` is zodburi's DemoStorage.
+_SCHEMES = frozenset({"file", "memory", "zeo", "postgres", "zconfig", "demo"})
+_SUPPORTED = (
+    "use a file path, file://, memory://, zeo://host:port, postgresql://user@host/db or zconfig://"
+)
+
 #: Query options that carry secrets (ZEO accepts ``password=`` for old configs).
 _SECRET_OPTIONS = frozenset({"password", "passwd"})
 
 
+def _misplaced_userinfo(uri: str) -> str | None:
+    """The user part of *uri* when a URI parser would split it wrongly, else None.
+
+    A password with an unencoded ``#``, ``/``, ``?`` or ``@`` (or ``[``) makes
+    ``urlsplit`` end the authority inside it: ``app:se#cret@host`` becomes
+    the host ``app``, the port ``se`` and the fragment ``cret@host``, and
+    every later message quotes a piece of the password. The tell is an
+    ``@`` after the authority the parser found (or a parse that fails
+    outright): everything between ``//`` and the last ``@`` is then taken
+    as the user part, which over-masks rather than shows a secret.
+    """
+    _, sep, rest = uri.partition("://")
+    if not sep or rest.startswith("/") or "@" not in rest:
+        return None  # no authority (file:///path), or no user part in it
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return rest.rpartition("@")[0]
+    if "@" in rest[len(netloc) :]:
+        return rest.rpartition("@")[0]
+    return None
+
+
 def redact(uri: str) -> str:
-    """Return *uri* with any password (in the user part or the query) replaced by ``***``."""
+    """Return *uri* with any password (in the user part or the query) replaced by ``***``.
+
+    When the user part cannot be told apart (see :func:`_misplaced_userinfo`),
+    all of it is masked; a URI that does not parse at all is masked after
+    its scheme.
+    """
     if "://" not in uri:
         return uri
+    userinfo = _misplaced_userinfo(uri)
+    if userinfo is not None:
+        scheme, _, rest = uri.partition("://")
+        return f"{scheme}://***{rest[len(userinfo) :]}"
     try:
         parts = urlsplit(uri)
         password = parts.password
     except ValueError:
         return uri.split("://", 1)[0] + "://***"
+    secret_query = any(name.lower() in _SECRET_OPTIONS for name, _ in parse_qsl(parts.query, True))
+    if not password and not secret_query:
+        return uri  # as written: urlunsplit would turn sqlite:///x into sqlite:/x
     if password:
         parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
-    if parts.query and any(
-        name.lower() in _SECRET_OPTIONS for name, _ in parse_qsl(parts.query, True)
-    ):
+    if secret_query:
         query = [
             (name, "***" if name.lower() in _SECRET_OPTIONS else value)
             for name, value in parse_qsl(parts.query, keep_blank_values=True)
         ]
-        parts = parts._replace(query=urlencode(query, safe="*"))
+        # An unencoded '#' in a password option starts a fragment: mask that too.
+        parts = parts._replace(
+            query=urlencode(query, safe="*"), fragment="***" if parts.fragment else ""
+        )
     return urlunsplit(parts)
 
 
@@ -116,6 +158,17 @@ def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = Tr
     scheme = uri.split("://", 1)[0].lower()
     uri = _ALIASES.get(scheme, scheme) + uri[len(scheme) :]
     scheme = _ALIASES.get(scheme, scheme)
+    if scheme not in _SCHEMES:
+        # zodburi also resolves RelStorage's mysql://, sqlite:// and oracle://,
+        # which fail later with a list of drivers or a missing option.
+        kind = "unsupported" if scheme in ("mysql", "sqlite", "oracle") else "unknown"
+        raise OpenError(f"cannot open {display}: {kind} URI scheme {scheme!r}; {_SUPPORTED}")
+    if _misplaced_userinfo(uri) is not None or (scheme in ("zeo", "postgres") and "#" in uri):
+        raise OpenError(
+            f"cannot open {display}: a '#', or an '@' after the host part, means a user "
+            "name, password or option holds a character URIs reserve; percent-encode it "
+            "(@ as %40, # as %23, / as %2F, ? as %3F, % as %25)"
+        )
 
     file_path = None
     if scheme == "memory":
@@ -138,11 +191,6 @@ def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = Tr
             )
     except OpenError:
         raise
-    except zodburi.NoResolverForScheme:
-        raise OpenError(
-            f"cannot open {display}: unknown URI scheme {scheme!r}; use a file path, "
-            "file://, memory://, zeo://host:port, postgresql://user@host/db or zconfig://"
-        ) from None
     except Exception as exc:  # zodburi and RelStorage raise all sorts, with the raw URI in them
         raise OpenError(f"cannot open {display}: {scrub(str(exc), uri)}") from None
     return Resolved(factory, db_kwargs, display, scheme, file_path)
@@ -157,16 +205,24 @@ def _memory_factory(uri: str) -> Callable[[], Any]:
 
 def scrub(text: str, uri: str) -> str:
     """Remove *uri*'s passwords (user part, query, percent-encoded or not) from *text*."""
-    try:
-        parts = urlsplit(uri)
-        secrets = {parts.password} if parts.password else set()
-        secrets.update(
-            value
-            for name, value in parse_qsl(parts.query)
-            if name.lower() in _SECRET_OPTIONS and value
-        )
-    except ValueError:
-        return text
+    userinfo = _misplaced_userinfo(uri)
+    if userinfo is not None:
+        secrets = {userinfo, userinfo.partition(":")[2]} - {""}
+    else:
+        try:
+            parts = urlsplit(uri)
+            secrets = {parts.password} if parts.password else set()
+            query_secrets = [  # as written (p%26w) and decoded (p&w): messages quote both
+                value
+                for name, raw in (part.partition("=")[::2] for part in parts.query.split("&"))
+                if unquote(name).lower() in _SECRET_OPTIONS and raw
+                for value in (raw, unquote(raw.replace("+", " ")))
+            ]
+            secrets.update(query_secrets)
+            if query_secrets and parts.fragment:  # the rest of a password holding '#'
+                secrets.add(parts.fragment)
+        except ValueError:
+            return text
     for secret in sorted(secrets | {unquote(s) for s in secrets}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text

@@ -1,4 +1,4 @@
-"""``snaptree import``: read a JSON or pickle file and store it in the tree, atomically."""
+"""``snaptree import``: read a JSON file, a pickle or a ZODB export and store it, atomically."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import sys
 
 import click
 
-from ..imports import DEFAULT_SAVEPOINT_EVERY, FORMATS, load_source
+from ..imports import (
+    DEFAULT_SAVEPOINT_EVERY,
+    EXPANSION_FACTOR,
+    EXPANSION_FLOOR,
+    FORMATS,
+    load_source,
+)
 from ..store import open as open_store
 from .options import allow_option, db_option
 
@@ -21,14 +27,16 @@ from .options import allow_option, db_option
     show_default=True,
     metavar="P",
     help="Where the data goes: / merges a mapping's keys into the root; accounts/a1 makes "
-    "the data the value of a1 inside accounts (missing mappings are created).",
+    "the data the value of a1 inside accounts (missing mappings are created). An empty "
+    "path is refused (an unset shell variable, most likely).",
 )
 @click.option(
     "--format",
     "fmt",
     type=click.Choice(FORMATS),
     default=None,
-    help="Source format. Default: from the file name (.json, .pickle, .pkl), else sniffed.",
+    help="Source format (zodb: a .zexp export). Default: from the file name (.json, .pickle, "
+    ".pkl, .zexp), else sniffed.",
 )
 @click.option("--replace", is_flag=True, help="Overwrite keys that already exist.")
 @allow_option
@@ -40,6 +48,15 @@ from .options import allow_option, db_option
     metavar="N",
     help="Write a savepoint every N objects to bound memory.",
 )
+@click.option(
+    "--max-objects",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Most dicts, lists and tuples the import may create. One the source names in "
+    "several places (a pickle can) is stored as a copy at each. Default: the larger of "
+    f"{EXPANSION_FLOOR:,} and {EXPANSION_FACTOR} times the distinct ones in the source.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def import_command(
     file: str,
@@ -49,20 +66,24 @@ def import_command(
     replace: bool,
     allow: tuple[str, ...],
     savepoint_every: int,
+    max_objects: int | None,
     quiet: bool,
 ) -> None:
-    """Import FILE (JSON or pickle) into the store in one transaction.
+    """Import FILE (JSON, pickle or a zodb-format export) into the store in one transaction.
 
     Either everything is committed or nothing is: a malformed file, a key
     that already exists (without --replace) or a value that cannot be stored
-    leaves the store as it was. Pickles are read with an allow-list: builtin
-    containers and scalars, datetime and decimal, plus classes named with
-    --allow; anything else is refused before it can run.
+    leaves the store as it was. Pickles, and the records of a ZODB export,
+    are read with an allow-list: builtin containers and scalars, datetime
+    and decimal (and snaptree's own nodes in an export), plus classes named
+    with --allow; anything else is refused before it can run.
 
     Example:
 
     \b
         snaptree import data/sample_model.json --db data/bank.fs --path bank
+    \b
+        snaptree import dumps/latest.zexp --db data/copy.fs --path restored
     """
     data = load_source(file, format=fmt, allow=allow)
     with open_store(db) as store:
@@ -72,6 +93,7 @@ def import_command(
             replace=replace,
             savepoint_every=savepoint_every,
             progress=not quiet and sys.stderr.isatty(),
+            max_objects=max_objects,
         )
     replaced = f", replaced {len(result.replaced)} existing key(s)" if result.replaced else ""
     click.echo(

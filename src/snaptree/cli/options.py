@@ -18,6 +18,6 @@ allow_option = click.option(
     "allow",
     multiple=True,
     metavar="MODULE:CLASS",
-    help="Let a pickle contain this class too (repeatable). Only name classes you trust: "
-    "loading one may run its code.",
+    help="Let a pickle (or a zodb-format export) contain this class too (repeatable). Only "
+    "name classes you trust: loading one may run its code.",
 )
