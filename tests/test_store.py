@@ -201,23 +201,6 @@ def test_plain_dicts_and_lists_assigned_then_mutated_in_place_are_committed(tmp_
     }
 
 
-def test_assigned_values_become_tracked_nodes(store):
-    def kinds(root: Any) -> list[str]:
-        root["d"] = {"nested": {"x": [1, {"y": 2}]}, "s": {1, 2}, "b": bytearray(b"ab")}
-        root["mixed"] = {1: "int key", "a": "str key"}
-        d = root["d"]
-        return [
-            type(d).__name__,
-            type(d["nested"]["x"]).__name__,
-            type(d["nested"]["x"][1]).__name__,
-            type(d["s"]).__name__,
-            type(d["b"]).__name__,
-            type(root["mixed"]).__name__,
-        ]
-
-    assert store.run(kinds) == ["Mapping", "List", "Mapping", "frozenset", "bytes", "FlatMapping"]
-
-
 class PlainModel:
     def __init__(self) -> None:
         self.items = []

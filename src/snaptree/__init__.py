@@ -20,7 +20,7 @@ from .imports import ImportResult, load_source
 from .retry import RetryPolicy
 from .schedule import Exporter, RunResult
 from .store import Snapshot, Store, open, read_current
-from .tree import Counter, FlatMapping, List, Mapping, to_persistent, to_plain
+from .tree import Counter, FlatMapping, List, Mapping, Set, to_persistent, to_plain
 
 try:
     __version__ = version("snaptree")
@@ -44,6 +44,7 @@ __all__ = [
     "RetriesExhausted",
     "RetryPolicy",
     "RunResult",
+    "Set",
     "Snapshot",
     "Store",
     "StoreClosedError",

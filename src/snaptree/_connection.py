@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import threading
 
+from persistent.interfaces import UPTODATE
 from ZODB.Connection import Connection
 
 from .errors import MisuseError, WrongThreadError
 
 _IDLE = 0  # thread idents are never 0 on CPython
+
+#: Per thread, the connections it holds for store calls, innermost last.
+#: tree.py asks for the innermost writable one: a node created outside the
+#: tree during a store call belongs to that call's transaction.
+_held = threading.local()
 
 
 class OwnedConnection(Connection):
@@ -34,9 +40,13 @@ class OwnedConnection(Connection):
     def claim(self, *, read_only: bool = False) -> None:
         self._snaptree_owner = threading.get_ident()
         self._snaptree_read_only = read_only
+        _stack().append(self)
 
     def release(self) -> None:
         self._snaptree_owner = _IDLE
+        stack = _stack()
+        if self in stack:  # the last one claimed, unless leases ended out of order
+            stack.remove(self)
 
     def check_owner(self, obj: object) -> None:
         owner = self._snaptree_owner
@@ -54,8 +64,45 @@ class OwnedConnection(Connection):
             )
 
     def register(self, obj: object) -> None:
-        self.check_owner(obj)
+        try:
+            self.check_owner(obj)
+        except MisuseError:
+            _discard_refused_change(obj)
+            raise
         super().register(obj)
+
+
+def _discard_refused_change(obj: object) -> None:
+    """Turn *obj* back into a ghost, so that a refused change cannot be committed later.
+
+    persistent calls ``register`` before an attribute assignment, but code that
+    changes a plain attribute in place and then sets ``_p_changed`` (the usual
+    idiom for a list attribute: ``self.items.append(x); self._p_changed = True``)
+    has already changed the object when it is refused. The pooled connection
+    would keep that state, and the next transaction to touch the object would
+    commit it. ``register`` is only called on an object's first change in a
+    transaction, so its state held no other uncommitted change: discarding it
+    loses exactly the refused change, and the next access loads the committed
+    state again. An object in use by C code (a BTree in the middle of an
+    operation, state STICKY) is left alone: BTrees register before they write.
+    """
+    if getattr(obj, "_p_state", None) == UPTODATE:
+        obj._p_invalidate()  # type: ignore[attr-defined]
+
+
+def _stack() -> list[OwnedConnection]:
+    stack = getattr(_held, "stack", None)
+    if stack is None:
+        stack = _held.stack = []
+    return stack
+
+
+def current_connection() -> OwnedConnection | None:
+    """The connection of the store call the calling thread is in, if it can write; else None."""
+    for conn in reversed(getattr(_held, "stack", ())):
+        if not conn._snaptree_read_only:
+            return conn
+    return None
 
 
 def check_writable(obj: object) -> None:

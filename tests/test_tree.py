@@ -1,0 +1,877 @@
+"""The tree's nodes behave like the dicts, lists and sets they replace, or say why not.
+
+Each guarantee is checked the way a user would meet it: through store.run,
+store.transaction and snapshots on memory:// and FileStorage, and on
+free-standing nodes. A case passes if it behaves as plain Python does, or
+raises a snaptree.Error with nothing committed.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import datetime
+import decimal
+import difflib
+import pickle
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from persistent import Persistent
+
+import snaptree
+from snaptree import MisuseError, UnstorableValueError, WrongThreadError
+from snaptree.tree import FlatMapping, List, Mapping, Set, dict_node, to_persistent, to_plain
+
+TIMEOUT = 30
+
+
+def kinds(value: Any) -> Any:
+    """The node classes in *value*, as nested plain data, to compare with expectations."""
+    if isinstance(value, Mapping | FlatMapping):
+        return (type(value).__name__, {k: kinds(v) for k, v in value.items()})
+    if isinstance(value, List):
+        return ("List", [kinds(v) for v in value])
+    return type(value).__name__
+
+
+# -- conversion ------------------------------------------------------------------------
+
+
+def test_assigned_values_become_nodes_that_keep_their_behaviour(store):
+    def assign(root: Any) -> Any:
+        root["d"] = {
+            "nested": {"x": [1, {"y": 2}]},
+            "tags": {"a", "b"},
+            "frozen": frozenset({1}),
+            "pair": (1, "a"),
+            "when": datetime.date(2026, 1, 1),
+        }
+        root["mixed"] = {1: "int key", "a": "str key"}
+        return kinds(root["d"]), type(root["d"]["tags"]).__name__, type(root["mixed"]).__name__
+
+    tree, tags, mixed = store.run(assign)
+    assert tree == (
+        "Mapping",
+        {
+            "nested": ("Mapping", {"x": ("List", ["int", ("Mapping", {"y": "int"})])}),
+            "tags": "Set",
+            "frozen": "frozenset",
+            "pair": "tuple",
+            "when": "date",
+        },
+    )
+    assert (tags, mixed) == ("Set", "FlatMapping")
+
+
+def test_a_set_stays_a_mutable_set_whose_changes_are_committed(store_uri):
+    with snaptree.open(store_uri) as store:
+        store.run(lambda root: root.update(tags={"a"}))
+        store.run(lambda root: root["tags"].add("b"))
+        store.run(lambda root: root["tags"].update({"c", "d"}))
+
+        def in_place(root: Any) -> None:
+            tags = root["tags"]
+            tags |= {"e"}
+            tags -= {"a"}
+
+        store.run(in_place)
+        assert store.run(lambda root: root["tags"]) == {"b", "c", "d", "e"}
+    if store_uri != "memory://":
+        with snaptree.open(store_uri) as reopened:
+            assert reopened.run(lambda root: root["tags"]) == {"b", "c", "d", "e"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [collections.defaultdict(list, {"a": [1]}), collections.Counter("abc")],
+    ids=["defaultdict", "Counter"],
+)
+def test_a_dict_with_a_default_factory_is_refused_with_a_hint(store, value):
+    with pytest.raises(UnstorableValueError, match=r"^cfg/x: .*default.*setdefault"):
+        store.run(lambda root: root.update(cfg={"x": value}))
+    assert store.run(lambda root: "cfg" in root) is False
+
+
+def test_a_bytearray_is_refused_with_a_hint(store):
+    with pytest.raises(UnstorableValueError, match=r"^blob: cannot store a bytearray.*bytes\("):
+        store.run(lambda root: root.update(blob=bytearray(b"ab")))
+    assert store.run(lambda root: "blob" in root) is False
+
+
+def test_plain_objects_inside_frozensets_and_tuples_are_refused_with_their_path(store):
+    class Plain:
+        pass
+
+    with pytest.raises(UnstorableValueError, match=r"^a/b/1: .*Plain"):
+        store.run(lambda root: root.update(a={"b": (1, Plain())}))
+    with pytest.raises(UnstorableValueError, match=r"^a/b: .*Plain"):
+        store.run(lambda root: root.update(a={"b": frozenset({Plain()})}))
+    assert store.run(lambda root: "a" in root) is False
+
+
+CONSTRUCTIONS = {
+    "List(list)": lambda root: List([{"v": 1}]),
+    "Mapping(dict)": lambda root: Mapping({"a": {"v": 1}}),
+    "Mapping(pairs)": lambda root: Mapping([("a", {"v": 1})]),
+    "Mapping(kwargs)": lambda root: Mapping(a={"v": 1}),
+    "FlatMapping(dict)": lambda root: FlatMapping({1: {"v": 1}, "a": 2}),
+    "Set(set)": lambda root: Set({(1, 2)}),
+    "node + list": lambda root: root["l"] + [{"v": 1}],
+    "list + node": lambda root: [{"v": 1}] + root["l"],
+    "node * 2": lambda root: root["l"] * 2,
+    "node | dict": lambda root: root["m"] | {"b": {"v": 1}},
+    "dict | node": lambda root: {"b": {"v": 1}} | root["m"],
+    "flat | dict": lambda root: root["f"] | {"b": {"v": 1}},
+    "copy()": lambda root: root["m"].copy(),
+    "fromkeys": lambda root: Mapping.fromkeys(["a", "b"], {"v": 1}),
+    "slice": lambda root: root["l"][:],
+}
+
+
+@pytest.mark.parametrize("make", CONSTRUCTIONS.values(), ids=CONSTRUCTIONS.keys())
+def test_every_way_to_make_a_node_converts_what_it_holds(store, make):
+    """Whatever a node is built from, dicts and lists inside it become nodes too."""
+    store.run(lambda root: root.update(l=[{"v": 0}], m={"a": {"v": 0}}, f={1: {"v": 0}, "a": 2}))
+
+    def build(root: Any) -> Any:
+        root["built"] = make(root)
+        return kinds(root["built"])
+
+    shape = store.run(build)
+    assert "dict" not in repr(shape) and "'list'" not in repr(shape)
+
+
+CHANGES = {
+    "append": lambda root: root["l"].append({"v": 1}),
+    "extend": lambda root: root["l"].extend([{"v": 1}]),
+    "+=": lambda root: root.__setitem__("l", _iadd(root["l"], [{"v": 1}])),
+    "insert": lambda root: root["l"].insert(0, {"v": 1}),
+    "slice assignment": lambda root: root["l"].__setitem__(slice(0, 0), [{"v": 1}]),
+    "list item": lambda root: root["l"].__setitem__(0, {"v": 1}),
+    "l = l + [...]": lambda root: root.__setitem__("l", root["l"] + [{"v": 1}]),
+    "setdefault": lambda root: root["m"].setdefault("new", {"v": 1}),
+    "update(dict)": lambda root: root["m"].update({"new": {"v": 1}}),
+    "update(pairs)": lambda root: root["m"].update([("new", {"v": 1})]),
+    "update(kwargs)": lambda root: root["m"].update(new={"v": 1}),
+    "|=": lambda root: root.__setitem__("m", _ior(root["m"], {"new": {"v": 1}})),
+    "flat |=": lambda root: root.__setitem__("f", _ior(root["f"], {"new": {"v": 1}})),
+    "flat update": lambda root: root["f"].update(new={"v": 1}),
+    "flat setdefault": lambda root: root["f"].setdefault("new", {"v": 1}),
+}
+
+
+def _iadd(node: Any, other: Any) -> Any:
+    node += other
+    return node
+
+
+def _ior(node: Any, other: Any) -> Any:
+    node |= other
+    return node
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_every_way_into_a_node_converts_so_later_changes_are_committed(store, change):
+    """What went in plain is a node: a later change inside it, in another call, is stored."""
+    store.run(lambda root: root.update(l=["first"], m={}, f={1: "int key", "a": "str key"}))
+    store.run(change)
+
+    def find_new(root: Any) -> Any:
+        for name in ("l", "m", "f"):
+            for value in root[name] if name == "l" else root[name].values():
+                if isinstance(value, Mapping | FlatMapping) and "v" in value:
+                    return value
+        raise AssertionError("the new value is not in the tree")
+
+    store.run(lambda root: find_new(root).__setitem__("v", 2))
+    assert store.run(lambda root: dict(find_new(root))) == {"v": 2}
+
+
+# -- operators, equality, hashing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_type", [Mapping, FlatMapping])
+def test_or_and_ior_merge_like_dict(node_type):
+    plain = {"mode": "slow", "retries": 3}
+    node = node_type(plain)
+    assert node | {"mode": "fast"} == plain | {"mode": "fast"}
+    assert {"mode": "fast", "x": 1} | node == {"mode": "fast", "x": 1} | plain
+    merged = node
+    merged |= {"mode": "fast", "new": [1]}
+    assert merged is node
+    assert node == {"mode": "fast", "retries": 3, "new": [1]}
+    assert isinstance(node["new"], List)
+    with pytest.raises(TypeError):
+        node | [("a", 1)]  # dict refuses a non-mapping too
+
+
+def test_ior_on_a_stored_mapping_merges_and_keeps_every_value(store):
+    store.run(lambda root: root.update(settings={"mode": "slow", "limits": {"n": 1}}))
+
+    def merge(root: Any) -> None:
+        root["settings"] |= {"mode": "fast"}
+
+    store.run(merge)
+    assert store.run(lambda root: root["settings"]) == {"mode": "fast", "limits": {"n": 1}}
+    assert store.run(lambda root: type(root["settings"]).__name__) == "Mapping"
+
+
+def test_btree_key_set_operators_are_not_offered_since_dict_has_none():
+    node = Mapping(a=1)
+    for operation in (lambda: node & {"a": 1}, lambda: node - {"a": 1}):
+        with pytest.raises(TypeError):
+            operation()
+
+
+def test_nodes_compare_by_contents_like_the_plain_values():
+    plain = {"a": 1, "b": {"c": [1, 2]}}
+    assert Mapping(plain) == plain and plain == Mapping(plain)
+    assert Mapping(plain) == Mapping(plain)
+    assert Mapping(plain) != Mapping({"a": 2})
+    assert (Mapping(plain) != plain) is False
+    assert FlatMapping({1: "x", "a": {"b": 1}}) == {1: "x", "a": {"b": 1}}
+    assert FlatMapping({"a": 1}) == Mapping({"a": 1})
+    assert List([{"n": 1}, {"n": 2}]) == [{"n": 1}, {"n": 2}]
+    assert [{"n": 1}] == List([{"n": 1}])  # noqa: SIM300 - the reflected comparison
+    assert Set({1, 2}) == {1, 2} and {1, 2} == Set({1, 2}) and Set({1}) != {2}
+    assert Mapping({"a": 1}) != [("a", 1)]
+
+
+@pytest.mark.parametrize(
+    "node", [Mapping(), FlatMapping(), List(), Set()], ids=lambda node: type(node).__name__
+)
+def test_nodes_are_unhashable_like_dicts_lists_and_sets(node):
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(node)
+
+
+def test_repr_shows_contents_like_the_plain_value():
+    node = Mapping({"a": [1, {"b": {2}}]})
+    assert repr(node) == repr({"a": [1, {"b": {2}}]})
+    assert repr(FlatMapping({1: "x", "a": None})) == repr({1: "x", "a": None})
+    assert repr(Set()) == "set()"
+
+
+# -- iteration -------------------------------------------------------------------------
+
+ITERATIONS = {
+    "iter": lambda d: iter(d),
+    "keys": lambda d: iter(d.keys()),
+    "values": lambda d: iter(d.values()),
+    "items": lambda d: iter(d.items()),
+}
+
+
+@pytest.mark.parametrize("iterate", ITERATIONS.values(), ids=ITERATIONS.keys())
+@pytest.mark.parametrize("make", [dict, Mapping, FlatMapping], ids=lambda t: t.__name__)
+def test_deleting_while_iterating_raises_like_a_dict(make, iterate):
+    d = make({f"k{i}": i for i in range(10)})
+    keys = list(d)
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        for i, _ in enumerate(iterate(d)):
+            del d[keys[i]]
+    assert len(d) == 9  # one deletion happened, as in a dict, then the iteration stopped
+
+
+@pytest.mark.parametrize("make", [dict, Mapping, FlatMapping], ids=lambda t: t.__name__)
+def test_adding_while_iterating_raises_like_a_dict(make):
+    d = make({1: 1})
+    with pytest.raises(RuntimeError):
+        for key in d:
+            d[key + 1] = 1
+
+
+@pytest.mark.parametrize("make", [dict, Mapping, FlatMapping], ids=lambda t: t.__name__)
+def test_replacing_values_while_iterating_is_allowed_like_a_dict(make):
+    d = make({f"k{i}": i for i in range(100)})
+    for key in d:
+        d[key] = d[key] * 2
+    assert dict(d) == {f"k{i}": 2 * i for i in range(100)}
+
+
+def test_a_change_then_break_is_allowed_like_a_dict():
+    d = Mapping({"a": 1, "b": 2})
+    for key in d:
+        del d[key]
+        break
+    assert d == {"b": 2}
+    assert list(d) == ["b"]  # the abandoned iteration left no watch behind
+
+
+def test_deleting_every_key_while_iterating_in_a_store_commits_nothing(store):
+    store.run(lambda root: root.update(d={f"k{i}": i for i in range(10)}))
+
+    def clear_by_iterating(root: Any) -> None:
+        for key in root["d"].keys():  # noqa: SIM118 - the case the issue reported
+            del root["d"][key]
+
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        store.run(clear_by_iterating)
+    assert store.run(lambda root: len(root["d"])) == 10
+
+
+def test_a_large_mapping_iterates_in_key_order_across_buckets():
+    node = Mapping({f"k{i:05}": i for i in range(5000)})
+    assert list(node) == sorted(node)
+    assert list(reversed(node)) == sorted(node, reverse=True)
+    assert list(node.items())[:2] == [("k00000", 0), ("k00001", 1)]
+
+
+# -- plain objects changed after they were stored ---------------------------------------------
+
+
+def test_a_change_through_the_original_dict_fails_the_commit_with_its_path(store):
+    store.run(lambda root: root.update(customers={}))
+
+    def add_customer(root: Any) -> None:
+        c = {"orders": []}
+        root["customers"]["ann"] = c
+        c["orders"].append(1)  # the tree holds a copy: this would be lost
+
+    with pytest.raises(MisuseError, match=r"^customers/ann/orders: the list stored there was"):
+        store.run(add_customer)
+    assert store.run(lambda root: dict(root["customers"])) == {}
+
+
+def test_a_change_to_a_dict_after_appending_it_fails_the_commit(store):
+    store.run(lambda root: root.update(log=[]))
+
+    def append_then_fill(root: Any) -> None:
+        entry: dict[str, int] = {}
+        root["log"].append(entry)
+        entry["n"] = 1
+
+    with pytest.raises(MisuseError, match=r"^log/0: the dict stored there was changed"):
+        store.run(append_then_fill)
+    assert store.run(lambda root: list(root["log"])) == []
+
+
+def test_a_change_through_the_original_in_a_transaction_block_commits_nothing(store):
+    store.run(lambda root: root.update(items={}))
+    with pytest.raises(MisuseError), store.transaction() as root:
+        item = {"qty": 1}
+        root["items"]["a"] = item
+        item["qty"] = 2
+    assert store.run(lambda root: dict(root["items"])) == {}
+
+
+def test_a_free_standing_node_built_inside_a_call_is_checked_too(store):
+    def build_then_change(root: Any) -> None:
+        rows = [{"n": 1}]
+        root["table"] = List(rows)
+        rows[0]["n"] = 2
+
+    with pytest.raises(MisuseError, match=r"^table/0: the dict"):
+        store.run(build_then_change)
+    assert store.run(lambda root: "table" in root) is False
+
+
+def test_changes_through_the_tree_after_assignment_commit(store):
+    def add_then_change_through_tree(root: Any) -> None:
+        c = {"orders": [], "tags": set()}
+        root["c"] = c
+        root["c"]["orders"].append({"n": 1})
+        root["c"]["orders"][0]["n"] = 2
+        root["c"]["tags"].add("vip")
+        root["c"]["name"] = "ann"
+
+    store.run(add_then_change_through_tree)
+    assert store.run(lambda root: root["c"]) == {
+        "orders": [{"n": 2}],
+        "tags": {"vip"},
+        "name": "ann",
+    }
+
+
+def test_the_same_object_assigned_twice_is_one_shared_node_as_in_python(store):
+    def alias(root: Any) -> bool:
+        shared = {"n": 0}
+        root["a"] = shared
+        root["b"] = shared
+        root["pair"] = [shared, shared]
+        root["a"]["n"] = 1
+        return root["b"] is root["a"] and root["pair"][1] is root["a"]
+
+    assert store.run(alias) is True
+    assert store.run(lambda root: (root["b"]["n"], root["pair"][0]["n"])) == (1, 1)
+
+
+def test_a_conversion_that_is_thrown_away_does_not_fail_the_commit(store):
+    def throwaway(root: Any) -> None:
+        rows = [{"n": 1}]
+        List(rows)  # built and dropped: nothing of it is stored
+        rows[0]["n"] = 2
+        root["ok"] = True
+
+    store.run(throwaway)
+    assert store.run(lambda root: root["ok"]) is True
+
+
+def test_outside_a_store_call_assignment_copies(store):
+    """A documented difference: without a transaction there is no commit to refuse."""
+    original = {"n": 1}
+    node = Mapping(a=original)
+    original["n"] = 2
+    assert node == {"a": {"n": 1}}
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+NAIVE = datetime.datetime(2026, 1, 1)
+AWARE = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize(
+    ("existing", "key"),
+    [({"a": 1}, 5), ({1: "x"}, "a"), ({NAIVE: 1}, AWARE), ({(1, "a"): 1}, (1, 2))],
+    ids=["int into str", "str into int", "aware into naive", "tuple of other types"],
+)
+def test_a_key_the_mapping_cannot_order_is_refused_with_path_before_anything_changes(
+    store, existing, key
+):
+    store.run(lambda root: root.update(m=existing))
+    with pytest.raises(UnstorableValueError, match=r"^m/.*cannot be ordered.*convert the key"):
+        store.run(lambda root: root["m"].__setitem__(key, 1))
+
+    def update_with_one_bad_key(root: Any) -> None:
+        root["m"].update([("zz" if isinstance(key, int) else 99, 2), (key, 1)])
+
+    with pytest.raises(UnstorableValueError):
+        store.run(update_with_one_bad_key)
+    assert store.run(lambda root: root["m"]) == existing
+
+
+def test_an_update_refused_midway_undoes_what_it_inserted():
+    node = Mapping({"b": 1})
+    with pytest.raises(UnstorableValueError):
+        node.update([("a", 2), ("b", 3), ("c", 4), (5, 5)])
+    assert node == {"b": 1}
+    # two new keys that do not order against each other, found only while inserting
+    node = Mapping()
+    with pytest.raises(UnstorableValueError):
+        node.update([((1, "x"), 1), ((1, 2), 2)])
+    assert node == {}
+
+
+def test_lookups_with_a_key_of_another_type_answer_like_a_dict():
+    node = Mapping({"a": 1})
+    assert 5 not in node
+    assert node.get(5) is None and node.get(5, "d") == "d"
+    assert node.pop(5, "d") == "d"
+    with pytest.raises(KeyError):
+        node[5]
+    with pytest.raises(KeyError):
+        del node[5]
+
+
+@pytest.mark.parametrize(
+    "nan",
+    [float("nan"), decimal.Decimal("NaN"), decimal.Decimal("sNaN"), (1, float("nan"))],
+    ids=["float", "Decimal", "sNaN", "in a tuple"],
+)
+def test_nan_keys_are_refused_with_the_path(store, nan):
+    store.run(lambda root: root.update(prices={10.5: "x"}, flat={1: "a", "b": 2}))
+    for target in ("prices", "flat"):
+        with pytest.raises(UnstorableValueError, match=rf"^{target}/.*NaN cannot be a key"):
+            store.run(lambda root, target=target: root[target].__setitem__(nan, "n"))
+    if not isinstance(nan, decimal.Decimal) or not nan.is_snan():  # sNaN cannot hash at all
+        with pytest.raises(UnstorableValueError, match=r"^new/.*NaN cannot be a key"):
+            store.run(lambda root: root.update(new={0.5: "x", nan: "n", 19.0: "y"}))
+    assert store.run(lambda root: ("new" in root, dict(root["prices"]))) == (False, {10.5: "x"})
+
+
+def test_nan_keys_in_converted_dicts_are_refused_by_dict_node_with_the_path():
+    with pytest.raises(UnstorableValueError, match=r"^model/prices/nan: NaN"):
+        dict_node({10.5: 0, float("nan"): 0}, ["x", "n"], path="model/prices")
+
+
+def test_a_dict_with_naive_and_aware_datetime_keys_is_stored_unordered_and_works(store):
+    store.run(lambda root: root.update(when={NAIVE: "naive", AWARE: "aware"}))
+    assert store.run(lambda root: type(root["when"]).__name__) == "FlatMapping"
+    assert store.run(lambda root: (root["when"][NAIVE], root["when"][AWARE])) == (
+        "naive",
+        "aware",
+    )
+
+
+# -- a refused change leaves no trace ---------------------------------------------------------
+
+MUTATIONS = {
+    "m[k] = v": ("m", lambda n: n.__setitem__("a", "DANGER")),
+    "del m[k]": ("m", lambda n: n.__delitem__("a")),
+    "m.update": ("m", lambda n: n.update(mode="DANGER")),
+    "m |=": ("m", lambda n: _ior(n, {"mode": "DANGER"})),
+    "m.setdefault": ("m", lambda n: n.setdefault("mode", "DANGER")),
+    "m.pop": ("m", lambda n: n.pop("a")),
+    "m.popitem": ("m", lambda n: n.popitem()),
+    "m.clear": ("m", lambda n: n.clear()),
+    "m.insert": ("m", lambda n: n.insert("mode", "DANGER")),
+    "m.__init__": ("m", lambda n: n.__init__(mode="DANGER")),
+    "f[k] = v": ("f", lambda n: n.__setitem__("a", "DANGER")),
+    "del f[k]": ("f", lambda n: n.__delitem__(1)),
+    "f |=": ("f", lambda n: _ior(n, {"mode": "DANGER"})),
+    "f.update": ("f", lambda n: n.update(mode="DANGER")),
+    "f.setdefault": ("f", lambda n: n.setdefault("mode", "DANGER")),
+    "f.pop": ("f", lambda n: n.pop(1)),
+    "f.popitem": ("f", lambda n: n.popitem()),
+    "f.clear": ("f", lambda n: n.clear()),
+    "f.__init__": ("f", lambda n: n.__init__(mode="DANGER")),
+    "l[i] = v": ("l", lambda n: n.__setitem__(0, "DANGER")),
+    "l[:] = v": ("l", lambda n: n.__setitem__(slice(None), ["DANGER"])),
+    "del l[i]": ("l", lambda n: n.__delitem__(0)),
+    "l.append": ("l", lambda n: n.append("DANGER")),
+    "l.extend": ("l", lambda n: n.extend(["DANGER"])),
+    "l +=": ("l", lambda n: _iadd(n, ["DANGER"])),
+    "l *=": ("l", lambda n: n.__imul__(2)),
+    "l.insert": ("l", lambda n: n.insert(0, "DANGER")),
+    "l.pop": ("l", lambda n: n.pop()),
+    "l.remove": ("l", lambda n: n.remove(3)),
+    "l.reverse": ("l", lambda n: n.reverse()),
+    "l.sort": ("l", lambda n: n.sort()),
+    "l.clear": ("l", lambda n: n.clear()),
+    "l.__init__": ("l", lambda n: n.__init__(["DANGER"])),
+    "s.add": ("s", lambda n: n.add("DANGER")),
+    "s.discard": ("s", lambda n: n.discard(1)),
+    "s.remove": ("s", lambda n: n.remove(1)),
+    "s.pop": ("s", lambda n: n.pop()),
+    "s.clear": ("s", lambda n: n.clear()),
+    "s.update": ("s", lambda n: n.update({"DANGER"})),
+    "s |=": ("s", lambda n: _ior(n, {"DANGER"})),
+    "s &=": ("s", lambda n: n.__iand__({1})),
+    "s -=": ("s", lambda n: n.__isub__({1})),
+    "s ^=": ("s", lambda n: n.__ixor__({1})),
+}
+
+STATE = {"m": {"a": 1, "b": 2}, "f": {1: "x", "a": "y"}, "l": [3, 1, 2], "s": {1, 2}}
+
+
+def _hold_in_snapshot(store: Any, name: str, mutate: Any) -> None:
+    with store.snapshot() as snap:
+        mutate(snap.root[name])
+
+
+def _hold_from_another_thread(store: Any, name: str, mutate: Any) -> None:
+    loaded, done = threading.Event(), threading.Event()
+    shared: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def owner(root: Any) -> None:
+        shared["node"] = root[name]
+        loaded.set()
+        assert done.wait(TIMEOUT)
+
+    thread = threading.Thread(target=lambda: store.run(owner))
+    thread.start()
+    try:
+        assert loaded.wait(TIMEOUT)
+        try:
+            mutate(shared["node"])
+        except BaseException as exc:  # re-raised below, after the owner ends
+            errors.append(exc)
+    finally:
+        done.set()
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS.values(), ids=MUTATIONS.keys())
+@pytest.mark.parametrize(
+    "hold",
+    [_hold_in_snapshot, _hold_from_another_thread],
+    ids=["in a snapshot", "from another thread"],
+)
+def test_a_refused_change_leaves_no_trace_even_after_a_later_commit(store_uri, hold, mutation):
+    """pool_size=1: the next calls reuse the very connection, and objects, the change touched."""
+    name, mutate = mutation
+    with snaptree.open(store_uri, pool_size=1) as store:
+        store.run(lambda root: root.update(STATE))
+        with pytest.raises(MisuseError):
+            hold(store, name, mutate)
+        store.run(lambda root: root.__setitem__("unrelated", 1))
+        store.run(lambda root: root[name].__class__ and None)
+        assert store.run(lambda root: root[name]) == STATE[name]
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS.values(), ids=MUTATIONS.keys())
+def test_a_change_after_the_transaction_is_refused_and_leaves_no_trace(store_uri, mutation):
+    name, mutate = mutation
+    with snaptree.open(store_uri, pool_size=1) as store:
+        store.run(lambda root: root.update(STATE))
+        kept: dict[str, Any] = {}
+        store.run(lambda root: kept.setdefault("node", root[name]) and None)
+        with pytest.raises(WrongThreadError, match="after its transaction ended"):
+            mutate(kept["node"])
+        store.run(lambda root: root.__setitem__("unrelated", 1))
+        assert store.run(lambda root: root[name]) == STATE[name]
+
+
+class Account(Persistent):
+    """A user's own persistent class, changed the usual way for a plain list attribute."""
+
+    def __init__(self) -> None:
+        self.entries: list[int] = []
+
+    def add(self, amount: int) -> None:
+        self.entries.append(amount)
+        self._p_changed = True  # persistent asks the connection only now, after the change
+
+
+def _change_kept_after_call(store: Any, name: str, mutate: Any) -> None:
+    kept: dict[str, Any] = {}
+    store.run(lambda root: kept.setdefault("node", root[name]) and None)
+    mutate(kept["node"])
+
+
+@pytest.mark.parametrize(
+    "hold",
+    [_hold_in_snapshot, _change_kept_after_call, _hold_from_another_thread],
+    ids=["in a snapshot", "after its call", "from another thread"],
+)
+def test_a_refused_change_to_a_users_own_object_is_discarded(store_uri, hold):
+    """Its class changes a list in place, then sets _p_changed: refused after the change."""
+    with snaptree.open(store_uri, pool_size=1) as store:
+        store.run(lambda root: root.update(acct=Account()))
+        with pytest.raises(MisuseError):
+            hold(store, "acct", lambda acct: acct.add(666))
+        assert store.run(lambda root: list(root["acct"].entries)) == []
+
+        def touch(root: Any) -> None:
+            root["acct"].note = "unrelated"
+
+        store.run(touch)
+        assert store.run(lambda root: list(root["acct"].entries)) == []
+
+
+# -- reading back ------------------------------------------------------------------------------
+
+
+def _depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def test_to_plain_copies_a_50000_deep_tree_without_recursion():
+    node = List()
+    for _ in range(50_000):
+        node = List([node])
+    plain = to_plain(node)
+    assert type(plain) is list and _depth(plain) == 50_000
+
+
+def test_a_50000_deep_imported_tree_reads_back_through_store_run(store):
+    deep: list[Any] = []
+    for _ in range(50_000):
+        deep = [deep]
+    store.import_tree(deep, path="deep")
+    plain = store.run(lambda root: root["deep"])
+    assert type(plain) is list and _depth(plain) == 50_000
+
+
+def test_to_plain_keeps_shared_nodes_shared_and_cycles_as_cycles():
+    shared = Mapping(n=1)
+    root = Mapping(a=shared, b=shared, l=List([shared]))
+    plain = to_plain(root)
+    assert plain["a"] is plain["b"] is plain["l"][0]
+    cyclic = Mapping()
+    cyclic["self"] = cyclic
+    copied = to_plain(cyclic)
+    assert copied["self"] is copied
+
+
+def test_to_plain_gives_plain_types_at_every_level():
+    node = to_persistent({"a": [{"b": {1, 2}}, (1, List([3]))], "c": snaptree.Counter()})
+    plain = to_plain(node)
+    assert plain == {"a": [{"b": {1, 2}}, (1, [3])], "c": 0}
+    assert type(plain["a"][0]["b"]) is set and type(plain["a"][1][1]) is list
+
+
+# -- pickle and copy ----------------------------------------------------------------------------
+
+PLAIN = {"a": [1, {"b": {1, 2}}], "f": {1: "x", "y": [2]}, "t": (1, [2])}
+
+
+def test_pickle_and_copy_of_nodes_give_plain_data():
+    node = to_persistent(PLAIN)
+    node["n"] = snaptree.Counter()
+    expected = {**PLAIN, "n": 0}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        loaded = pickle.loads(pickle.dumps(node, protocol))
+        assert loaded == expected and type(loaded) is dict
+        assert type(loaded["f"]) is dict and type(loaded["a"][1]["b"]) is set
+    deep = copy.deepcopy(node)
+    assert deep == expected and type(deep["a"]) is list and type(deep["a"][1]) is dict
+    shallow = copy.copy(node)
+    assert type(shallow) is dict and shallow["a"] is node["a"]
+    assert type(copy.copy(node["f"])) is dict and type(copy.copy(node["a"])) is list
+
+
+def test_a_snapshot_dumped_with_pickle_loads_where_snaptree_is_not_installed(store, tmp_path):
+    store.run(lambda root: root.update(PLAIN))
+    path = tmp_path / "dump.pickle"
+    with store.snapshot() as snap, path.open("wb") as f:
+        pickle.dump(snap.root, f)
+    code = (
+        "import pickle, sys\n"
+        f"data = pickle.load(open({str(path)!r}, 'rb'))\n"
+        "assert 'snaptree' not in sys.modules and 'persistent' not in sys.modules\n"
+        "print(repr(sorted(data.items(), key=repr)))\n"
+    )
+    # -S: no site-packages, so neither snaptree nor ZODB could be imported
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(sorted(PLAIN.items(), key=repr))
+
+
+# -- ZODB's own storage of nodes is unaffected ---------------------------------------------------
+
+
+def test_nodes_are_stored_as_nodes_and_load_back_after_reopening(tmp_path):
+    path = str(tmp_path / "Data.fs")
+    with snaptree.open(path) as store:
+        store.run(lambda root: root.update(PLAIN, big={f"k{i:04}": i for i in range(1000)}))
+        store.run(lambda root: root.update(hits=snaptree.Counter()))
+        store.run(lambda root: root["hits"].add(2))
+    with snaptree.open(path) as reopened:
+
+        def load(root: Any) -> Any:
+            return (
+                kinds(root["a"]),
+                type(root["a"][1]["b"]).__name__,
+                type(root["f"]).__name__,
+                type(root["big"]).__name__,
+                root["hits"].value,
+            )
+
+        assert reopened.run(load) == (
+            ("List", ["int", ("Mapping", {"b": "Set"})]),
+            "Set",
+            "FlatMapping",
+            "Mapping",
+            2,
+        )
+        assert reopened.run(lambda root: root["big"]) == {f"k{i:04}": i for i in range(1000)}
+        assert reopened.run(lambda root: root["a"]) == PLAIN["a"]
+
+
+def _two_writers(store: Any, first: Any, second: Any) -> None:
+    """Both blocks read, then both write and commit: the second commit must be resolved."""
+    both_read = threading.Barrier(2, timeout=TIMEOUT)
+    first_done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run(change: Any, wait_for_first: bool) -> None:
+        try:
+            with store.transaction() as root:
+                root["target"].__len__()  # loaded before the other commits
+                both_read.wait()
+                if wait_for_first:
+                    assert first_done.wait(TIMEOUT)
+                change(root["target"])
+            if not wait_for_first:
+                first_done.set()
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+            first_done.set()
+
+    threads = [
+        threading.Thread(target=run, args=(first, False)),
+        threading.Thread(target=run, args=(second, True)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+
+
+def test_concurrent_inserts_into_one_mapping_are_still_merged_by_btrees(store):
+    store.run(lambda root: root.update(target={f"k{i:03}": i for i in range(20)}))
+    _two_writers(store, lambda m: m.__setitem__("a-new", 1), lambda m: m.__setitem__("z-new", 2))
+    target = store.run(lambda root: root["target"])
+    assert target["a-new"] == 1 and target["z-new"] == 2 and len(target) == 22
+
+
+def test_concurrent_changes_to_one_set_are_merged(store):
+    store.run(lambda root: root.update(target={1, 2, 3}))
+    _two_writers(store, lambda s: (s.add(10), s.discard(1)), lambda s: (s.add(20), s.discard(2)))
+    assert store.run(lambda root: root["target"]) == {3, 10, 20}
+
+
+def test_zodb_export_and_import_of_nodes_round_trip(store, tmp_path):
+    store.run(lambda root: root.update(src=PLAIN))
+    path = tmp_path / "src.zexp"
+    with store.transaction() as root, path.open("wb") as f:
+        root._p_jar.exportFile(root["src"]._p_oid, f)
+    with store.transaction() as root, path.open("rb") as f:
+        root["copy"] = root._p_jar.importFile(f)
+    assert store.run(lambda root: (kinds(root["copy"]), root["copy"])) == (
+        store.run(lambda root: kinds(root["src"])),
+        PLAIN,
+    )
+
+
+# -- the port shown in docs/coming-from-dicts.md -------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "coming-from-dicts.md"
+
+
+def _program(name: str) -> str:
+    """The program shown under ``<!-- seed: name -->`` in the doc."""
+    text = DOC.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- seed: {name} -->\n```python\n(.*?)\n```", text, re.DOTALL)
+    assert match, f"docs/coming-from-dicts.md has no '{name}' program"
+    return match.group(1) + "\n"
+
+
+def test_the_documented_port_changes_at_most_8_lines():
+    before, after = _program("before").splitlines(), _program("after").splitlines()
+    diff = list(difflib.unified_diff(before, after, lineterm="", n=0))
+    added = [line for line in diff[2:] if line.startswith("+")]
+    removed = [line for line in diff[2:] if line.startswith("-")]
+    assert len(added) <= 8 and len(removed) <= 8, diff
+    compile(_program("before"), "before.py", "exec")
+
+
+def test_the_documented_port_runs_its_threads_and_dumps_plain_data(tmp_path):
+    source = _program("after")
+    assert "SECONDS = 5\n" in source
+    (tmp_path / "after.py").write_text(source.replace("SECONDS = 5\n", "SECONDS = 1\n"))
+    run = subprocess.run(
+        [sys.executable, "after.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.endswith(" customers\n")
+    check = (
+        "import pickle, sys\n"
+        "customers = pickle.load(open('customers.pickle', 'rb'))\n"
+        "assert type(customers) is dict, type(customers)\n"
+        "for c in customers.values():\n"
+        "    assert type(c) is dict and type(c['orders']) is list and type(c['tags']) is set\n"
+        "    assert all(type(o) is dict and set(o) == {'amount', 'paid'} for o in c['orders'])\n"
+        "assert 'snaptree' not in sys.modules\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-S", "-c", check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert loaded.returncode == 0, loaded.stderr
