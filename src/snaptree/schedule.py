@@ -56,6 +56,7 @@ from .exports import (
     check_format,
     export_snapshot,
     manifest_path,
+    resolve_format,
 )
 from .uris import redact
 
@@ -567,14 +568,15 @@ def export_file(
     store: Any,
     path: str | os.PathLike[str],
     *,
-    format: str = "pickle",  # noqa: A002
+    format: str | None = None,  # noqa: A002
     subtree: str = "/",
     at: datetime.datetime | str | bytes | None = None,
     skip_unchanged: bool = False,
 ) -> RunResult:
     """One run into a fixed file name; with *skip_unchanged*, nothing is written if the file's
-    manifest already holds the tid the snapshot would export."""
+    manifest already holds the tid the snapshot would export. ``format=None``: from the name."""
     target = Path(path)
+    format = resolve_format(target, format)  # noqa: A001
     last_tid = _manifest_tid(target) if skip_unchanged and target.is_file() else None
     info = export_snapshot(
         store, lambda snap: target, format=format, at=at, subtree=subtree, unless_tid=last_tid

@@ -88,7 +88,14 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     "One writer per format in DIR: a second one is refused (DIR/.snaptree-export-<format>.lock "
     "names the holder).",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="pickle", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Dump format. Default: with -o, the file's suffix (.pickle/.pkl, .json, .zexp); "
+    "with --dir, pickle.",
+)
 @click.option(
     "--every",
     type=float,
@@ -167,6 +174,8 @@ def export_command(
             "latest and count for --keep"
         )
 
+    if directory is not None and fmt is None:
+        fmt = "pickle"
     with ExitStack() as held:
         # The lock before the store, which may take long to open: a second writer is
         # refused at once.
