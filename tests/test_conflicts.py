@@ -1,7 +1,8 @@
 """Conflict-retry tests: concurrent writers through store.run lose nothing.
 
-Interleavings are forced with barriers and events, never with sleeps; every
-thread is joined with a timeout.
+Two-transaction races use snaptree.testing (interleave, force_conflicts), the
+kit applications use; wider ones force their interleaving with barriers and
+events, never with sleeps; every thread is joined with a timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ZODB.utils import oid_repr
 import snaptree
 from _threads import run_threads
 from snaptree import RetriesExhausted, RetryPolicy
+from snaptree.testing import force_conflicts, interleave
 
 BARRIER_TIMEOUT = 30
 
@@ -32,20 +34,14 @@ def patient_store(store_uri: str):
 def test_forced_conflict_is_retried_and_both_writes_land(patient_store):
     """Two transactions read the same value, both write it: one conflicts, retries, succeeds."""
     patient_store.run(lambda root: root.update(box={"n": 0}))
-    barrier = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
-    attempts = {0: 0, 1: 0}
 
-    def bump(root: Any, who: int) -> None:
-        attempts[who] += 1
-        value = root["box"]["n"]
-        if attempts[who] == 1:
-            barrier.wait()  # both have read the old value before either writes
-        root["box"]["n"] = value + 1
+    def bump(root: Any) -> None:
+        root["box"]["n"] += 1
 
-    run_threads([lambda w=w: patient_store.run(bump, w) for w in (0, 1)])
+    result = interleave(patient_store, bump, bump)  # both read 0 before either commits
 
     assert patient_store.run(lambda root: root["box"]["n"]) == 2
-    assert sorted(attempts.values()) == [1, 2]
+    assert (result.first_runs, result.second_runs) == (1, 2)
     stats = patient_store.stats()
     assert stats["retries"] == 1
     assert ("snaptree.tree.Mapping", 1) in stats["hot_classes"]
@@ -93,12 +89,13 @@ def test_transactional_retries_means_tries_after_the_first_attempt(store_uri, re
         def doomed(root: Any) -> None:
             calls.append(1)
             root["box"]["n"] += 1
-            run_threads([lambda: s.run(lambda r: r["box"].__setitem__("n", r["box"]["n"] - 1))])
 
-        with pytest.raises(RetriesExhausted) as info:
+        with force_conflicts(s, times=retries + 5), pytest.raises(RetriesExhausted) as info:
             doomed()
         assert len(calls) == info.value.attempts == retries + 1
         assert f"the first and {retries} retr" in str(info.value)
+        assert isinstance(info.value.__cause__, ConflictError)
+        assert s.run(lambda root: root["box"]["n"]) == 0
     finally:
         s.close()
 
@@ -228,31 +225,18 @@ def _on_call_scenario(store: snaptree.Store, guard: bool) -> dict[str, bool]:
     Forced order: both read, then alice commits, then bob commits.
     """
     store.run(lambda root: root.update(doctors={"alice": {"on": True}, "bob": {"on": True}}))
-    both_read = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
-    alice_done = threading.Event()
-    attempts = {"alice": 0, "bob": 0}
 
     def go_off(root: Any, me: str, other: str) -> None:
-        attempts[me] += 1
         doctors = root["doctors"]
         if guard:
             snaptree.read_current(doctors[other])
-        other_on = doctors[other]["on"]
-        if attempts[me] == 1:
-            both_read.wait()  # both have checked the other before either writes
-            if me == "bob":
-                assert alice_done.wait(BARRIER_TIMEOUT)  # alice has committed
-        if other_on:
+        if doctors[other]["on"]:
             doctors[me]["on"] = False
 
-    def alice() -> None:
-        try:
-            store.run(go_off, "alice", "bob")
-        finally:
-            alice_done.set()
-
-    run_threads([alice, lambda: store.run(go_off, "bob", "alice")])
-    assert attempts["alice"] == 1
+    result = interleave(
+        store, lambda root: go_off(root, "alice", "bob"), lambda root: go_off(root, "bob", "alice")
+    )
+    assert result.first_runs == 1
     return store.run(lambda root: {k: v["on"] for k, v in root["doctors"].items()})
 
 
@@ -274,28 +258,20 @@ def test_read_current_guards_a_node_that_is_not_loaded_yet(patient_store):
         lambda root: root.update(doctors={"alice": {"on": True}, "bob": {"on": True}})
     )
     patient_store.db.cacheMinimize()  # every connection's objects become ghosts
-    rival_may_go, rival_done = threading.Event(), threading.Event()
     ghost_states: list[object] = []
 
     def alice_goes_off(root: Any) -> None:
         bob = root["doctors"]["bob"]
-        first = not ghost_states
         ghost_states.append(bob._p_changed)
         snaptree.read_current(bob)
-        if first:
-            rival_may_go.set()
-            assert rival_done.wait(BARRIER_TIMEOUT)  # bob went off call meanwhile
         if bob["on"]:
             root["doctors"]["alice"]["on"] = False
 
-    def bob_goes_off() -> None:
-        assert rival_may_go.wait(BARRIER_TIMEOUT)
-        try:
-            patient_store.run(lambda root: root["doctors"]["bob"].__setitem__("on", False))
-        finally:
-            rival_done.set()
+    def bob_goes_off(root: Any) -> None:
+        root["doctors"]["bob"]["on"] = False
 
-    run_threads([lambda: patient_store.run(alice_goes_off), bob_goes_off])
+    # alice guards bob's record and waits; bob goes off call and commits; alice commits.
+    interleave(patient_store, bob_goes_off, alice_goes_off)
     assert ghost_states[0] is None  # the node was a ghost when read_current was called
     assert len(ghost_states) == 2  # the conflict was detected and alice's call ran again
     state = patient_store.run(lambda root: {k: v["on"] for k, v in root["doctors"].items()})
@@ -305,21 +281,17 @@ def test_read_current_guards_a_node_that_is_not_loaded_yet(patient_store):
 def test_read_current_on_a_large_mapping_covers_every_bucket(patient_store):
     """A change to one key rewrites only its bucket; the guard must still see it."""
     patient_store.run(lambda root: root.update(rota={f"d{i:04}": True for i in range(1000)}))
-    attempts: list[int] = []
 
     def last_one_on_call_stays(root: Any) -> None:
-        attempts.append(1)
         rota = root["rota"]
         snaptree.read_current(rota)
-        if len(attempts) == 1:
-            run_threads(
-                [lambda: patient_store.run(lambda r: r["rota"].__setitem__("d0999", False))]
-            )
         if rota["d0999"]:
             rota["d0000"] = False
 
-    patient_store.run(last_one_on_call_stays)
-    assert len(attempts) == 2
+    result = interleave(
+        patient_store, lambda r: r["rota"].__setitem__("d0999", False), last_one_on_call_stays
+    )
+    assert result.second_runs == 2
     assert patient_store.run(lambda root: (root["rota"]["d0000"], root["rota"]["d0999"])) == (
         True,
         False,

@@ -31,7 +31,7 @@ from collections.abc import (
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import transaction
 import zc.lockfile
@@ -57,13 +57,10 @@ from .errors import (
     one_line,
 )
 from .retry import ConflictStats, Retry, RetryPolicy, run_with_retries
-from .tree import Mapping
+from .tree import ROOT_KEY, Mapping
 from .tree import to_plain as _to_plain
 
 log = logging.getLogger(__name__)
-
-#: The key of the ZODB root under which the tree's root mapping lives.
-ROOT_KEY = "snaptree"
 
 #: Objects each connection keeps in its cache unless ``cache_size`` says otherwise.
 #: ZODB's own default (400) is zodburi's 10,000 for every URI but memory://, whose
@@ -87,6 +84,23 @@ _HISTORY_LIMIT = 100_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class CallAttempt:
+    """One attempt of a retried write call (``run``, ``transactional``), told to synchronizers.
+
+    The store attaches it to the attempt's transaction before calling the
+    function: ``txn.data(CallAttempt)`` (``transaction``'s public per-transaction
+    data; a ``store.transaction()`` block, which is never retried, has none).
+    A data manager joined by a registered synchronizer reads it at commit to
+    know which function the commit belongs to and whether a retry is left:
+    how ``snaptree.testing`` forces conflicts on chosen calls only.
+    """
+
+    function: Callable[..., Any]
+    number: int  # 1 for the first attempt
+    attempts: int  # attempts the call's retry policy allows in all
 
 
 @dataclass(frozen=True)
@@ -467,13 +481,7 @@ def _iterates_a_node(generator: Generator[Any, Any, Any]) -> bool:
 
 def _plain_node(node: Any) -> Any:
     _check_returnable(node)
-    try:
-        return _to_plain(node)
-    except RecursionError:
-        raise Error(
-            "the returned node is nested too deeply to copy (past Python's recursion "
-            "limit); return a part of it, or write it out with store.export()"
-        ) from None
+    return _to_plain(node)
 
 
 def _foreign_persistent(value: Any, path: str) -> MisuseError:
@@ -766,6 +774,7 @@ class Store:
         kwargs: dict[str, Any],
         *,
         root_key: str | None = ROOT_KEY,
+        attempt: CallAttempt | None = None,
     ) -> R:
         """One attempt: begin, call, commit; a transient failure becomes ``Retry``.
 
@@ -778,6 +787,8 @@ class Store:
                 # Beginning can fail transiently too: with ZEO's server_sync the
                 # begin pings a server that may be restarting.
                 txn = tm.begin()
+                if attempt is not None:
+                    txn.set_data(CallAttempt, attempt)
                 root = conn.root()
                 with _GlobalTransactionGuard():
                     result = fn(root if root_key is None else root[root_key], *args, **kwargs)
@@ -811,9 +822,15 @@ class Store:
 
     def _run(self, fn: Callable[..., R], args: tuple, kwargs: dict, policy: RetryPolicy) -> R:
         self._check_open()
+        numbers = itertools.count(1)
         with self._writing():
             return run_with_retries(
-                lambda: self._attempt(fn, args, kwargs), policy, self._stats, self._locate
+                lambda: self._attempt(
+                    fn, args, kwargs, attempt=CallAttempt(fn, next(numbers), policy.attempts)
+                ),
+                policy,
+                self._stats,
+                self._locate,
             )
 
     def transactional(
@@ -1001,7 +1018,7 @@ class Store:
 
     def export(
         self,
-        path: str | os.PathLike[str] | IO[bytes],
+        path: str | os.PathLike[str],
         format: str | None = None,  # noqa: A002 - the name users know from the CLI
         at: datetime.datetime | str | bytes | None = None,
         subtree: str = "/",
@@ -1214,10 +1231,45 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     )
     try:
         _ensure_root(store)
+        with _open_hooks_lock:
+            hooks = list(_open_hooks)
+        for hook in hooks:
+            hook(store)
     except BaseException:
         db.close()
         raise
     return store
+
+
+# -- process-wide hooks on open() ------------------------------------------------
+#
+# A test tool that must reach every store a test session opens, including the
+# ones an application opens itself deep inside its own code (the pytest
+# plugin's --snaptree-chaos), has no object to hold on to but snaptree.open.
+# Rather than replace that function, open() calls the hooks registered here
+# with each store it opened. Nothing in snaptree registers one; only test
+# tooling should (one process-wide list is global state on purpose here).
+
+_open_hooks: list[Callable[[Store], None]] = []
+_open_hooks_lock = threading.Lock()
+
+
+def add_open_hook(hook: Callable[[Store], None]) -> None:
+    """Call ``hook(store)`` with every store :func:`open` opens from now on, in this process.
+
+    The hook runs once the store is ready, before ``open`` returns it; an
+    exception from it closes the store and propagates from ``open``.
+    """
+    with _open_hooks_lock:
+        _open_hooks.append(hook)
+
+
+def remove_open_hook(hook: Callable[[Store], None]) -> None:
+    """Stop calling a hook added with :func:`add_open_hook`."""
+    with _open_hooks_lock:
+        if hook not in _open_hooks:
+            raise ArgumentError(f"{hook!r} is not an open hook")
+        _open_hooks.remove(hook)
 
 
 def _absent_companions(path: Path | None) -> list[Path]:
