@@ -156,6 +156,7 @@ def warm() -> Iterator[exports.FragmentCaches]:
         yield caches
 
 
+@pytest.mark.slow
 def test_every_kind_of_change_shows_in_the_next_warm_export(store, tmp_path, warm):
     """Changes anywhere (leaf, keys, lists, counters, moved or shared subtrees) are never stale."""
     store.run(_fill)
@@ -206,6 +207,7 @@ def test_user_objects_are_pickled_afresh_every_time(tmp_path, warm):
         store.close()
 
 
+@pytest.mark.slow
 def test_the_exporter_process_reuses_fragments_and_stays_exact(tmp_path):
     """The Exporter's long-lived process (FileStorage, read-only, following commits)."""
     store = snaptree.open(str(tmp_path / "Data.fs"))

@@ -299,6 +299,7 @@ class Lane:
         self.finish()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_killed_exporter_never_leaves_a_partial_dump_and_the_next_one_cleans_up(
     tmp_path: Path, request: pytest.FixtureRequest

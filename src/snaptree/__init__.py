@@ -1,7 +1,6 @@
 """snaptree: a shared object tree in ZODB that many threads change while it is dumped safely."""
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import version
 from .errors import (
     ArgumentError,
     Error,
@@ -11,6 +10,7 @@ from .errors import (
     OpenError,
     RetriesExhausted,
     StoreClosedError,
+    StoreUnavailableError,
     UnstorableValueError,
     VerifyError,
     WrongThreadError,
@@ -22,10 +22,12 @@ from .schedule import Exporter, RunResult
 from .store import Snapshot, Store, open, read_current
 from .tree import Counter, FlatMapping, List, Mapping, Set, to_persistent, to_plain
 
-try:
-    __version__ = version("snaptree")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":  # read when asked for: see _version.py
+        return version()
+    raise AttributeError(f"module 'snaptree' has no attribute {name!r}")
+
 
 __all__ = [
     "ArgumentError",
@@ -48,6 +50,7 @@ __all__ = [
     "Snapshot",
     "Store",
     "StoreClosedError",
+    "StoreUnavailableError",
     "UnstorableValueError",
     "VerifyError",
     "WrongThreadError",

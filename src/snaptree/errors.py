@@ -35,6 +35,14 @@ class OpenError(Error):
     """A store could not be opened: bad URI, missing directory, locked file."""
 
 
+class StoreUnavailableError(OpenError):
+    """The store exists but cannot be reached now: its file is locked, its server does not answer.
+
+    Unlike a plain OpenError (a wrong URI, a missing directory), trying again
+    later may work, so the command line gives it an exit code of its own.
+    """
+
+
 class StoreClosedError(Error):
     """The store was closed (or is closing): open it again to go on."""
 

@@ -60,6 +60,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
 from . import _atomic
+from ._version import version
 from .errors import (
     ArgumentError,
     Error,
@@ -160,12 +161,6 @@ def resolve_format(path: str | os.PathLike[str], format: str | None) -> str:  # 
             f"{format}; name the file {Path(path).stem}{SUFFIXES[format]}, or ask for {implied}"
         )
     return format
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # -- the public entry point ----------------------------------------------------
@@ -275,7 +270,7 @@ def export_snapshot(
             subtree=normalize_subtree(subtree),
             source=store.source,
             seconds=round(time.perf_counter() - started, 6),
-            snaptree_version=_version(),
+            snaptree_version=version(),
         )
         # Both files are complete and fsynced before either is renamed. The
         # manifest is renamed first: a crash between the two renames leaves a
@@ -1357,7 +1352,7 @@ def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) ->
     allow-list unpickler (plain containers and scalars, datetime, decimal,
     plus the classes named in *allow*); a zodb dump record by record with
     the same unpickler, never with ZODB's importFile (see
-    :func:`snaptree.imports.read_zexp`); JSON with the standard parser.
+    :func:`snaptree._zexp.read_zexp`); JSON with the standard parser.
     Raises VerifyError saying what does not match or does not load.
     """
     dump = Path(path)
@@ -1415,7 +1410,8 @@ def describe(value: Any) -> dict[str, Any]:
 
 def _load_dump(dump: Path, fmt: str, objects: int, allow: Iterable[str | type]) -> dict[str, Any]:
     """Load *dump* as import would, and describe it; any failure is a VerifyError."""
-    from .imports import load_source, read_zexp
+    from ._zexp import read_zexp
+    from .imports import load_source
 
     try:
         if fmt != "zodb":

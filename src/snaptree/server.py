@@ -28,7 +28,7 @@ from typing import Any
 import zc.lockfile
 
 from . import uris
-from .errors import Error, OpenError
+from .errors import Error, OpenError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Server:
                 _skip_oids_handed_out_before(storage)
             return storage
         except zc.lockfile.LockError:
-            raise OpenError(
+            raise StoreUnavailableError(
                 f"cannot serve {self.path}: another process has it open (a FileStorage "
                 "allows one); stop that process, or connect to its server with zeo://"
             ) from None

@@ -41,6 +41,7 @@ from persistent.timestamp import TimeStamp
 from transaction.interfaces import NoTransaction, TransientError
 from ZODB import DB
 from ZODB.Connection import Connection
+from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import FileStorageFormatError
 from ZODB.POSException import POSKeyError, ReadOnlyError
 from ZODB.utils import p64, u64
@@ -54,6 +55,7 @@ from .errors import (
     MisuseError,
     OpenError,
     StoreClosedError,
+    StoreUnavailableError,
     one_line,
 )
 from .retry import ConflictStats, Retry, RetryPolicy, run_with_retries
@@ -619,6 +621,20 @@ class Store:
         self._closing = False  # close() began: no connection is lent any more
         self._closed = False  # the database is (being) closed: nothing may commit
         self._synchronizers: list[Any] = []
+
+    @property
+    def shareable_uri(self) -> str | None:
+        """What another process opens to read this store's storage, or None if nothing can.
+
+        A FileStorage is read by its absolute path (read-only, no lock, so it
+        works while this process writes); ZEO and RelStorage by the URI this
+        store was opened with, password included: never print it (``source``
+        is the printable name). An in-memory storage lives in this process only.
+        """
+        storage = self.db.storage
+        if isinstance(storage, FileStorage):
+            return os.path.abspath(storage.getName())
+        return self._shareable_uri
 
     # -- connections ---------------------------------------------------------
 
@@ -1186,7 +1202,7 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
             "header is missing); name a Data.fs written by ZODB, or a new file"
         ) from None
     except zc.lockfile.LockError:
-        raise OpenError(
+        raise StoreUnavailableError(
             f"cannot open {resolved.display}: another process has it open (FileStorage "
             "allows one writer); stop that process, or serve the file with "
             "`snaptree serve` and connect to it with zeo://"
@@ -1197,7 +1213,9 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         # Scrubbed before it is made one line: joining strips the lines, and a
         # password at a line's edge would no longer match.
         reason = one_line(uris.scrub(str(exc), str(uri)))
-        raise OpenError(f"cannot open {resolved.display}: {reason}") from exc
+        unreachable = isinstance(exc, ConnectionError) or _is_driver_connection_error(exc)
+        kind = StoreUnavailableError if unreachable else OpenError
+        raise kind(f"cannot open {resolved.display}: {reason}") from exc
     db_kwargs = dict(resolved.db_kwargs)
     db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)
     if cache_size is not None:
@@ -1270,6 +1288,11 @@ def remove_open_hook(hook: Callable[[Store], None]) -> None:
         if hook not in _open_hooks:
             raise ArgumentError(f"{hook!r} is not an open hook")
         _open_hooks.remove(hook)
+
+
+def _is_driver_connection_error(exc: BaseException) -> bool:
+    """psycopg2's OperationalError: the server refused or did not answer (PEP 249's name)."""
+    return type(exc).__name__ == "OperationalError" and type(exc).__module__.startswith("psycopg")
 
 
 def _absent_companions(path: Path | None) -> list[Path]:

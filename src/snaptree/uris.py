@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import zodburi
 from zodburi.datatypes import convert_bytesize
 
-from .errors import OpenError
+from .errors import OpenError, StoreUnavailableError
 
 DEFAULT_PATH = Path("data") / "snaptree.fs"
 ENV_VAR = "SNAPTREE_DB"
@@ -274,7 +274,7 @@ def _zeo_factory(open_client: Callable[[], Any], uri: str) -> Callable[[], Any]:
         try:
             return open_client()
         except ClientDisconnected:
-            raise OpenError(
+            raise StoreUnavailableError(
                 f"no ZEO server answered at {address} within {wait} s; start one with "
                 f"`snaptree serve --listen {address}` (or check the address), or wait "
                 "longer with ?wait_timeout=SECONDS"

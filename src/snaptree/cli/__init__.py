@@ -1,7 +1,17 @@
 """The ``snaptree`` command line: parse, call the library, print.
 
-Errors are turned into one line on stderr and an exit code here, in one
-place: 0 success, 1 failure, 2 usage or configuration.
+Errors become one line on stderr and an exit code here, in one place:
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     any other failure (an unexpected exception is named by its type)
+2     usage or configuration: a bad option or argument, a wrong URI
+3     bad input: a malformed or hostile import file, a dump that fails verify
+4     the store is locked by another process, or its server does not answer
+5     an export failed (a full disk, a value the format cannot hold, ...)
+====  =====================================================================
 """
 
 from __future__ import annotations
@@ -12,24 +22,63 @@ from typing import Any
 
 import click
 
-from ..errors import Error, OpenError, one_line
+from ..errors import (
+    ArgumentError,
+    Error,
+    ExportError,
+    InputError,
+    OpenError,
+    StoreUnavailableError,
+    UnstorableValueError,
+    VerifyError,
+    one_line,
+)
 from . import demo, exporting, importing, serving
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_UNAVAILABLE = 4
+EXIT_EXPORT_FAILED = 5
+
+#: The exit code of each kind of error; the first class that matches wins.
+EXIT_CODES: tuple[tuple[type[Error], int], ...] = (
+    (StoreUnavailableError, EXIT_UNAVAILABLE),
+    (OpenError, EXIT_USAGE),
+    (ArgumentError, EXIT_USAGE),
+    (InputError, EXIT_BAD_INPUT),
+    (VerifyError, EXIT_BAD_INPUT),
+    (UnstorableValueError, EXIT_BAD_INPUT),
+    (ExportError, EXIT_EXPORT_FAILED),
+)
+
+
+def exit_code(exc: Error) -> int:
+    """The exit code the command line gives for *exc* (see the module docstring)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILURE)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a failure prints on stderr."""
+    if isinstance(exc, Error):
+        return f"snaptree: error: {one_line(str(exc))}"
+    return f"snaptree: error: unexpected {type(exc).__name__}: {one_line(str(exc))}"
 
 
 class _Group(click.Group):
-    """A click group that reports snaptree errors as one line instead of a traceback."""
+    """A click group that reports every failure as one line and an exit code, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except OpenError as exc:
-            click.echo(f"snaptree: error: {exc}", err=True)
-            ctx.exit(EXIT_USAGE)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except Error as exc:
-            click.echo(f"snaptree: error: {exc}", err=True)
+            click.echo(error_line(exc), err=True)
+            ctx.exit(exit_code(exc))
+        except Exception as exc:  # a bug or an unexpected storage error: still one line
+            logging.getLogger("snaptree").debug("unexpected error", exc_info=True)
+            click.echo(error_line(exc), err=True)
             ctx.exit(EXIT_FAILURE)
 
 

@@ -1,0 +1,196 @@
+"""The allow-list unpickler: reading a pickle without letting it run code.
+
+A pickle is a program: the standard unpickler calls whatever the file names.
+Every way a pickle can reach a callable (GLOBAL, STACK_GLOBAL, INST and the
+extension registry) goes through ``find_class``, in the C implementation
+too; REDUCE, NEWOBJ, OBJ and BUILD can only call what an earlier
+``find_class`` returned. So :class:`AllowListUnpickler` refuses every global
+but builtin containers and scalars, datetime and decimal types and the
+classes the caller names, *before* anything is called. Shared by imports
+(pickle and zodb sources) and by ``verify``.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import copyreg
+import importlib
+import pickle
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import Error, InputError
+
+
+def _bytes_from_pickle(*args: Any) -> bytes:
+    """``bytes(...)`` as a pickle may call it: never ``bytes(n)``, which allocates n bytes.
+
+    Protocols 0-2 write ``bytes(b"")`` and bytes subclasses through this
+    callable; a hostile file could instead ask for ``bytes(10**11)``.
+    """
+    if args and isinstance(args[0], int):
+        raise InputError("the pickle calls bytes(n) to allocate memory; refused")
+    return bytes(*args)
+
+
+def _bytearray_from_pickle(*args: Any) -> bytearray:
+    """``bytearray(...)`` as a pickle may call it: never ``bytearray(n)``."""
+    if args and isinstance(args[0], int):
+        raise InputError("the pickle calls bytearray(n) to allocate memory; refused")
+    return bytearray(*args)
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocols 0-2 use it for bytes: latin-1 only.
+
+    Other codecs (zlib, bz2...) would let a small file expand into a huge one.
+    """
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise InputError(f"the pickle calls _codecs.encode with codec {encoding!r}; refused")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor`` (protocols 0 and 1) restricted to allowed classes.
+
+    Both classes reach here only through ``find_class``; checking them again
+    keeps a value that is not a class (or a refused one) from being called.
+    """
+    if not isinstance(cls, type) or not isinstance(base, type):
+        raise InputError("the pickle calls copyreg._reconstructor with a non-class; refused")
+    return copyreg._reconstructor(cls, base, state)
+
+
+_BUILTIN_NAMES = (
+    "bool",
+    "complex",
+    "dict",
+    "float",
+    "frozenset",
+    "int",
+    "list",
+    "set",
+    "str",
+    "tuple",
+)
+
+#: (module, name) -> what a pickle gets when it names that global.
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("builtins", "bytes"): _bytes_from_pickle,
+    ("builtins", "bytearray"): _bytearray_from_pickle,
+    ("_codecs", "encode"): _latin1_encode,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "object"): object,  # only as the base of _reconstructor
+    ("collections", "OrderedDict"): None,
+    ("collections", "defaultdict"): None,
+    ("datetime", "date"): None,
+    ("datetime", "datetime"): None,
+    ("datetime", "time"): None,
+    ("datetime", "timedelta"): None,
+    ("datetime", "timezone"): None,
+    ("decimal", "Decimal"): None,
+}
+for _name in _BUILTIN_NAMES:
+    _SAFE_GLOBALS["builtins", _name] = None
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    value: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _parse_allow(allow: Iterable[str | type]) -> set[tuple[str, str]]:
+    """Turn ``"module:Class"`` strings and classes into (module, qualname) pairs."""
+    pairs = set()
+    for entry in allow:
+        if isinstance(entry, type):
+            pairs.add((entry.__module__, entry.__qualname__))
+            continue
+        module, sep, name = str(entry).partition(":")
+        if not sep or not module or not name:
+            raise InputError(
+                f"--allow {entry!r}: write it as module:Class, for example myapp.model:Account"
+            )
+        pairs.add((module.strip(), name.strip()))
+    return pairs
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that loads only allow-listed globals and refuses the rest by name.
+
+    Every way a pickle can reach a callable (GLOBAL, STACK_GLOBAL, INST and
+    the extension registry) goes through :meth:`find_class`, in the C
+    implementation too; REDUCE, NEWOBJ, OBJ and BUILD can only call what an
+    earlier find_class returned, or objects built from those. So refusing
+    here, before anything is called, is what keeps a file's code from
+    running. Allowed builtins whose constructor could be abused (``bytes(n)``
+    allocating n bytes, ``_codecs.encode`` with a decompressing codec) are
+    replaced by guarded functions. Persistent ids are refused (the default).
+    """
+
+    def __init__(self, file: Any, *, allow: Iterable[str | type] = (), source: str = "") -> None:
+        super().__init__(file)
+        self._allowed = _parse_allow(allow)
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
+        mapped = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        )
+        if mapped in self._allowed:
+            try:
+                return _resolve(*mapped)
+            except (ImportError, AttributeError) as exc:
+                raise InputError(
+                    f"{self._source}: cannot load {module}.{name}, allowed with --allow: {exc}"
+                ) from None
+        if mapped in _SAFE_GLOBALS:
+            safe = _SAFE_GLOBALS[mapped]
+            return safe if safe is not None else _resolve(*mapped)
+        raise InputError(
+            f"{self._source}: refused global {module}.{name}: only builtin containers and "
+            "scalars, datetime and decimal types are loaded from a pickle, plus classes "
+            "you trust and name with --allow module:Class; no code from the file was run"
+        )
+
+
+@contextmanager
+def unpickling_errors(source: str) -> Iterator[None]:
+    """Turn whatever unpickling an untrusted file raises into one InputError naming *source*."""
+    try:
+        yield
+    except Error:
+        raise
+    except EOFError:
+        raise InputError(
+            f"{source}: the pickle is empty or truncated (the file ended before its STOP opcode)"
+        ) from None
+    except MemoryError:
+        raise InputError(f"{source}: the pickle needs more memory than is available") from None
+    except RecursionError:
+        raise InputError(f"{source}: the pickle is nested too deeply to load") from None
+    except Exception as exc:  # untrusted input: any failure is a bad file, reported as one
+        detail = str(exc) or type(exc).__name__
+        if "truncated" in detail:
+            raise InputError(
+                f"{source}: the pickle is truncated (the file ends in the middle of its data)"
+            ) from None
+        raise InputError(f"{source}: not a valid pickle: {detail}") from None
+
+
+def load_pickle(file: Any, source: str, allow: Iterable[str | type] = ()) -> Any:
+    """The one pickle in *file*, read with the allow-list; InputError naming *source* otherwise."""
+    with unpickling_errors(source):
+        value = AllowListUnpickler(file, allow=allow, source=source).load()
+    if file.read(1):
+        # A second pickle, or garbage: loading only the first would drop the rest silently.
+        raise InputError(
+            f"{source}: bytes after the end of the pickle (a second pickle in the same "
+            "file?); only a file holding exactly one pickle is read"
+        )
+    return value
