@@ -18,8 +18,10 @@ from ZODB import DB
 from ZODB.MappingStorage import MappingStorage
 
 import snaptree
+from _cli import error_line
+from _cli import snaptree as run_snaptree
 from _threads import run_threads
-from snaptree import _atomic
+from snaptree import _atomic, export_run, exports
 from snaptree.errors import ArgumentError, ExportError, UnstorableValueError
 
 ACCOUNTS = 50
@@ -188,8 +190,10 @@ def test_subtree_export(store, tmp_path):
     assert info.subtree == "/by_id/7/tags"
     info = store.export(tmp_path / "s.zexp", format="zodb", subtree="by_id/7")
     assert _load(info) == {"tags": ["a", "b"]}
-    with pytest.raises(ExportError, match="has no key 'nope'"):
+    with pytest.raises(ArgumentError, match="by_id: there is no key 'nope'"):
         store.export(tmp_path / "x.pickle", subtree="/by_id/nope")
+    with pytest.raises(ArgumentError, match="the subtree '' is empty"):
+        store.export(tmp_path / "x.pickle", subtree="")
     with pytest.raises(ExportError, match="persistent object"):
         store.export(tmp_path / "x.zexp", format="zodb", subtree="/by_id/7/tags/0")
 
@@ -343,7 +347,7 @@ def test_a_cycle_through_user_objects_is_a_clear_pickle_error(store, tmp_path):
 def test_the_format_comes_from_the_suffix(store, tmp_path, name, fmt):
     """``export("x.json")`` writes JSON: the name is not a lie about the content."""
     _fill(store)
-    info = snaptree.exports.export(store, tmp_path / name)
+    info = exports.export(store, tmp_path / name)
     assert info.format == fmt
     assert snaptree.verify(info.path).format == fmt
     assert snaptree.load_source(info.path, format=fmt)["meta"]["name"] == "bank"
@@ -355,7 +359,7 @@ def test_a_format_contradicting_the_suffix_is_refused(store, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ArgumentError, match=r"the name says json, .* asked for is pickle"):
-        snaptree.exports.export(store, out / "x.json", format="pickle")
+        exports.export(store, out / "x.json", format="pickle")
     assert list(out.iterdir()) == []
 
 
@@ -363,8 +367,8 @@ def test_an_unknown_suffix_needs_a_format(store, tmp_path):
     """``app.dump`` says nothing: name the format, or use a suffix that does."""
     _fill(store)
     with pytest.raises(ArgumentError, match=r"\.pickle \(or \.pkl\), \.json or \.zexp"):
-        snaptree.exports.export(store, tmp_path / "app.dump")
-    assert snaptree.exports.export(store, tmp_path / "app.dump", format="json").format == "json"
+        exports.export(store, tmp_path / "app.dump")
+    assert exports.export(store, tmp_path / "app.dump", format="json").format == "json"
 
 
 def test_an_open_file_is_refused_with_what_to_do(store, tmp_path):
@@ -374,7 +378,7 @@ def test_an_open_file_is_refused_with_what_to_do(store, tmp_path):
         open(tmp_path / "f.pickle", "wb") as f,
         pytest.raises(ArgumentError, match=r"not to a BufferedWriter.*its \.name"),
     ):
-        snaptree.exports.export(store, f)
+        exports.export(store, f)
     assert (tmp_path / "f.pickle").read_bytes() == b""
 
 
@@ -405,7 +409,7 @@ def test_an_export_never_replaces_the_stores_own_files(file_store, tmp_path, tar
     with pytest.raises(ExportError, match=r"one of the store's own files .*another name"):
         file_store.export(target, format="pickle")
     with pytest.raises(ExportError, match="one of the store's own files"):
-        snaptree.exports.export(file_store, target)  # before asking what format it is
+        exports.export(file_store, target)  # before asking what format it is
     assert _fingerprint(tmp_path) == before
     assert file_store.run(lambda root: root["meta"]["name"]) == "bank"
 
@@ -451,33 +455,18 @@ def test_the_blob_directory_is_refused(tmp_path):
 
 
 def test_the_command_refuses_to_overwrite_its_own_database(tmp_path):
-    """``snaptree export --db app.fs -o app.fs``: one error line, exit 1, the file as it was."""
+    """``snaptree export --db app.fs -o app.fs``: one error line, exit 5, the file as it was."""
     db = tmp_path / "app.fs"
     with snaptree.open(str(db)) as store:
         _fill(store)
     before = db.read_bytes()
     for output in ("app.fs", "app.fs.index"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snaptree",
-                "export",
-                "--db",
-                "app.fs",
-                "-o",
-                output,
-                "--format",
-                "pickle",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=WAIT,
+        proc = run_snaptree(
+            "export", "--db", "app.fs", "-o", output, "--format", "pickle", cwd=tmp_path
         )
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-        assert lines[0].startswith("snaptree: error: cannot write")
+        assert proc.returncode == 5, proc.stderr
+        assert proc.stderr.strip() == error_line(proc)
+        assert error_line(proc).startswith("snaptree: error: cannot write")
     assert db.read_bytes() == before
     with snaptree.open(str(db), read_only=True) as store:
         assert store.run(lambda root: root["meta"]["name"]) == "bank"
@@ -503,7 +492,7 @@ def test_a_dump_is_never_more_readable_than_the_store(tmp_path, umask_022, mode)
     (tmp_path / "dumps").mkdir()
     with snaptree.open(str(db), read_only=True) as store:
         single = store.export(tmp_path / "one.pickle")
-        scheduled = snaptree.schedule.export_into(store, tmp_path / "dumps", format="json").info
+        scheduled = export_run.export_into(store, tmp_path / "dumps", format="json").info
     for path in (single.path, single.manifest_path, scheduled.path, scheduled.manifest_path):
         assert path.stat().st_mode & 0o777 == mode, path
 
@@ -578,31 +567,14 @@ def test_unwritable_keys_and_counters_are_named_too(store, tmp_path):
 
 
 def test_a_json_export_of_a_lone_surrogate_on_the_command_line_is_one_line(tmp_path):
-    """The CLI path of the same refusal: exit 1, one line, no file."""
+    """The CLI path of the same refusal: exit 3 (a value JSON cannot hold), one line, no file."""
     db = tmp_path / "app.fs"
     with snaptree.open(str(db)) as store:
         store.run(lambda root: root.__setitem__("bad", "x\ud800"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snaptree",
-            "export",
-            "--db",
-            str(db),
-            "-o",
-            "d.json",
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=WAIT,
-    )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("snaptree: error: /bad: a string holding a lone surrogate")
+    proc = run_snaptree("export", "--db", db, "-o", "d.json", "--format", "json", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip() == error_line(proc)
+    assert error_line(proc).startswith("snaptree: error: /bad: a string holding a lone surrogate")
     assert not (tmp_path / "d.json").exists()
 
 
@@ -648,25 +620,70 @@ def test_a_broken_object_stops_the_export_and_says_why(main_class_store, tmp_pat
 
 
 def test_a_broken_object_on_the_command_line_is_one_line(main_class_store, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snaptree",
-            "export",
-            "--db",
-            str(main_class_store),
-            "-o",
-            "d.pickle",
-            "--format",
-            "pickle",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=WAIT,
+    """An export that cannot be written exits 5, with one line."""
+    proc = run_snaptree(
+        "export", "--db", main_class_store, "-o", "d.pickle", "--format", "pickle", cwd=tmp_path
     )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("snaptree: error: cannot export a __main__.Account (oid 0x")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.strip() == error_line(proc)
+    assert error_line(proc).startswith("snaptree: error: cannot export a __main__.Account (oid 0x")
     assert not (tmp_path / "d.pickle").exists()
+
+
+# -- shared nodes ---------------------------------------------------------------------------------
+
+
+def _chain(levels: int):
+    """``x = []``, then *levels* times ``x = [x] * 10``: a node a level, 10**levels leaves."""
+
+    def build(root):
+        x: list = []
+        for _ in range(levels):
+            x = [x] * 10
+        root["bomb"] = x
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kept"), [("pickle", False), ("pickle", True), ("json", False)], ids=str
+)
+def test_a_dump_that_sharing_would_blow_up_is_refused_and_nothing_is_written(tmp_path, fmt, kept):
+    """Seven list nodes in the store, over a million in a dump: ExportError, no file, no temp.
+
+    The pickle and json formats write a node once per place it is reached
+    from; the zodb format, which keeps sharing, writes the seven records.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    with snaptree.open("memory://") as store:
+        store.run(_chain(6))
+        fragments = exports.FragmentCaches() if kept else None
+        with pytest.raises(ExportError, match=r"passed 1,000,000 nodes .*zodb format") as caught:
+            store.export(out / f"d.{fmt}", fragments=fragments)
+        assert "\n" not in str(caught.value) and "nothing was written" in str(caught.value)
+        assert list(out.iterdir()) == []
+        zodb = store.export(out / "d.zexp")
+    assert zodb.objects < 10
+    assert snaptree.verify(zodb.path).summary["first_keys"] == ["bomb"]
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "json"])
+def test_a_node_shared_in_two_places_exports_as_two_equal_copies(store, tmp_path, fmt):
+    """Sharing within the bound is written out, in every writer, and loads as the plain tree."""
+
+    def share(root):
+        shared = {"balance": 7, "history": [1, 2]}
+        root["a"] = shared
+        root["b"] = {"same": shared, "list": [shared, shared]}
+
+    store.run(share)
+    plain = store.run(lambda root: snaptree.to_plain(root))
+    assert plain["a"] == plain["b"]["same"] == plain["b"]["list"][1]
+    one_off = store.export(tmp_path / f"one.{fmt}")
+    fragments = exports.FragmentCaches()
+    store.export(tmp_path / f"first.{fmt}", fragments=fragments)
+    reused = store.export(tmp_path / f"again.{fmt}", fragments=fragments)
+    for info in (one_off, reused):
+        assert _load(info) == plain
+        assert info.objects == one_off.objects

@@ -9,7 +9,7 @@ dump's tid.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from persistent import Persistent
 
 import snaptree
-from snaptree import exports
+from snaptree import _pickle_fragments
+from snaptree.exports import FragmentCaches
 
 #: Enough accounts for a mapping spread over many buckets and interior BTree nodes.
 ACCOUNTS = 8000
@@ -149,23 +150,21 @@ def _loaded(path: Path) -> Any:
 
 
 @pytest.fixture
-def warm() -> Iterator[exports.FragmentCaches]:
-    """In-process pickle exports that keep their fragments, as the exporter process does."""
-    caches = exports.FragmentCaches()
-    with exports.keeping_fragments(caches):
-        yield caches
+def warm() -> FragmentCaches:
+    """Fragments kept from one in-process pickle export to the next, as the exporter process."""
+    return FragmentCaches()
 
 
 @pytest.mark.slow
 def test_every_kind_of_change_shows_in_the_next_warm_export(store, tmp_path, warm):
     """Changes anywhere (leaf, keys, lists, counters, moved or shared subtrees) are never stale."""
     store.run(_fill)
-    first = store.export(tmp_path / "0.pickle")
+    first = store.export(tmp_path / "0.pickle", fragments=warm)
     assert _loaded(first.path) == _expected(store, first.tid)
     assert warm.entries() > 0
     for n, edit in enumerate(EDITS, 1):
         store.run(edit)
-        info = store.export(tmp_path / f"{n}.pickle")
+        info = store.export(tmp_path / f"{n}.pickle", fragments=warm)
         assert _loaded(info.path) == _expected(store, info.tid), edit.__name__
         assert snaptree.verify(info.path).sha256 == info.sha256
 
@@ -173,19 +172,19 @@ def test_every_kind_of_change_shows_in_the_next_warm_export(store, tmp_path, war
 def test_an_unchanged_tree_gives_the_same_bytes_and_object_count(store, tmp_path, warm):
     """Reuse changes nothing in the file: same bytes, same count as a cold export."""
     store.run(_fill)
-    cold = store.export(tmp_path / "cold.pickle")
-    again = store.export(tmp_path / "again.pickle")
+    cold = store.export(tmp_path / "cold.pickle", fragments=warm)
+    again = store.export(tmp_path / "again.pickle", fragments=warm)
+    assert warm.entries() > 0
     assert again.sha256 == cold.sha256 and again.objects == cold.objects
 
 
 def test_warm_and_cold_exports_write_the_same_file(store, tmp_path, warm):
     """After a change, the warm export's bytes are exactly those a cold export writes."""
     store.run(_fill)
-    store.export(tmp_path / "first.pickle")
+    store.export(tmp_path / "first.pickle", fragments=warm)
     store.run(_move_subtree)
-    warm_info = store.export(tmp_path / "warm.pickle")
-    with exports.keeping_fragments(exports.FragmentCaches()):
-        cold_info = store.export(tmp_path / "cold.pickle")
+    warm_info = store.export(tmp_path / "warm.pickle", fragments=warm)
+    cold_info = store.export(tmp_path / "cold.pickle", fragments=FragmentCaches())
     assert warm_info.sha256 == cold_info.sha256
     assert warm_info.objects == cold_info.objects
 
@@ -195,13 +194,13 @@ def test_user_objects_are_pickled_afresh_every_time(tmp_path, warm):
     store = snaptree.open("memory://")
     try:
         store.run(lambda root: root.update({"people": {"a": {"who": Owner("ann")}}}))
-        store.export(tmp_path / "1.pickle")
+        store.export(tmp_path / "1.pickle", fragments=warm)
 
         def rename(root: Any) -> None:
             root["people"]["a"]["who"].name = "bob"
 
         store.run(rename)
-        info = store.export(tmp_path / "2.pickle")
+        info = store.export(tmp_path / "2.pickle", fragments=warm)
         assert _loaded(info.path) == {"people": {"a": {"who": Owner("bob")}}}
     finally:
         store.close()
@@ -286,20 +285,19 @@ def test_random_edits_never_leave_a_stale_dump(tmp_path, edits):
                 {"t": {i: {"v": i, "l": [i]} for i in range(0, 80, 2)}, "c": snaptree.Counter()}
             )
         )
-        with exports.keeping_fragments(exports.FragmentCaches()):
-            store.export(tmp_path / "dump.pickle")
-            for commit in edits:
+        fragments = FragmentCaches()
+        store.export(tmp_path / "dump.pickle", fragments=fragments)
+        for commit in edits:
 
-                def change(root: Any, commit: list[Any] = commit) -> None:
-                    for op, a, b in commit:
-                        _apply(root, op, a, b)
+            def change(root: Any, commit: list[Any] = commit) -> None:
+                for op, a, b in commit:
+                    _apply(root, op, a, b)
 
-                store.run(change)
-                info = store.export(tmp_path / "dump.pickle")
-                assert _loaded(info.path) == _expected(store, info.tid)
-                with exports.keeping_fragments(exports.FragmentCaches()):
-                    cold = store.export(tmp_path / "cold.pickle")
-                assert (info.sha256, info.objects) == (cold.sha256, cold.objects)
+            store.run(change)
+            info = store.export(tmp_path / "dump.pickle", fragments=fragments)
+            assert _loaded(info.path) == _expected(store, info.tid)
+            cold = store.export(tmp_path / "cold.pickle", fragments=FragmentCaches())
+            assert (info.sha256, info.objects) == (cold.sha256, cold.objects)
     finally:
         store.close()
 
@@ -321,10 +319,10 @@ def test_a_set_of_many_objects_of_yours_is_written_in_parts(tmp_path, warm):
     """More objects of yours than one fragment holds: the set is written item by item."""
     store = snaptree.open("memory://")
     try:
-        tags = {Tag(f"t{i}") for i in range(exports._SEAL_NODES + 50)}
+        tags = {Tag(f"t{i}") for i in range(_pickle_fragments.SEAL_NODES + 50)}
         store.run(lambda root: root.update({"tags": tags, "small": {"x", 1}}))
         for name in ("1.pickle", "2.pickle"):
-            info = store.export(tmp_path / name)
+            info = store.export(tmp_path / name, fragments=warm)
             assert _loaded(info.path) == {"tags": tags, "small": {"x", 1}}
     finally:
         store.close()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import snaptree
-from snaptree._export_worker import FollowingReader
+from snaptree._following_reader import FollowingReader
 
 WAIT = 30.0
 

@@ -1,4 +1,7 @@
-"""The schedule: names, latest, retention, skipping unchanged runs, the Exporter and the command."""
+"""The schedule: names, latest, retention, skipping unchanged runs, and the Exporter.
+
+The command's tests are in test_export_command.py.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,17 @@ import datetime
 import json
 import os
 import pickle
-import select
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
 
 import snaptree
-from snaptree import schedule
-from snaptree.cli import main
+from snaptree import dump_directory, retention, schedule
+from snaptree.export_run import export_into
 
 WAIT = 60.0
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- pure decisions, on a fake clock ----------------------------------------------
@@ -41,24 +38,24 @@ def test_interval_and_retention_are_validated():
             schedule.check_every(bad)
     for bad in (0, -3, 10**9, 2.5, True):
         with pytest.raises(ValueError, match="keep must be"):
-            schedule.check_keep(bad)
-    assert schedule.check_every(0) == 0 and schedule.check_keep(3) == 3
+            retention.check_keep(bad)
+    assert schedule.check_every(0) == 0 and retention.check_keep(3) == 3
 
 
 def test_retention_deletes_only_the_oldest_beyond_keep():
     dumps = [Path(f"d{i}") for i in range(5)]
-    assert schedule.dumps_to_delete(dumps, 2) == dumps[:3]
-    assert schedule.dumps_to_delete(dumps, 9) == []
-    assert schedule.dumps_to_delete(dumps, None) == []
+    assert retention.dumps_to_delete(dumps, 2) == dumps[:3]
+    assert retention.dumps_to_delete(dumps, 9) == []
+    assert retention.dumps_to_delete(dumps, None) == []
 
 
 def test_dump_names_carry_utc_time_and_tid_and_sort_in_commit_order():
     tz = datetime.timezone(datetime.timedelta(hours=2))
-    name = schedule.dump_name(
+    name = dump_directory.dump_name(
         "pickle", datetime.datetime(2026, 1, 2, 5, 4, 5, 6, tzinfo=tz), "0" * 15 + "1"
     )
     assert name == "snaptree-20260102T030405.000006Z-0000000000000001.pickle"
-    assert schedule.DUMP_NAME.match(name)
+    assert dump_directory.DUMP_NAME.match(name)
 
 
 class FakeStop:
@@ -161,7 +158,7 @@ def test_a_schedule_stretched_by_pacing_says_so(caplog):
 
 def test_an_export_reports_its_fsync_time_but_keeps_it_out_of_the_manifest(store, tmp_path):
     _bump(store, 1)
-    result = schedule.export_into(store, tmp_path)
+    result = export_into(store, tmp_path)
     assert 0 < result.flush_seconds == result.info.flush_seconds
     manifest = json.loads(result.info.manifest_path.read_text())
     assert "flush_seconds" not in manifest and manifest["tid"] == result.info.tid
@@ -184,11 +181,11 @@ def test_directory_mode_names_latest_keep_and_skips_unchanged(store, tmp_path):
     results = []
     for value in range(4):
         _bump(store, value)
-        results.append(schedule.export_into(store, out, keep=2))
-    unchanged = schedule.export_into(store, out, keep=2)
+        results.append(export_into(store, out, keep=2))
+    unchanged = export_into(store, out, keep=2)
     assert unchanged.skipped and unchanged.skipped_tid == results[-1].info.tid
     assert "nothing committed since the last export" in unchanged.log_line()
-    kept = schedule.complete_dumps(out, "pickle")
+    kept = dump_directory.complete_dumps(out, "pickle")
     assert kept == [r.info.path for r in results[-2:]]
     assert [p.name for p in results[-1].deleted] == [results[1].info.path.name]
     assert os.readlink(out / "latest.pickle") == results[-1].info.path.name
@@ -204,8 +201,8 @@ def test_directory_mode_names_latest_keep_and_skips_unchanged(store, tmp_path):
 
 def test_formats_have_their_own_latest_and_retention(store, tmp_path):
     _bump(store, 1)
-    a = schedule.export_into(store, tmp_path, format="json", keep=1)
-    b = schedule.export_into(store, tmp_path, format="zodb", keep=1)
+    a = export_into(store, tmp_path, format="json", keep=1)
+    b = export_into(store, tmp_path, format="zodb", keep=1)
     assert not a.skipped and not b.skipped
     assert os.readlink(tmp_path / "latest.json") == a.info.path.name
     assert os.readlink(tmp_path / "latest.zexp") == b.info.path.name
@@ -262,128 +259,3 @@ def test_exporter_refuses_bad_settings(store, tmp_path):
     if store.source == "memory://":
         with pytest.raises(ValueError, match="cannot be read from another process"):
             snaptree.Exporter(store, tmp_path, process=True)
-
-
-# -- the command ------------------------------------------------------------------
-
-
-@pytest.fixture
-def db_file(tmp_path):
-    path = tmp_path / "Data.fs"
-    store = snaptree.open(str(path))
-    _bump(store, 42)
-    store.close()
-    return path
-
-
-def test_export_command_json_output_is_only_json(db_file, tmp_path):
-    runner = CliRunner()
-    out = tmp_path / "d.json"
-    result = runner.invoke(
-        main, ["export", "--db", str(db_file), "-o", str(out), "--format", "json", "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data["written"] and data["path"] == str(out) and data["format"] == "json"
-    assert "exported" in result.stderr
-    assert json.loads(out.read_text()) == {"v": 42}
-
-
-def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path):
-    """The writer holds the FileStorage lock; the export opens the file read-only."""
-    writer = snaptree.open(str(db_file))
-    try:
-        _bump(writer, 43)
-        result = CliRunner().invoke(
-            main, ["export", "--db", str(db_file), "--dir", str(tmp_path), "--json"]
-        )
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["tid"] == writer.last_tid()
-    finally:
-        writer.close()
-
-
-def test_export_command_on_a_live_file_logs_no_stale_index_warning(tmp_path):
-    """A file its writer created and still has open has an empty .index: expected, not warned."""
-    db_file = tmp_path / "live.fs"
-    writer = snaptree.open(str(db_file))  # saves an .index of the empty file, and no other
-    try:
-        _bump(writer, 44)
-        done = subprocess.run(
-            [sys.executable, "-m", "snaptree", "export", "--db", str(db_file), "-o",
-             str(tmp_path / "d.pickle")],
-            capture_output=True, text=True, timeout=WAIT,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        assert "Ignoring index" not in done.stderr
-        assert "exported" in done.stderr
-    finally:
-        writer.close()
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--every", "-1"], "every must be between"),
-        (["--every", "1e12"], "every must be between"),
-        (["--keep", "0"], "keep must be between"),
-        (["--keep", "3"], "--keep needs --dir"),
-        ([], "exactly one of -o FILE or --dir DIR"),
-        (["--every", "5", "--at", "040d41d07e885dbb"], "--at exports one past state"),
-    ],
-)
-def test_export_command_usage_errors_exit_2(db_file, tmp_path, args, message):
-    target = [] if args == [] else ["-o", str(tmp_path / "x.pickle")]
-    if "--keep" in args and "0" in args:
-        target = ["--dir", str(tmp_path)]
-    result = CliRunner().invoke(main, ["export", "--db", str(db_file), *target, *args])
-    assert result.exit_code == 2
-    assert message in result.output
-
-
-def test_export_command_on_a_missing_store_exits_2(tmp_path):
-    result = CliRunner().invoke(
-        main, ["export", "--db", str(tmp_path / "none.fs"), "-o", str(tmp_path / "x")]
-    )
-    assert result.exit_code == 2 and "snaptree: error:" in result.stderr
-
-
-def _read_line(stream, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, "no output in time"
-    return stream.readline()
-
-
-def test_every_loop_skips_unchanged_runs_and_exits_0_on_sigterm(db_file, tmp_path):
-    """The script keeps exporting, says when nothing changed, and SIGTERM ends it with status 0."""
-    out = tmp_path / "dumps"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "export.py"),
-            "--db",
-            str(db_file),
-            "--dir",
-            str(out),
-            "--every",
-            "0.05",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        first = json.loads(_read_line(proc.stdout, WAIT))
-        second = json.loads(_read_line(proc.stdout, WAIT))
-        assert first["written"] and not second["written"]
-        assert second["reason"] == "nothing committed since the last export"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-    assert "SIGTERM" in proc.stderr.read()
-    assert [p.name for p in schedule.complete_dumps(out, "pickle")] == [Path(first["path"]).name]

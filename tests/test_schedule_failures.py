@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 
 import snaptree
+from _cli import start as start_snaptree
 from _trap import GATE_VARIABLE, Gate, Trap
-from snaptree import schedule
+from snaptree.dump_directory import complete_dumps, latest_link
+from snaptree.export_run import describe_failure
 
 WAIT = 60.0
 TESTS = Path(__file__).resolve().parent
@@ -125,11 +127,9 @@ def test_a_failed_run_of_the_command_is_one_line_and_the_schedule_goes_on(tmp_pa
     dumps.mkdir()
     writer = snaptree.open(str(db))
     writer.run(lambda root: root.__setitem__("name", "\ud800"))  # a lone surrogate
-    command = subprocess.Popen(
-        [sys.executable, "-m", "snaptree", "export", "--db", str(db), "--dir", str(dumps),
-         "--every", "0.2", "--format", "json", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    command = start_snaptree(
+        "export", "--db", db, "--dir", dumps, "--every", "0.2", "--format", "json", "--json"
+    )
     try:
         stdout, stderr = Lines(command.stdout), Lines(command.stderr)
         stderr.wait_for(lambda line: line.startswith("snaptree: error: "))
@@ -178,7 +178,7 @@ def _fails_then_succeeds(store, directory, records, fmt: str, fix: Callable[[Any
     # Each run that did not fail is logged once (not once by the run and again by the Exporter).
     runs = [line for line in records.at(logging.INFO) if line.startswith(("exported ", "nothing "))]
     assert len(runs) == exporter.runs
-    assert failure is not None and errors[0].endswith(schedule.describe_failure(failure))
+    assert failure is not None and errors[0].endswith(describe_failure(failure))
     return errors
 
 
@@ -190,7 +190,7 @@ def test_a_value_the_format_cannot_hold_fails_one_run_of_the_exporter_not_the_sc
     _fails_then_succeeds(
         store, tmp_path, records, "json", lambda root: root.__setitem__("name", "fixed")
     )
-    with open(schedule.latest_link(tmp_path, "json")) as f:
+    with open(latest_link(tmp_path, "json")) as f:
         assert json.load(f) == {"name": "fixed"}
 
 
@@ -219,7 +219,7 @@ def test_an_export_abandoned_at_stop_is_logged_at_info_not_as_a_failure(tmp_path
     assert exporter.last_error is None
     [abandoned] = [line for line in records.at(logging.INFO) if "abandoned" in line]
     assert "nothing was written" in abandoned
-    assert schedule.complete_dumps(tmp_path, "pickle") == []
+    assert complete_dumps(tmp_path, "pickle") == []
 
 
 # -- failures inside the exporter process ---------------------------------------------------
@@ -259,7 +259,7 @@ def test_a_class_the_exporter_process_cannot_import_is_one_clear_line(tmp_path):
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("ExportError "), done.stdout
     assert "__main__.Account" in done.stdout
     assert "Traceback" not in done.stderr
-    assert schedule.complete_dumps(dumps, "pickle") == []
+    assert complete_dumps(dumps, "pickle") == []
 
 
 def test_an_exporter_process_killed_mid_export_is_one_line_and_the_next_run_works(tmp_path, gate):

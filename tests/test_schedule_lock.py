@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 import snaptree
+from _cli import error_line
+from _cli import snaptree as run_snaptree
+from _cli import start as start_snaptree
 from _trap import GATE_VARIABLE, Gate, Trap
-from snaptree import schedule
-from snaptree.cli import main
+from snaptree._directory_lock import lock_path
+from snaptree.dump_directory import complete_dumps, latest_link, lock_directory
+from snaptree.export_run import export_into
 
 WAIT = 60.0
 TESTS = Path(__file__).resolve().parent
@@ -81,12 +84,6 @@ def _read_to_end(stream: Any, timeout: float = WAIT) -> bytes:
         data += chunk
 
 
-def _snaptree(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "snaptree", *args], capture_output=True, text=True, timeout=WAIT
-    )
-
-
 # -- a second writer is refused at once -----------------------------------------------
 
 
@@ -97,7 +94,7 @@ def test_a_second_schedule_on_a_directory_is_refused_at_once_naming_its_holder(s
     second = snaptree.Exporter(store, tmp_path, every=3600)
     first.start()
     try:
-        refused = [second.start, second.export_now, lambda: schedule.export_into(store, tmp_path)]
+        refused = [second.start, second.export_now, lambda: export_into(store, tmp_path)]
         for attempt in refused:
             with pytest.raises(snaptree.ExportError) as caught:
                 attempt()
@@ -110,8 +107,8 @@ def test_a_second_schedule_on_a_directory_is_refused_at_once_naming_its_holder(s
         first.stop(timeout=WAIT)
     second.start()  # the first has let go
     second.stop(timeout=WAIT)
-    assert len(schedule.complete_dumps(tmp_path, "pickle")) == 1
-    assert schedule.lock_path(tmp_path, "pickle").read_text() == ""  # released cleanly
+    assert len(complete_dumps(tmp_path, "pickle")) == 1
+    assert lock_path(tmp_path, "pickle").read_text() == ""  # released cleanly
 
 
 def test_schedules_of_different_formats_may_share_a_directory(store, tmp_path):
@@ -122,8 +119,8 @@ def test_schedules_of_different_formats_may_share_a_directory(store, tmp_path):
         for exporter in exporters:
             assert exporter.export_now().info is not None  # and holds its lock until stop()
         for fmt in ("pickle", "json"):
-            assert json.loads(schedule.lock_path(tmp_path, fmt).read_text())["pid"] == os.getpid()
-            assert len(schedule.complete_dumps(tmp_path, fmt)) == 1
+            assert json.loads(lock_path(tmp_path, fmt).read_text())["pid"] == os.getpid()
+            assert len(complete_dumps(tmp_path, fmt)) == 1
     finally:
         for exporter in exporters:
             exporter.stop(timeout=WAIT)
@@ -138,7 +135,7 @@ def test_a_one_off_run_holds_the_directory_for_its_whole_run(tmp_path, gate):
     outcome: dict[str, Any] = {}
 
     def one_off() -> None:
-        outcome["result"] = schedule.export_into(store, dumps)
+        outcome["result"] = export_into(store, dumps)
 
     thread = threading.Thread(target=one_off, daemon=True)
     thread.start()
@@ -148,7 +145,7 @@ def test_a_one_off_run_holds_the_directory_for_its_whole_run(tmp_path, gate):
         with pytest.raises(snaptree.ExportError, match=f"is held by pid {os.getpid()} "):
             exporter.start()
         with pytest.raises(snaptree.ExportError, match="is held by pid"):
-            schedule.export_into(store, dumps)
+            export_into(store, dumps)
     finally:
         gate.release()
         thread.join(WAIT)
@@ -157,8 +154,8 @@ def test_a_one_off_run_holds_the_directory_for_its_whole_run(tmp_path, gate):
     store.run(lambda root: setattr(root["trap"], "mode", None))
     exporter.start()
     exporter.stop(timeout=WAIT)
-    assert [p.name for p in schedule.complete_dumps(dumps, "pickle")][-1:] == [
-        os.readlink(schedule.latest_link(dumps, "pickle"))
+    assert [p.name for p in complete_dumps(dumps, "pickle")][-1:] == [
+        os.readlink(latest_link(dumps, "pickle"))
     ]
     store.close()
 
@@ -196,7 +193,7 @@ def test_the_exporter_process_keeps_the_directory_locked_until_its_export_ends(t
         application.kill()
         application.wait(WAIT)
         with pytest.raises(snaptree.ExportError, match=f"is held by pid {application.pid} "):
-            schedule.DirectoryLock.acquire(dumps, "pickle")
+            lock_directory(dumps, "pickle")
         gate.release()
         _read_to_end(application.stderr)  # the exporter finished its export and exited
     finally:
@@ -209,9 +206,9 @@ def test_the_exporter_process_keeps_the_directory_locked_until_its_export_ends(t
                 os.kill(exporter_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    with schedule.DirectoryLock.acquire(dumps, "pickle"):
-        [dump] = schedule.complete_dumps(dumps, "pickle")
-        assert os.readlink(schedule.latest_link(dumps, "pickle")) == dump.name
+    with lock_directory(dumps, "pickle"):
+        [dump] = complete_dumps(dumps, "pickle")
+        assert os.readlink(latest_link(dumps, "pickle")) == dump.name
         assert snaptree.verify(dump).objects >= 1
 
 
@@ -219,35 +216,33 @@ def test_two_commands_on_one_directory_and_a_killed_holder(db_file, tmp_path):
     """A second command is refused with the first's pid and command; once that is killed, not."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "snaptree", "export", "--db", str(db_file), "--dir", str(dumps),
-         "--every", "3600", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    holder = start_snaptree(
+        "export", "--db", db_file, "--dir", dumps, "--every", "3600", "--json",
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert json.loads(_read_line(holder.stdout))["written"]  # it holds the directory
-        refused = _snaptree("export", "--db", str(db_file), "--dir", str(dumps))
-        assert refused.returncode == 1
-        assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(
+        refused = run_snaptree("export", "--db", db_file, "--dir", dumps)
+        assert refused.returncode == 5  # the export failed
+        assert refused.stderr.count("\n") == 1 and error_line(refused).startswith(
             f"snaptree: error: cannot export pickle dumps into {dumps}: "
             f".snaptree-export-pickle.lock is held by pid {holder.pid} "
         )
         assert "--every 3600" in refused.stderr  # its command
-        other_format = _snaptree("export", "--db", str(db_file), "--dir", str(dumps), "--format",
-                                 "json")  # fmt: skip
+        other_format = run_snaptree("export", "--db", db_file, "--dir", dumps, "--format", "json")
         assert other_format.returncode == 0, other_format.stderr
     finally:
         holder.kill()
         holder.wait(WAIT)
         holder.stdout.close()
-    after = _snaptree("export", "--db", str(db_file), "--dir", str(dumps))
+    after = run_snaptree("export", "--db", db_file, "--dir", dumps)
     assert after.returncode == 0, after.stderr
     assert "nothing committed since the last export" in after.stderr
-    assert schedule.lock_path(dumps, "pickle").read_text() == ""
+    assert lock_path(dumps, "pickle").read_text() == ""
 
 
 def test_the_lock_file_names_its_holder_and_is_emptied_on_release(tmp_path):
-    with schedule.DirectoryLock.acquire(tmp_path, "json") as lock:
+    with lock_directory(tmp_path, "json") as lock:
         holder = json.loads(lock.path.read_text())
         assert lock.path == tmp_path / ".snaptree-export-json.lock"
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -262,13 +257,18 @@ def test_the_lock_file_never_holds_a_password(tmp_path):
     listener.settimeout(WAIT)
     port = listener.getsockname()[1]
     uri = f"postgresql://app:s3cret-pw@127.0.0.1:{port}/app"
-    command = subprocess.Popen(
-        [sys.executable, "-m", "snaptree", "export", "--db", uri, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = start_snaptree(
+        "export",
+        "--db",
+        uri,
+        "--dir",
+        tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         connection, _ = listener.accept()  # it opens the store after taking the lock
-        content = schedule.lock_path(tmp_path, "pickle").read_text()
+        content = lock_path(tmp_path, "pickle").read_text()
         connection.close()
     finally:
         command.kill()
@@ -279,11 +279,17 @@ def test_the_lock_file_never_holds_a_password(tmp_path):
 
 
 def test_a_missing_or_unwritable_place_is_one_clear_error(tmp_path):
-    with pytest.raises(snaptree.ExportError, match="no such directory; create it first"):
-        schedule.DirectoryLock.acquire(tmp_path / "none", "pickle")
+    with pytest.raises(
+        snaptree.ExportError,
+        match=r"^cannot export pickle dumps: directory .*/none does not exist; create it first$",
+    ):
+        lock_directory(tmp_path / "none", "pickle")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(snaptree.ExportError, match="it is a file, not a directory"):
-        schedule.DirectoryLock.acquire(tmp_path / "file", "pickle")
+    with pytest.raises(
+        snaptree.ExportError,
+        match=r"^cannot export pickle dumps: .*/file is a file, not a directory$",
+    ):
+        lock_directory(tmp_path / "file", "pickle")
 
 
 # -- a past state never goes into a schedule directory ------------------------------------
@@ -298,37 +304,33 @@ def test_a_past_state_is_refused_in_a_schedule_directory(db_file, tmp_path):
         old = store.last_tid()
         _bump(store, 43)
         with pytest.raises(snaptree.ArgumentError, match="export it to a file of its own"):
-            schedule.export_into(store, dumps, at=old)
+            export_into(store, dumps, at=old)
     finally:
         store.close()
     assert list(dumps.iterdir()) == []
-    result = CliRunner().invoke(
-        main, ["export", "--db", str(db_file), "--dir", str(dumps), "--at", old]
-    )
-    assert result.exit_code == 2
+    result = run_snaptree("export", "--db", db_file, "--dir", dumps, "--at", old)
+    assert result.returncode == 2
     assert "write it with -o FILE" in result.stderr
     assert list(dumps.iterdir()) == []
-    past = CliRunner().invoke(
-        main, ["export", "--db", str(db_file), "-o", str(tmp_path / "old.pickle"), "--at", old]
-    )
-    assert past.exit_code == 0, past.output
+    past = run_snaptree("export", "--db", db_file, "-o", tmp_path / "old.pickle", "--at", old)
+    assert past.returncode == 0, past.stderr
 
 
 def test_latest_is_moved_back_to_the_newest_dump_even_when_nothing_is_new(store, tmp_path):
     """A directory where latest was turned back (by an older snaptree's --at) is repaired."""
     _bump(store, 1)
-    first = schedule.export_into(store, tmp_path)
+    first = export_into(store, tmp_path)
     _bump(store, 2)
-    second = schedule.export_into(store, tmp_path)
-    link = schedule.latest_link(tmp_path, "pickle")
+    second = export_into(store, tmp_path)
+    link = latest_link(tmp_path, "pickle")
     os.symlink(first.info.path.name, tmp_path / "back")
     os.replace(tmp_path / "back", link)
-    again = schedule.export_into(store, tmp_path, keep=1)
+    again = export_into(store, tmp_path, keep=1)
     assert again.skipped
     assert os.readlink(link) == second.info.path.name
     _bump(store, 3)
-    third = schedule.export_into(store, tmp_path, keep=1)
-    assert schedule.complete_dumps(tmp_path, "pickle") == [third.info.path]
+    third = export_into(store, tmp_path, keep=1)
+    assert complete_dumps(tmp_path, "pickle") == [third.info.path]
 
 
 def test_dumps_without_a_manifest_are_reported_and_kept(store, tmp_path, caplog):
@@ -336,8 +338,8 @@ def test_dumps_without_a_manifest_are_reported_and_kept(store, tmp_path, caplog)
     stray = tmp_path / "snaptree-20000101T000000.000000Z-0000000000000001.pickle"
     stray.write_bytes(b"no manifest")
     _bump(store, 1)
-    with caplog.at_level("WARNING", logger="snaptree.schedule"):
-        schedule.export_into(store, tmp_path, keep=1)
+    with caplog.at_level("WARNING", logger="snaptree.dump_directory"):
+        export_into(store, tmp_path, keep=1)
     assert stray.exists()
     [warning] = [r.getMessage() for r in caplog.records]
     assert stray.name in warning and "without a manifest" in warning

@@ -41,7 +41,7 @@ from ZODB.MappingStorage import MappingStorage
 
 import snaptree
 from _threads import run_threads
-from snaptree import schedule
+from snaptree.dump_directory import complete_dumps, latest_link
 
 ACCOUNTS = 24
 INITIAL = 1_000
@@ -276,9 +276,9 @@ def _exporter_exports(
             assert tid > last_tid[fmt], "the Exporter wrote a dump older than its previous one"
             last_tid[fmt] = tid
             # latest points at this complete dump; retention keeps at most KEEP of them.
-            latest = schedule.latest_link(exporter.directory, fmt)
+            latest = latest_link(exporter.directory, fmt)
             assert os.readlink(latest) == result.info.path.name
-            complete = schedule.complete_dumps(exporter.directory, fmt)
+            complete = complete_dumps(exporter.directory, fmt)
             assert len(complete) <= KEEP and complete[-1] == result.info.path
             run.count(f"Exporter:{fmt}")
 
@@ -361,7 +361,7 @@ def test_dumps_in_every_format_hold_the_invariant_and_no_transfer_is_lost_or_dou
             info = store.export(single / f"final{SUFFIX[fmt]}", format=fmt)
             assert _normalize(_load(snaptree.verify(info.path).path, fmt)) == final
             result = exporters[fmt].export_now()
-            latest = schedule.latest_link(scheduled, fmt)
+            latest = latest_link(scheduled, fmt)
             assert result.skipped or result.info.tid == info.tid
             assert snaptree.verify(latest).tid == info.tid
             assert _normalize(_load(latest, fmt)) == final

@@ -7,13 +7,12 @@ Two ways to fill the disk, each test runs with both:
     syscall; skipped with the reason otherwise) and filled up with a filler
     file, so the kernel itself refuses the write.
 ``simulated``
-    ENOSPC is *simulated* at the lowest-level write the export makes: the
-    unbuffered ``io.FileIO.write`` under the buffered file that
-    ``snaptree._atomic`` opens with ``os.fdopen``. It behaves as write(2)
-    does on a disk that fills up: a short write of what still fits, then
-    ENOSPC. This runs everywhere, and it lets the test hold the failing
-    write until the writer thread has committed, to show that writers go on
-    *during* a failing export.
+    ENOSPC is *simulated* at the lowest-level write the export makes (see
+    ``tests/_full_disk.py``), in the test's process and in the commands it
+    starts. It behaves as write(2) does on a disk that fills up: a short
+    write of what still fits, then ENOSPC. This runs everywhere, and it lets
+    the test hold the failing write until the writer thread has committed,
+    to show that writers go on *during* a failing export.
 
 An unwritable directory, for a test process running as root (which
 permissions do not stop): a tmpfs remounted read-only (EROFS; needs root
@@ -28,26 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import re
 import subprocess
 import threading
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 import snaptree
-from snaptree import _atomic, schedule
-from snaptree.cli import main
+from _cli import snaptree as run_snaptree
+from _full_disk import FullDisk, command_env
+from snaptree import _atomic
+from snaptree.dump_directory import latest_link
 from snaptree.errors import ExportError
+from snaptree.export_run import export_into
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAPTREE = ROOT / ".venv" / "bin" / "snaptree"
 ACCOUNTS = 1_500
 INITIAL = 100
 WAIT = 60.0
@@ -200,16 +197,9 @@ def _temporaries(directory: Path) -> list[str]:
     ]
 
 
-def _cli_subprocess(args: list[str]) -> tuple[int, str]:
-    proc = subprocess.run([str(SNAPTREE), *args], capture_output=True, text=True, timeout=WAIT)
+def _cli_subprocess(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = run_snaptree(*args, env=env, timeout=WAIT)
     return proc.returncode, proc.stderr
-
-
-def _cli_in_process(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(main, args)
-    return result.exit_code, result.stderr + (
-        "Traceback\n" if result.exception and not isinstance(result.exception, SystemExit) else ""
-    )
 
 
 class SmallFilesystem:
@@ -246,57 +236,37 @@ class SmallFilesystem:
 
 
 class SimulatedFullDisk:
-    """ENOSPC simulated at ``io.FileIO.write`` under the files ``snaptree._atomic`` opens.
+    """ENOSPC simulated under the files ``snaptree._atomic`` writes (``tests/_full_disk.py``).
 
-    Only ``_atomic``'s view of ``os`` is replaced (its ``fdopen``), so the
-    FileStorage the writer commits to is untouched. The first refused write
-    waits until the writer has committed a few more transfers, which shows
-    that writers go on while an export is failing.
+    The first refused write in this process waits until the writer has
+    committed a few more transfers, which shows that writers go on while an
+    export is failing. A command started by :meth:`cli` meets a disk full
+    the same way.
     """
 
     name = "simulated"
-    in_child_processes = False  # the patch lives in this process only
+    in_child_processes = False  # an exporter process started by the test writes for real
 
     def __init__(self, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.directory = directory
-        self.budget: int | None = None  # bytes that still fit; None: not full
-        self.refused = 0
-        self.writer: Writer | None = None
-        disk = self
+        self.disk = FullDisk()
+        monkeypatch.setattr(_atomic, "os", self.disk.patched_os())
 
-        class FillingFile(io.FileIO):
-            def write(self, data: Any) -> int:
-                view = memoryview(data).cast("B")
-                if disk.budget is None:
-                    return super().write(view)
-                if disk.budget == 0:
-                    disk.refused += 1
-                    if disk.refused == 1 and disk.writer is not None:
-                        disk.writer.wait_for_more(disk.writer.committed, 3)
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                written = super().write(view[: disk.budget])  # a short write, as write(2) does
-                disk.budget -= written
-                return written
-
-        def fdopen(fd: int, mode: str = "r", buffering: int = -1, **kwargs: Any) -> Any:
-            assert mode == "wb", mode
-            return io.BufferedWriter(FillingFile(fd, "wb"), max(buffering, io.DEFAULT_BUFFER_SIZE))
-
-        patched_os = types.ModuleType("os")
-        patched_os.__dict__.update(os.__dict__)
-        patched_os.fdopen = fdopen  # type: ignore[attr-defined]
-        monkeypatch.setattr(_atomic, "os", patched_os)
+    @property
+    def refused(self) -> int:
+        return self.disk.refused
 
     def fill(self, writer: Writer) -> None:
-        self.writer = writer
-        self.refused = 0
-        self.budget = SLACK
+        self.disk.refused = 0
+        self.disk.budget = SLACK
+        self.disk.on_first_refusal = lambda: writer.wait_for_more(writer.committed, 3)
 
     def free(self) -> None:
-        self.budget = None
+        self.disk.budget = None
 
     def cli(self, args: list[str]) -> tuple[int, str]:
-        return _cli_in_process(args)
+        full = self.disk.budget is not None
+        return _cli_subprocess(args, env=command_env(SLACK) if full else None)
 
 
 @pytest.fixture(params=["tmpfs", "simulated"])
@@ -348,7 +318,7 @@ def test_full_disk_leaves_earlier_dumps_no_temporary_and_writers_unaffected(
     scheduled = out / "scheduled"
     scheduled.mkdir()
     first = store.export(out / "dump.pickle")
-    run = schedule.export_into(store, scheduled, format="pickle")
+    run = export_into(store, scheduled, format="pickle")
     before, before_scheduled = _listing(out), _listing(scheduled)
 
     full_disk.fill(writer)
@@ -359,7 +329,7 @@ def test_full_disk_leaves_earlier_dumps_no_temporary_and_writers_unaffected(
         store.export(out / "dump.pickle")
     assert _is_enospc(failed.value), repr(failed.value)
     with pytest.raises((ExportError, OSError)) as failed:
-        schedule.export_into(store, scheduled, format="pickle")
+        export_into(store, scheduled, format="pickle")
     assert _is_enospc(failed.value), repr(failed.value)
     if full_disk.name == "simulated":
         assert full_disk.refused >= 2  # both failed at the write call, not earlier
@@ -367,13 +337,13 @@ def test_full_disk_leaves_earlier_dumps_no_temporary_and_writers_unaffected(
     assert _listing(out) == before and _listing(scheduled) == before_scheduled
     assert _temporaries(out) == [] and _temporaries(scheduled) == []
     assert snaptree.verify(first.path).sha256 == first.sha256
-    assert snaptree.verify(schedule.latest_link(scheduled, "pickle")).tid == run.info.tid
+    assert snaptree.verify(latest_link(scheduled, "pickle")).tid == run.info.tid
     writer.wait_for_more(committed)  # commits went on during and after the failures
 
     full_disk.free()
-    again = schedule.export_into(store, scheduled, format="pickle")
+    again = export_into(store, scheduled, format="pickle")
     assert again.info is not None and again.info.tid > run.info.tid
-    assert snaptree.verify(schedule.latest_link(scheduled, "pickle")).tid == again.info.tid
+    assert snaptree.verify(latest_link(scheduled, "pickle")).tid == again.info.tid
     assert snaptree.verify(run.info.path).sha256 == run.info.sha256
 
 
@@ -389,16 +359,16 @@ def test_full_disk_is_one_clear_error_naming_the_file_and_what_to_do(
     scheduled = out / "scheduled"
     scheduled.mkdir()
     store.export(out / "dump.pickle")
-    schedule.export_into(store, scheduled)
+    export_into(store, scheduled)
     full_disk.fill(writer)
     _commit_after_the_earlier_dumps(store)
 
     with pytest.raises(ExportError, match=ENOSPC_MESSAGE):
         store.export(out / "dump.pickle")
     with pytest.raises(ExportError, match=ENOSPC_MESSAGE):
-        schedule.export_into(store, scheduled)
+        export_into(store, scheduled)
     code, stderr = full_disk.cli(["export", "--db", str(db), "--dir", str(scheduled)])
-    assert code == 1
+    assert code == 5  # the export failed
     assert _one_line(stderr).startswith("snaptree: error: cannot write ")
     assert "No space left on device (ENOSPC)" in stderr
     if full_disk.in_child_processes:
@@ -421,7 +391,7 @@ def test_read_only_filesystem_is_a_clear_error_and_changes_nothing(
     """A tmpfs remounted read-only (EROFS stops root too); remounted read-write, exports resume."""
     with mounted_tmpfs(tmp_path / "ro", "8m") as out:
         first = store.export(out / "dump.pickle")
-        run = schedule.export_into(store, out, format="json")
+        run = export_into(store, out, format="json")
         before = _listing(out)
         remounted = _run("mount", "-o", "remount,ro", str(out))
         _commit_after_the_earlier_dumps(store)
@@ -431,9 +401,9 @@ def test_read_only_filesystem_is_a_clear_error_and_changes_nothing(
             with pytest.raises(ExportError, match=EROFS_MESSAGE):
                 store.export(out / "dump.pickle")
             with pytest.raises(ExportError, match=EROFS_MESSAGE):
-                schedule.export_into(store, out, format="json")
+                export_into(store, out, format="json")
             code, stderr = _cli_subprocess(["export", "--db", str(db), "-o", str(out / "x.json")])
-            assert code == 1 and "Read-only file system (EROFS)" in _one_line(stderr)
+            assert code == 5 and "Read-only file system (EROFS)" in _one_line(stderr)
             exporter = snaptree.Exporter(store, out, every=3600, format="json")
             try:
                 assert not exporter.in_process  # the error crosses the process boundary
@@ -443,11 +413,11 @@ def test_read_only_filesystem_is_a_clear_error_and_changes_nothing(
                 exporter.stop(timeout=WAIT)
             assert _listing(out) == before
             assert snaptree.verify(first.path).sha256 == first.sha256
-            assert snaptree.verify(schedule.latest_link(out, "json")).tid == run.info.tid
+            assert snaptree.verify(latest_link(out, "json")).tid == run.info.tid
             writer.wait_for_more(committed)
         finally:
             _run("mount", "-o", "remount,rw", str(out))
-        again = schedule.export_into(store, out, format="json")
+        again = export_into(store, out, format="json")
         assert again.info is not None and again.info.tid > run.info.tid
         assert _temporaries(out) == []
 
@@ -461,10 +431,10 @@ def test_export_directory_that_is_a_regular_file_fails_and_changes_nothing(
     committed = writer.committed
     with pytest.raises(ExportError, match=r"cannot write .*dumps/dump\.pickle: .*dumps is a file"):
         store.export(not_a_dir / "dump.pickle")
-    with pytest.raises(ExportError, match=r"cannot export into .*dumps: it is a file"):
-        schedule.export_into(store, not_a_dir)
+    with pytest.raises(ExportError, match=r"cannot export pickle dumps: .*dumps is a file"):
+        export_into(store, not_a_dir)
     code, stderr = _cli_subprocess(["export", "--db", str(db), "-o", str(not_a_dir / "x.pickle")])
-    assert code == 1 and "cannot write" in _one_line(stderr)
+    assert code == 5 and "cannot write" in _one_line(stderr)
     code, stderr = _cli_subprocess(["export", "--db", str(db), "--dir", str(not_a_dir)])
     assert code == 2 and "Traceback" not in stderr  # click's usage error
     assert f"Invalid value for '--dir': Directory '{not_a_dir}' is a file." in stderr
@@ -485,7 +455,7 @@ def test_directory_without_write_permission_is_a_clear_error(
         with pytest.raises(ExportError, match=r"Permission denied \(EACCES\).*writable"):
             store.export(out / "dump.pickle")
         with pytest.raises(ExportError, match=r"Permission denied \(EACCES\).*writable"):
-            schedule.export_into(store, out)
+            export_into(store, out)
     finally:
         out.chmod(0o755)
     assert snaptree.verify(first.path).sha256 == first.sha256

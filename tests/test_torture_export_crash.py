@@ -18,7 +18,7 @@ starting. After every kill, with no exporter running:
 
 The next exporter is started in the same directory and must continue:
 its first run removes the temporaries of the killed processes (as
-docs/export.md and schedule.py say) and its dumps are newer. At the end a
+docs/export.md and snaptree/dump_directory.py say) and its dumps are newer. At the end a
 SIGTERM stops the last one cleanly (exit 0) and no temporary is left.
 
 The default setting (CI) kills 22 exporters in two directories at once;
@@ -48,11 +48,13 @@ from ZODB import DB
 from ZODB.MappingStorage import MappingStorage
 
 import snaptree
+from _cli import start as start_snaptree
 from _threads import run_threads
-from snaptree import schedule
+from snaptree.dump_directory import DUMP_NAME, complete_dumps, latest_link, lock_directory
+from snaptree.export_run import export_into
+from snaptree.manifest import manifest_path
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAPTREE = ROOT / ".venv" / "bin" / "snaptree"
 EXPORT_SCRIPT = ROOT / "scripts" / "export.py"
 
 ACCOUNTS = 300
@@ -161,20 +163,20 @@ def _check_directory(directory: Path, checked: dict[str, str]) -> dict[str, Any]
             continue  # checked below
         if name.endswith(".manifest.json"):
             dump = entry.with_name(name.removesuffix(".manifest.json"))
-            assert schedule.DUMP_NAME.match(dump.name), f"an unexpected manifest: {name}"
+            assert DUMP_NAME.match(dump.name), f"an unexpected manifest: {name}"
             if not dump.exists():
                 # Killed between the manifest's rename and the dump's (or between
                 # retention's two deletes): never counted as a dump.
                 fmt = {".pickle": "pickle", ".json": "json", ".zexp": "zodb"}[
-                    schedule.DUMP_NAME.match(dump.name)["suffix"]
+                    DUMP_NAME.match(dump.name)["suffix"]
                 ]
-                assert dump not in schedule.complete_dumps(directory, fmt)
+                assert dump not in complete_dumps(directory, fmt)
                 orphans.append(name)
             continue
-        match = schedule.DUMP_NAME.match(name)
+        match = DUMP_NAME.match(name)
         assert match, f"an unexpected file under a final name: {name}"
         fmt = {".pickle": "pickle", ".json": "json", ".zexp": "zodb"}[match["suffix"]]
-        assert snaptree.exports.manifest_path(entry).exists(), f"{name}: a dump without manifest"
+        assert manifest_path(entry).exists(), f"{name}: a dump without manifest"
         if checked.get(name) is None:
             info = snaptree.verify(entry)
             assert _total(entry, fmt) == ACCOUNTS * INITIAL, f"{name}: balances do not add up"
@@ -184,8 +186,8 @@ def _check_directory(directory: Path, checked: dict[str, str]) -> dict[str, Any]
             assert digest == checked[name], f"{name} changed after it was complete"
     latest = {}
     for fmt in FORMATS:
-        link = schedule.latest_link(directory, fmt)
-        complete = schedule.complete_dumps(directory, fmt)
+        link = latest_link(directory, fmt)
+        complete = complete_dumps(directory, fmt)
         if not link.is_symlink():
             # latest appears with the first complete dump, unless the kill came in between.
             assert len(complete) <= 1, f"{len(complete)} complete {fmt} dumps but no {link.name}"
@@ -195,7 +197,7 @@ def _check_directory(directory: Path, checked: dict[str, str]) -> dict[str, Any]
         assert target.name in checked  # verified above
         latest[fmt] = target.name
     for fmt in FORMATS:
-        with schedule.DirectoryLock.acquire(directory, fmt):
+        with lock_directory(directory, fmt):
             pass  # the killed holder does not block the next one
     return {"orphans": orphans, "latest": latest}
 
@@ -205,11 +207,13 @@ def _temporaries(directory: Path) -> dict[str, int]:
 
 
 def _start(db: Path, directory: Path, fmt: str, via_script: bool, stderr: Any) -> subprocess.Popen:
-    command = (
-        [sys.executable, str(EXPORT_SCRIPT)] if via_script else [str(SNAPTREE), "export"]
-    ) + ["--db", str(db), "--dir", str(directory), "--format", fmt]
-    command += ["--every", "0", "--keep", str(KEEP), "--json"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+    """``snaptree export --dir ... --every 0``, or the same through scripts/export.py."""
+    args = ["--db", str(db), "--dir", str(directory), "--format", fmt]
+    args += ["--every", "0", "--keep", str(KEEP), "--json"]
+    if via_script:
+        command = [sys.executable, str(EXPORT_SCRIPT), *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+    return start_snaptree("export", *args, stderr=stderr)
 
 
 class Lane:
@@ -291,7 +295,7 @@ class Lane:
         assert summary["orphans"] == []
         assert _temporaries(self.directory) == {}, "a temporary survived the clean exporters"
         for fmt in FORMATS:
-            assert 1 <= len(schedule.complete_dumps(self.directory, fmt)) <= KEEP
+            assert 1 <= len(complete_dumps(self.directory, fmt)) <= KEEP
 
     def run(self) -> None:
         for round_number in range(self.kills):
@@ -352,7 +356,8 @@ def test_killed_exporter_never_leaves_a_partial_dump_and_the_next_one_cleans_up(
 KILL_AT_SECOND_RENAME = """
 import os, signal, sys
 import snaptree
-from snaptree import _atomic, schedule
+from snaptree import _atomic
+from snaptree.export_run import export_into
 
 renames = []
 real_commit = _atomic.commit
@@ -365,7 +370,7 @@ def commit(temp, final):
 
 _atomic.commit = commit
 store = snaptree.open(sys.argv[1], read_only=True)
-schedule.export_into(store, sys.argv[2], format="pickle", keep=2)
+export_into(store, sys.argv[2], format="pickle", keep=2)
 """
 
 
@@ -394,14 +399,14 @@ def test_a_kill_between_the_two_renames_leaves_no_dump_without_its_manifest(
         store.run(_transfer, "a0001", "a0002", 5)  # the next run has a new tid to export
         reader = snaptree.open(str(db), read_only=True)
         try:
-            result = schedule.export_into(reader, directory, format="pickle", keep=2)
+            result = export_into(reader, directory, format="pickle", keep=2)
         finally:
             reader.close()
         assert result.info is not None
     finally:
         store.close()
-    dumps = [e for e in directory.iterdir() if schedule.DUMP_NAME.match(e.name)]
-    without_manifest = [e.name for e in dumps if not snaptree.exports.manifest_path(e).exists()]
+    dumps = [e for e in directory.iterdir() if DUMP_NAME.match(e.name)]
+    without_manifest = [e.name for e in dumps if not manifest_path(e).exists()]
     assert without_manifest == [], "a dump under a final name has no manifest"
     for dump in dumps:
         snaptree.verify(dump)

@@ -6,10 +6,10 @@ import hashlib
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import snaptree
-from snaptree.cli import main
+from _cli import error_line
+from _cli import snaptree as run_snaptree
 from snaptree.errors import VerifyError
 
 
@@ -65,18 +65,17 @@ def test_verify_loads_the_dump_not_only_its_checksum(dumps):
 
 
 def test_verify_command_exit_codes(dumps):
-    """Exit 0 and a summary for a good dump; exit 1 and one error line for a damaged one."""
-    runner = CliRunner()
-    good = runner.invoke(main, ["verify", str(dumps["pickle"].path)])
-    assert good.exit_code == 0, good.output
-    assert "ok:" in good.output and dumps["pickle"].tid in good.output
-    as_json = runner.invoke(main, ["verify", "--json", str(dumps["zodb"].path)])
+    """Exit 0 and a summary for a good dump; exit 3 (bad input) and one error line for a bad one."""
+    good = run_snaptree("verify", dumps["pickle"].path)
+    assert good.returncode == 0, good.stderr
+    assert "ok:" in good.stdout and dumps["pickle"].tid in good.stdout
+    as_json = run_snaptree("verify", "--json", dumps["zodb"].path)
     assert json.loads(as_json.stdout)["ok"] is True
     path = dumps["json"].path
     path.write_bytes(path.read_bytes()[:-3])
-    bad = runner.invoke(main, ["verify", str(path)])
-    assert bad.exit_code == 1
-    assert bad.stderr.startswith("snaptree: error:") and "truncated" in bad.stderr
+    bad = run_snaptree("verify", path)
+    assert bad.returncode == 3
+    assert bad.stderr.strip() == error_line(bad) and "truncated" in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -112,9 +111,9 @@ def test_a_very_deep_json_dump_is_a_verify_error_not_a_recursion_error(dumps):
     info.manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(VerifyError, match="nested too deeply"):
         snaptree.verify(info.path)
-    result = CliRunner().invoke(main, ["verify", str(info.path)])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit | None)
-    assert result.stderr.startswith("snaptree: error:") and "nested too deeply" in result.stderr
+    result = run_snaptree("verify", info.path)
+    assert result.returncode == 3
+    assert result.stderr.strip() == error_line(result) and "nested too deeply" in result.stderr
 
 
 def test_a_zodb_dump_is_verified_without_importfile(dumps):

@@ -9,6 +9,8 @@ the temporary file and leaves whatever was under the final name untouched.
 Temporary names start with ``.`` and end with ``.tmp``, and carry the
 writer's pid, so a directory sweep can tell a stale leftover of a killed
 writer (see :func:`remove_stale_temporaries`) from one still being written.
+They are made here and nowhere else (:func:`temporary_path`): files and
+symlinks (:func:`replace_symlink`) alike.
 """
 
 from __future__ import annotations
@@ -63,8 +65,23 @@ def describe_os_error(exc: OSError, path: Path | str) -> str:
     return f"cannot write {path}: {what}{f' ({code})' if code else ''}; {hint}"
 
 
-def _temp_path(final: Path) -> Path:
+def temporary_path(final: Path) -> Path:
+    """A fresh temporary name beside *final*: ``.<name>.<pid>.<random>.tmp``."""
     return final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def existing_directory(directory: str | os.PathLike[str], doing: str) -> Path:
+    """*directory* as an absolute path; ExportError starting with *doing* if it is not one.
+
+    The one check of where an export goes, so that a missing directory and a
+    file in its place read the same whichever export meets them.
+    """
+    folder = Path(os.path.abspath(directory))
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ExportError(f"{doing}: {folder} is a file, not a directory")
+    raise ExportError(f"{doing}: directory {folder} does not exist; create it first")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -89,7 +106,7 @@ def staged_file(final: Path, *, mode: int = 0o600) -> Iterator[tuple[HashingWrit
     once everything it depends on is ready (the dump waits for its manifest),
     or the temporary is removed on any exception, including KeyboardInterrupt.
     """
-    temp = _temp_path(final)
+    temp = temporary_path(final)
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as exc:
@@ -124,11 +141,16 @@ def commit(temp: Path, final: Path) -> float:
     return time.perf_counter() - started
 
 
-def write_bytes(final: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write a small file atomically (the manifest, a pointer)."""
-    with staged_file(final, mode=mode) as (writer, temp):
-        writer.write(data)
-    commit(temp, final)
+def replace_symlink(link: Path, target: str) -> None:
+    """Point *link* at *target* atomically: a new link under a temporary name, renamed over it."""
+    temp = temporary_path(link)
+    try:
+        os.symlink(target, temp)
+        os.replace(temp, link)
+        fsync_directory(link.parent)
+    except OSError as exc:
+        discard(temp)
+        raise ExportError(describe_os_error(exc, link)) from exc
 
 
 def discard(temp: Path) -> None:

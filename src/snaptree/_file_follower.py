@@ -29,11 +29,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ZODB.DB import DB
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import read_index
 from ZODB.utils import u64, z64
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 class _RecordingIndex(dict):
@@ -99,7 +103,7 @@ def settle(storage: Any) -> None:
     storage._ltid = _tid_ending_at(storage._file.fileno(), storage._pos, storage._file_name)
 
 
-def refresh(db: Any) -> int:
+def refresh(db: DB) -> int:
     """Bring *db*'s read-only FileStorage up to the last transaction committed in the file.
 
     Returns how many objects changed. Stops before a transaction still being
@@ -163,7 +167,7 @@ def _tid_ending_at(fd: int, end: int, name: str) -> bytes:
     return tid
 
 
-def catch_up(store: Any) -> bool:
+def catch_up(store: Store) -> bool:
     """Refresh *store* if it is a read-only FileStorage; False if it must be opened again."""
     if not follows(store.db.storage):
         return True

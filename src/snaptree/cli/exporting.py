@@ -1,4 +1,4 @@
-"""``snaptree export`` and ``snaptree verify``: parse, call exports and schedule, print.
+"""``snaptree export`` and ``snaptree verify``: parse, call the library, print.
 
 ``--json`` is a contract: stdout carries only JSON (one object per run,
 one per line), logs go to stderr, readers should ignore fields they do
@@ -17,9 +17,12 @@ from typing import Any
 import click
 
 from .. import schedule
-from .._export_worker import FollowingReader
+from .._following_reader import FollowingReader
+from ..dump_directory import lock_directory
 from ..errors import Error
-from ..exports import FORMATS, verify
+from ..export_run import RunResult, describe_failure, export_file, export_into
+from ..manifest import FORMATS, verify
+from ..retention import check_keep
 from ..store import parse_point
 from .options import allow_option, db_option
 
@@ -43,7 +46,7 @@ def _checked_point(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
-def _emit(result: schedule.RunResult, as_json: bool) -> None:
+def _emit(result: RunResult, as_json: bool) -> None:
     click.echo(result.log_line(), err=True)
     if as_json:
         click.echo(json.dumps(result.to_json()))
@@ -51,7 +54,7 @@ def _emit(result: schedule.RunResult, as_json: bool) -> None:
 
 def _report_failure(exc: Exception) -> None:
     """A failed run of --every: one line, and the schedule goes on."""
-    click.echo(f"snaptree: error: {schedule.describe_failure(exc)}", err=True)
+    click.echo(f"snaptree: error: {describe_failure(exc)}", err=True)
 
 
 @contextmanager
@@ -109,7 +112,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @click.option(
     "--keep",
     type=int,
-    callback=_checked(schedule.check_keep),
+    callback=_checked(check_keep),
     metavar="N",
     help="With --dir: keep the newest N complete dumps of this format, delete older ones.",
 )
@@ -120,7 +123,12 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     help="Export the tree as of an ISO time or a hex tid, with -o FILE only (in --dir a past "
     "state would become latest).",
 )
-@click.option("--subtree", default="/", show_default=True, help="Export only this path.")
+@click.option(
+    "--subtree",
+    default="/",
+    show_default=True,
+    help="Export only this path in the tree (accounts/a1).",
+)
 @click.option(
     "--cache-size",
     type=click.IntRange(min=100),
@@ -149,7 +157,7 @@ def export_command(
 
     With --dir, this command is the one writer of its format's dumps in DIR
     while it runs (an Exporter or another export of that format in DIR makes
-    it exit 1 at once, naming the holder). With --every, a failed run (a
+    it exit 5 at once, naming the holder). With --every, a failed run (a
     full disk, a value the format cannot hold) is reported in one line and
     the schedule goes on.
 
@@ -181,29 +189,32 @@ def export_command(
         # refused at once.
         lock = None
         if directory is not None:
-            lock = held.enter_context(schedule.DirectoryLock.acquire(directory, fmt))
+            lock = held.enter_context(lock_directory(directory, fmt))
         reader = FollowingReader(db, cache_size)
         held.callback(reader.close)
 
-        def run_once() -> schedule.RunResult:
-            if directory is not None:
-                result = reader.call(
-                    schedule.export_into,
-                    directory=directory,
-                    format=fmt,
+        def run_once() -> RunResult:
+            reader.catch_up()
+            if lock is not None:
+                result = export_into(
+                    reader.store,
+                    lock.directory,
+                    format=lock.format,
                     subtree=subtree,
                     keep=keep,
                     lock=lock,
+                    fragments=reader.fragments,
                 )
             else:
                 assert output is not None
-                result = reader.call(
-                    schedule.export_file,
-                    path=output,
+                result = export_file(
+                    reader.store,
+                    output,
                     format=fmt,
                     subtree=subtree,
                     at=at,
                     skip_unchanged=every is not None,
+                    fragments=reader.fragments,
                 )
             _emit(result, as_json)
             return result
@@ -230,7 +241,7 @@ def export_command(
 def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
     """Check a dump against its manifest (size, sha256), load it and say what it holds.
 
-    Fails (exit 1) on a truncated or altered file, or one without a manifest.
+    Fails (exit 3) on a truncated or altered file, or one without a manifest.
     A pickle is loaded with an allow-list (plain data, datetime, decimal, and
     the classes named with --allow), so even a forged dump cannot run code.
 

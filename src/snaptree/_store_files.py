@@ -1,0 +1,127 @@
+"""The files of a store on this machine: what an export must never write over.
+
+A dump written over the store's data file, its index or its blob directory
+destroys the database it copies; so does one written over another
+FileStorage (another store's, the one a ZEO server serves). The export
+refuses them all (:meth:`StoreFiles.refuse`), and gives a dump the data
+file's permission bits (:meth:`StoreFiles.dump_mode`), so that a dump is
+never more readable than what it copies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ZODB.FileStorage import packed_version
+from ZODB.interfaces import IBlobStorage
+
+from .errors import ExportError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: What FileStorage keeps beside its data file (ZODB 6.4: FileStorage.__init__,
+#: pack, cleanup; ``.index.index_tmp`` is the index being saved).
+_COMPANIONS = ("", ".index", ".index.index_tmp", ".lock", ".tmp", ".old", ".pack")
+
+#: How a FileStorage data file starts: ``FS30`` (ZODB.FileStorage.packed_version
+#: under Python 3), ``FS21`` (files written under Python 2).
+_FILESTORAGE_MAGIC = frozenset({packed_version, b"FS21"})
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """The files of a store on this machine: what an export must never replace.
+
+    Empty for stores without a local file (memory, ZEO, PostgreSQL). For a
+    FileStorage: its data file and every file FileStorage keeps beside it,
+    and its blob directory with everything in it.
+    """
+
+    data_file: Path | None = None
+    files: tuple[Path, ...] = ()
+    blob_dirs: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, store: Store) -> StoreFiles:
+        storage = store.db.storage
+        blob_dirs: tuple[Path, ...] = ()
+        if IBlobStorage.providedBy(storage):  # a FileStorage with blobs, ZODB's BlobStorage...
+            try:
+                blobs = Path(os.path.abspath(storage.temporaryDirectory())).parent
+            except Exception:  # declared, but no local blob directory (ZEO, RelStorage)
+                pass
+            else:
+                blob_dirs = (blobs, blobs.with_name(blobs.name + ".old"))
+        # A FileStorage's name is the file name it was opened with (ZODB 6.4),
+        # also through BlobStorage, which wraps it; other storages' names are
+        # not files (memory, a ZEO address, a DSN).
+        name = storage.getName()
+        data_file = Path(os.path.abspath(name)) if isinstance(name, str) else None
+        if data_file is None or not _is_filestorage(data_file):
+            return cls(blob_dirs=blob_dirs)
+        files = tuple(data_file.with_name(data_file.name + ext) for ext in _COMPANIONS)
+        return cls(data_file, files, blob_dirs)
+
+    def dump_mode(self) -> int:
+        """Permission bits for a dump: the data file's, else the owner's alone.
+
+        A dump holds everything its store holds, so it is readable by no
+        one the store is not readable by: a FileStorage's dump gets the data
+        file's read and write bits (plus the owner's, so that the exporter
+        can read what it wrote); a store with no local file (memory, ZEO,
+        PostgreSQL, whose access rules are not file bits) gets 0600.
+        """
+        if self.data_file is None:
+            return 0o600
+        try:
+            return (self.data_file.stat().st_mode & 0o666) | 0o600
+        except OSError:
+            return 0o600
+
+    def refuse(self, target: Path) -> None:
+        """Raise ExportError if writing *target* would replace one of these files.
+
+        Checked by resolved path (relative names, symlinked directories, a
+        symlink as the target) and by inode (a hard link, another mount of
+        the same file), and any existing FileStorage, which is never a dump
+        to replace: another store's, or the file a ZEO server serves.
+        """
+        real = Path(os.path.realpath(target))
+        where = f"cannot write {target}"
+        for path in self.files:
+            if real == Path(os.path.realpath(path)) or _same_file(target, path):
+                raise ExportError(
+                    f"{where}: it is one of the store's own files ({path}); a dump written "
+                    "there would destroy the database. Write the dump to another name"
+                )
+        for blobs in self.blob_dirs:
+            if real.is_relative_to(os.path.realpath(blobs)):
+                raise ExportError(
+                    f"{where}: it is inside the store's blob directory {blobs}; write the "
+                    "dump elsewhere"
+                )
+        if _is_filestorage(target):
+            raise ExportError(
+                f"{where}: it is a ZODB FileStorage (a database, perhaps another store's or "
+                "the one a ZEO server serves), which an export never replaces; write the "
+                "dump to another name"
+            )
+
+
+def _is_filestorage(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) in _FILESTORAGE_MAGIC
+    except OSError:  # absent, a directory, unreadable
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False

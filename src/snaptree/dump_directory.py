@@ -1,0 +1,119 @@
+"""A directory of dumps: how they are named, which are complete, ``latest``, and its one writer.
+
+A directory holds, per format:
+
+- ``snaptree-<UTC time of the snapshot>-<tid>.<ext>`` and its
+  ``.manifest.json``: one complete dump. Names sort in commit order.
+- ``latest.<ext>``: a relative symlink to the newest complete dump,
+  replaced atomically (a new link renamed over the old one), so
+  ``pickle.load(open("dumps/latest.pickle", "rb"))`` always reads a whole
+  dump. A symlink rather than a pointer file, because every program can
+  open it without knowing about snaptree.
+- ``.<name>.<pid>.<random>.tmp``: a dump being written. A temporary left by
+  a killed exporter is removed by the next run in that directory.
+- ``.snaptree-export-<format>.lock``: held by the one writer of that
+  format's dumps (:func:`lock_directory`).
+
+What goes into it and when is :func:`snaptree.export_run.export_into`'s
+business; which dumps leave it, :mod:`snaptree.retention`'s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from pathlib import Path
+
+from . import _atomic
+from ._directory_lock import DirectoryLock
+from .manifest import SUFFIXES, manifest_path
+
+log = logging.getLogger(__name__)
+
+DUMP_NAME = re.compile(
+    r"^snaptree-(?P<time>\d{8}T\d{6}\.\d{6}Z)-(?P<tid>[0-9a-f]{16})(?P<suffix>\.pickle|\.json|\.zexp)$"
+)
+#: The names a schedule writes: dumps, manifests and latest links; their
+#: temporaries are the ones a run removes once their writer is gone.
+OWNED = re.compile(DUMP_NAME.pattern[:-1] + r"(?:\.manifest\.json)?$|^latest\.(pickle|json|zexp)$")
+
+
+def dump_name(format: str, committed_at: datetime.datetime, tid: str) -> str:  # noqa: A002
+    """``snaptree-20261125T171200.123456Z-<tid>.pickle``: sorts in commit order."""
+    stamp = committed_at.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"snaptree-{stamp}-{tid}{SUFFIXES[format]}"
+
+
+def is_dump_of(name: str, format: str) -> bool:  # noqa: A002
+    """Whether *name* is named like a dump of *format* (complete or not)."""
+    match = DUMP_NAME.match(name)
+    return match is not None and match["suffix"] == SUFFIXES[format]
+
+
+def complete_dumps(directory: Path, format: str) -> list[Path]:  # noqa: A002
+    """The complete dumps of *format* in *directory* (named ours, with a manifest), oldest first."""
+    return sorted(
+        (
+            entry
+            for entry in directory.iterdir()
+            if is_dump_of(entry.name, format) and manifest_path(entry).is_file()
+        ),
+        key=lambda p: p.name,
+    )
+
+
+def latest_link(directory: Path, format: str) -> Path:  # noqa: A002
+    return directory / f"latest{SUFFIXES[format]}"
+
+
+def point_latest(directory: Path, format: str, dump: Path) -> None:  # noqa: A002
+    """Make ``latest.<ext>`` point at *dump*, atomically."""
+    _atomic.replace_symlink(latest_link(directory, format), dump.name)
+
+
+def points_at(link: Path, dump: Path) -> bool:
+    try:
+        return os.readlink(link) == dump.name
+    except OSError:
+        return False
+
+
+def lock_directory(directory: str | os.PathLike[str], format: str) -> DirectoryLock:  # noqa: A002
+    """Become the one writer of *format*'s dumps in *directory* (see DirectoryLock).
+
+    Raises ExportError naming the holder when another writer is. Says once
+    per writer which dumps retention will never delete.
+    """
+    lock = DirectoryLock.acquire(directory, format)
+    _warn_about_dumps_without_manifest(lock.directory, format)
+    return lock
+
+
+def _warn_about_dumps_without_manifest(folder: Path, format: str) -> None:  # noqa: A002
+    """Name the dumps of *format* in *folder* that have no manifest, which retention keeps.
+
+    A writer renames the manifest before the dump and retention deletes the
+    dump before its manifest, so neither a crash nor (with the lock) a second
+    writer leaves a dump without its manifest. One without is a copy someone
+    made, or a leftover of snaptree versions before the lock, when two
+    schedules could share a directory; nothing tells it from a file put there
+    on purpose, so it is reported, not deleted.
+    """
+    strays = sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if is_dump_of(entry.name, format) and not manifest_path(entry).exists()
+    )
+    if strays:
+        log.warning(
+            "%s holds %d %s dump(s) without a manifest (%s%s): retention never deletes "
+            "them, since they cannot be verified; delete them, or move them out with their "
+            "manifests if you have them",
+            folder,
+            len(strays),
+            format,
+            ", ".join(strays[:3]),
+            ", ..." if len(strays) > 3 else "",
+        )

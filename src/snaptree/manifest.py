@@ -1,0 +1,280 @@
+"""What a dump is: its format, its manifest (written and read here only), and ``verify``.
+
+Every dump ``<name>.<ext>`` has a manifest ``<name>.<ext>.manifest.json``
+beside it: format, tid, commit time, object count, size, sha256, subtree,
+source (password masked), the seconds the export took and the snaptree
+version. An export writes it (:func:`manifest_bytes`) before renaming the
+dump into place, so a dump under a final name is always vouched for; every
+reader goes through :func:`read_manifest`, which checks each field it
+relies on, so a damaged manifest is one :class:`VerifyError` wherever it is
+met. :func:`verify` checks a dump against its manifest and loads it the way
+``snaptree import`` would, so that a forged dump with a matching manifest
+still cannot run code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ._unpickler import load_pickle
+from ._zexp import read_zexp
+from .errors import ArgumentError, Error, ExportError, VerifyError
+
+FORMATS = ("pickle", "json", "zodb")
+#: File name suffix of each format.
+SUFFIXES = {"pickle": ".pickle", "json": ".json", "zodb": ".zexp"}
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_VERSION = 1
+
+#: The format each file name suffix means (case-insensitive).
+_SUFFIX_FORMATS = {".json": "json", ".pickle": "pickle", ".pkl": "pickle", ".zexp": "zodb"}
+
+
+def check_format(format: str) -> str:  # noqa: A002 - the name users know from the CLI
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def resolve_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
+    """The format of a dump at *path*: *format*, or the one its suffix names.
+
+    A suffix of another format contradicts *format* (``x.json`` written as a
+    pickle would mislead every reader that trusts the name), and without
+    *format* the suffix must name one: both are ArgumentErrors. A suffix
+    no format claims (``app.dump``) is fine with an explicit *format*.
+    """
+    if format is not None:
+        check_format(format)
+    suffix = Path(path).suffix.lower()
+    implied = _SUFFIX_FORMATS.get(suffix)
+    if format is None:
+        if implied is None:
+            raise ArgumentError(
+                f"cannot tell the export format of {os.fspath(path)} from its name: end it "
+                "in .pickle (or .pkl), .json or .zexp, or pass the format (format= / "
+                f"--format {'|'.join(FORMATS)})"
+            )
+        return implied
+    if implied is not None and implied != format:
+        raise ArgumentError(
+            f"{os.fspath(path)}: the name says {implied}, but the format asked for is "
+            f"{format}; name the file {Path(path).stem}{SUFFIXES[format]}, or ask for {implied}"
+        )
+    return format
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export wrote (or what :func:`verify` found): one dump and its manifest."""
+
+    path: Path
+    format: str
+    tid: str
+    committed_at: datetime.datetime
+    objects: int
+    bytes: int
+    sha256: str
+    subtree: str = "/"
+    source: str = ""
+    seconds: float = 0.0
+    snaptree_version: str = ""
+    #: Seconds spent waiting for the disk to make the dump and its manifest
+    #: durable (fsyncs): the share of the disk an export takes from writers'
+    #: commits, which the schedule uses to pace back-to-back exports. Not
+    #: kept in the manifest.
+    flush_seconds: float = field(default=0.0, compare=False)
+    #: Filled in by :func:`verify`: a short description of what the dump holds.
+    summary: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def manifest_path(self) -> Path:
+        return manifest_path(self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (the ``--json`` output and the manifest)."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["committed_at"] = self.committed_at.isoformat()
+        return data
+
+
+def manifest_path(dump: Path | str) -> Path:
+    dump = Path(dump)
+    return dump.with_name(dump.name + MANIFEST_SUFFIX)
+
+
+def manifest_bytes(info: ExportInfo) -> bytes:
+    """The manifest of the dump *info* describes, as written beside it."""
+    data = info.to_json()
+    del data["summary"], data["flush_seconds"]
+    data["path"] = info.path.name  # relative: the pair can be moved together
+    data = {"snaptree_manifest": MANIFEST_VERSION, **data}
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+# -- reading ---------------------------------------------------------------------------
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def read_manifest(dump: Path) -> ExportInfo:
+    """What the manifest of *dump* says, every field checked; VerifyError if it cannot be trusted.
+
+    Only the manifest is read: whether the dump matches it is :func:`verify`'s job.
+    """
+    path = manifest_path(dump)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VerifyError(
+            f"{dump}: no manifest ({path.name}); the export did not finish, or the "
+            "manifest was not copied with the dump"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(data, dict) or "snaptree_manifest" not in data:
+        raise VerifyError(f"{path}: not a snaptree manifest")
+    fmt = data.get("format")
+    if fmt not in FORMATS:
+        raise VerifyError(f"{dump}: the manifest names an unknown format {fmt!r}")
+    problems = [
+        f"{name} {data.get(name, '(missing)')!r} is not {what}"
+        for name, what, valid in (
+            ("tid", "16 hex digits", lambda v: _is_hex(v, 16)),
+            ("sha256", "64 hex digits", lambda v: _is_hex(v, 64)),
+            ("bytes", "a count", _is_count),
+            ("objects", "a count", _is_count),
+            ("committed_at", "an ISO 8601 time with its UTC offset", _is_aware_time),
+        )
+        if not valid(data.get(name))
+    ]
+    if problems:
+        raise VerifyError(
+            f"{path}: damaged manifest: {'; '.join(problems)}; export the dump again, or "
+            "restore the manifest that was written with it"
+        )
+    return ExportInfo(
+        path=dump,
+        format=fmt,
+        tid=data["tid"],
+        committed_at=datetime.datetime.fromisoformat(data["committed_at"]),
+        objects=data["objects"],
+        bytes=data["bytes"],
+        sha256=data["sha256"],
+        subtree=data.get("subtree", "/"),
+        source=data.get("source", ""),
+        seconds=data.get("seconds", 0.0),
+        snaptree_version=data.get("snaptree_version", ""),
+    )
+
+
+def _is_hex(value: Any, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and set(value) <= _HEX
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_aware_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return datetime.datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) -> ExportInfo:
+    """Check a dump against its manifest (size, sha256) and load it; return what it holds.
+
+    The dump is read the way ``snaptree import`` reads it, so a forged dump
+    with a matching manifest still cannot run code: a pickle with the
+    allow-list unpickler (plain containers and scalars, datetime, decimal,
+    plus the classes named in *allow*); a zodb dump record by record with
+    the same unpickler, never with ZODB's importFile (see
+    :func:`snaptree._zexp.read_zexp`); JSON with the standard parser.
+    Raises VerifyError saying what does not match or does not load.
+    """
+    dump = Path(path)
+    if dump.name.endswith(MANIFEST_SUFFIX):
+        dump = dump.with_name(dump.name[: -len(MANIFEST_SUFFIX)])
+    dump = Path(os.path.realpath(dump)) if dump.is_symlink() else dump
+    info = read_manifest(dump)
+    try:
+        size = dump.stat().st_size
+    except FileNotFoundError:
+        raise VerifyError(f"{dump}: the dump is missing (its manifest exists)") from None
+    if size != info.bytes:
+        raise VerifyError(
+            f"{dump}: {size} bytes, but the manifest says {info.bytes}; "
+            "the file is truncated or was changed after the export"
+        )
+    digest = hashlib.sha256()
+    with open(dump, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != info.sha256:
+        raise VerifyError(
+            f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
+            f"{info.sha256}; the file was changed after the export"
+        )
+    return replace(info, summary=_load_dump(dump, info, allow))
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """A short summary of a loaded plain tree: its type, size and first keys."""
+    summary: dict[str, Any] = {"type": type(value).__name__}
+    if isinstance(value, dict):
+        keys = list(value)
+        summary["keys"] = len(keys)
+        summary["first_keys"] = [str(k) for k in keys[:10]]
+    elif isinstance(value, list):
+        summary["items"] = len(value)
+    return summary
+
+
+def _load_dump(dump: Path, info: ExportInfo, allow: Iterable[str | type]) -> dict[str, Any]:
+    """Load *dump* as import would, and describe it; any failure is a VerifyError."""
+    source = str(dump)
+    try:
+        with open(dump, "rb") as file:
+            if info.format == "pickle":
+                return describe(load_pickle(file, source, allow))
+            if info.format == "json":
+                return describe(_load_json(file.read(), source))
+            value, records = read_zexp(file, source, allow)
+    except Error as exc:
+        raise VerifyError(f"the dump does not load: {exc}") from None
+    if records != info.objects:
+        raise VerifyError(f"{dump}: {records} records, but the manifest says {info.objects}")
+    return {"records": records, **describe(value)}
+
+
+def _load_json(raw: bytes, source: str) -> Any:
+    """A JSON dump, parsed whole; what the parser refuses as one VerifyError.
+
+    Not the import's reader: a dump snaptree wrote is UTF-8 without a BOM
+    and holds no over-long integer, so anything the parser refuses means
+    the file is damaged.
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        detail = f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    except RecursionError:
+        detail = "the JSON is nested too deeply for Python's JSON parser"
+    except ValueError as exc:  # not UTF-8, or an integer past sys.get_int_max_str_digits()
+        detail = f"not a JSON dump snaptree writes: {exc}"
+    raise VerifyError(f"the dump does not load: {source}: {detail}")
