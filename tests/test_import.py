@@ -156,7 +156,7 @@ def test_import_at_a_path_reaches_int_keys_and_list_items(store: snaptree.Store)
     assert store.run(lambda root: root["by_id"]) == {1: {"x": 1}, 2: {"y": 2}}
     store.import_tree({"z": 3}, path="items/1", replace=True)
     assert store.run(lambda root: root["items"]) == [0, {"z": 3}, 2]
-    with pytest.raises(snaptree.Error, match="items/7: no item 7"):
+    with pytest.raises(snaptree.ArgumentError, match=r"^items: no item 7 in a list of 3"):
         store.import_tree(1, path="items/7", replace=True)
 
 
@@ -224,12 +224,62 @@ def test_cycle_is_reported_with_its_path(store: snaptree.Store) -> None:
     assert store.run(lambda root: root) == {}
 
 
-def test_shared_references_become_independent_copies(store: snaptree.Store) -> None:
-    """The same dict twice in the data is stored twice, as assignment into the tree does."""
+def test_shared_references_stay_shared_as_in_the_data(store: snaptree.Store) -> None:
+    """The same dict twice in the data is one node reached twice, as assignment stores it."""
     shared = {"n": 1}
-    store.import_tree({"a": shared, "b": shared})
+    result = store.import_tree({"a": shared, "b": shared, "pair": [shared, (shared,)]})
+    assert result.objects == 2  # the shared dict and the list
+    assert store.run(lambda root: root["b"] is root["a"] is root["pair"][1][0]) is True
     store.run(lambda root: root["a"].__setitem__("n", 2))
-    assert store.run(lambda root: (root["a"]["n"], root["b"]["n"])) == (2, 1)
+    assert store.run(lambda root: (root["b"]["n"], root["pair"][0]["n"])) == (2, 2)
+
+
+def test_import_and_assignment_share_and_refuse_alike(store: snaptree.Store) -> None:
+    """One conversion: the same nodes, the same sharing, the same errors either way in."""
+    shared = {"n": [1]}
+    data = {"x": [shared, {"y": shared, "t": (shared, frozenset({1}))}], "s": {1, 2}}
+    store.import_tree({"imported": data})
+    store.run(lambda root: root.__setitem__("assigned", data))
+
+    def shape(node: Any) -> Any:
+        return (
+            type(node["x"]).__name__,
+            node["x"][0] is node["x"][1]["y"] is node["x"][1]["t"][0],
+            type(node["x"][1]["t"][1]).__name__,
+            type(node["s"]).__name__,
+        )
+
+    assert store.run(lambda root: (shape(root["imported"]), shape(root["assigned"]))) == (
+        ("List", True, "frozenset", "Set"),
+        ("List", True, "frozenset", "Set"),
+    )
+    loop: list[Any] = []
+    loop.append({"back": loop})
+    for put in (
+        lambda: store.import_tree({"loop": loop}),
+        lambda: store.run(lambda root: root.__setitem__("loop", loop)),
+    ):
+        with pytest.raises(snaptree.UnstorableValueError, match=r"^loop/0/back: contains itself"):
+            put()
+
+
+def test_a_node_shared_across_savepoints_is_written_once_and_stays_shared(
+    store_uri: str,
+) -> None:
+    """A shared dict finished early, written at a savepoint and ghosted, is reached again later."""
+    shared = {"n": 1, "deep": [{"m": 2}]}
+    data = {f"k{i:04}": {"ref": shared, "own": [i]} for i in range(600)}
+    with snaptree.open(store_uri, cache_size=10) as store:
+        result = store.import_tree(data, path="d", savepoint_every=50)
+        assert result.savepoints > 10
+        assert result.objects == 600 * 2 + 3 + 1  # each key's two, the shared three, "d"
+        assert store.run(lambda root: root["d"]["k0000"]["ref"] is root["d"]["k0599"]["ref"])
+        store.run(lambda root: root["d"]["k0300"]["ref"]["deep"][0].__setitem__("m", 3))
+        plain = store.run(lambda root: root["d"])
+    assert plain["k0000"]["ref"]["deep"][0]["m"] == 3
+    assert {key: value["own"] for key, value in plain.items()} == {
+        key: value["own"] for key, value in data.items()
+    }
 
 
 def test_large_import_takes_savepoints_and_commits_once(store: snaptree.Store) -> None:
@@ -366,7 +416,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_root(store: snaptree.Store, 
     """--path "$UNSET" must not merge the data over the root; "/" is how to mean the root."""
     store.import_tree({"accounts": {f"a{i}": i for i in range(10)}})
     tid = store.last_tid()
-    with pytest.raises(snaptree.ArgumentError, match=r"empty; give the path .* or /"):
+    with pytest.raises(snaptree.ArgumentError, match=r"empty; give a path .* or / for the root"):
         store.import_tree({"accounts": {"a0": 1}}, path=path, replace=True)
     assert store.last_tid() == tid
     assert len(store.run(lambda root: root["accounts"])) == 10

@@ -193,6 +193,82 @@ def test_every_way_into_a_node_converts_so_later_changes_are_committed(store, ch
     assert store.run(lambda root: dict(find_new(root))) == {"v": 2}
 
 
+def test_a_value_nested_past_the_recursion_limit_is_stored_by_assignment(store):
+    """Conversion keeps its own stack: any depth of dicts and lists converts and reads back."""
+    depth = sys.getrecursionlimit() * 3
+    deep: Any = []
+    for i in range(depth):
+        deep = [deep] if i % 2 else {"c": deep}
+    store.run(lambda root: root.__setitem__("deep", deep))
+    plain = store.run(lambda root: root["deep"])
+    levels = 0
+    while plain:
+        plain = plain["c"] if isinstance(plain, dict) else plain[0]
+        levels += 1
+    assert levels == depth
+
+
+def test_conversion_shares_what_the_value_shares_as_python_does():
+    """One object reached from several places becomes one node: changes show through each."""
+    shared = {"n": [1]}
+    pair = (shared, 2)
+    node = to_persistent({"a": shared, "b": [shared, pair, pair]})
+    assert node["a"] is node["b"][0] is node["b"][1][0]
+    assert node["b"][1] is node["b"][2]  # a tuple reached twice is rebuilt once
+    node["a"]["n"].append(2)
+    assert node["b"][0]["n"] == [1, 2]
+
+
+def test_values_holding_nothing_to_convert_are_kept_as_they_are():
+    point = collections.namedtuple("point", "x y")
+    values = [(1, "a"), frozenset({1, 2}), point(1, 2)]
+    node = to_persistent(values)
+    assert all(kept is value for kept, value in zip(node, values, strict=True))
+    rebuilt = to_persistent([point([1], 2)])
+    assert type(rebuilt[0]) is point and type(rebuilt[0].x) is List
+
+
+def test_tuples_nested_too_deep_to_pickle_are_refused_with_the_path():
+    """Tuples live inside their node's record, pickled recursively: deep ones are refused."""
+    deep: Any = [1]
+    for _ in range(200):
+        deep = (deep,)
+    with pytest.raises(UnstorableValueError, match=r"^a/0(/0)*: tuples and frozensets nested"):
+        to_persistent({"a": [deep]})
+    key: Any = 1
+    for _ in range(200):
+        key = (key,)
+    with pytest.raises(UnstorableValueError, match=r"^m/.*nested more than"):
+        to_persistent({"m": {key: 1}})
+
+
+def test_a_cycle_through_a_tuple_is_refused_with_its_path():
+    loop: list[Any] = [1]
+    loop.append(({"back": loop},))
+    with pytest.raises(UnstorableValueError, match=r"^x/1/0/back: contains itself"):
+        to_persistent({"x": loop})
+
+
+def test_plain_objects_inside_set_elements_are_refused_at_the_set():
+    class Plain:
+        pass
+
+    with pytest.raises(UnstorableValueError, match=r"^s: .*Plain.*key or set element"):
+        to_persistent({"s": {1, (2, Plain())}})
+
+
+def test_a_node_of_another_transaction_is_refused_by_assignment_and_import(store):
+    store.run(lambda root: root.__setitem__("m", {"v": 1}))
+    with store.snapshot() as snap:
+        loaded = snap.root["m"]
+        message = r"^copy/0: this Mapping already belongs to another transaction"
+        with pytest.raises(UnstorableValueError, match=message):
+            store.run(lambda root: root.__setitem__("copy", [loaded]))
+        with pytest.raises(UnstorableValueError, match=message):
+            store.import_tree({"copy": [loaded]})
+    assert store.run(lambda root: "copy" in root) is False
+
+
 # -- operators, equality, hashing ----------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ from .errors import MisuseError, WrongThreadError
 _IDLE = 0  # thread idents are never 0 on CPython
 
 #: Per thread, the connections it holds for store calls, innermost last.
-#: tree.py asks for the innermost writable one: a node created outside the
-#: tree during a store call belongs to that call's transaction.
+#: The conversion and the commit check ask for the innermost writable one: a
+#: node created outside the tree during a store call belongs to that call's
+#: transaction.
 _held = threading.local()
 
 

@@ -11,7 +11,11 @@ A segment is matched against a mapping's keys as the string it is, or, when
 the mapping has no such string key, as the integer it spells (``accounts/7``
 finds the key ``7`` of an int-keyed mapping); in a list it must be an
 integer index, negative ones counting from the end. A key that contains
-``/`` cannot be named by a path.
+``/`` cannot be named by a path. A bad path is an :class:`ArgumentError`
+naming how far it got.
+
+Nodes do not know their parents, so the path *of* a node (:func:`path_of`,
+for error messages) is found by searching the tree from its root.
 """
 
 from __future__ import annotations
@@ -20,9 +24,19 @@ import collections
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from persistent import Persistent
+from persistent.interfaces import GHOST
+
+from ._connection import current_connection
 from .errors import ArgumentError
 
 ROOT = "/"
+
+#: The key of ZODB's root under which the tree's root mapping lives.
+ROOT_KEY = "snaptree"
+
+#: How many values :func:`path_of` looks at before it gives up.
+PATH_SEARCH_LIMIT = 200_000
 
 _MISSING = object()
 
@@ -52,7 +66,8 @@ def join(keys: Iterable[Any]) -> str:
     return "/".join(str(key) for key in keys) or ROOT
 
 
-def _contains(node: Any, key: Any) -> bool:
+def contains(node: Any, key: Any) -> bool:
+    """``key in node``, False for a key the mapping cannot compare with its own (as a dict says)."""
     try:
         return key in node
     except TypeError:  # a key of a type the mapping cannot compare with its own
@@ -89,10 +104,10 @@ def key_in(node: Any, segment: str, *, where: str = "", creating: bool = False) 
         if not -len(node) <= index < len(node):
             raise ArgumentError(f"{where or ROOT}: no item {index} in a list of {len(node)}")
         return index
-    if _contains(node, segment):
+    if contains(node, segment):
         return segment
     number = _as_int(segment)
-    if number is not None and _contains(node, number):
+    if number is not None and contains(node, number):
         return number
     if creating:
         if number is not None and _int_keyed(node):
@@ -160,3 +175,31 @@ def find(
                 seen.add(id(child))
                 queue.append((child, (*keys, key)))
     return None
+
+
+def path_of(node: Any) -> str | None:
+    """Where *node* is in its tree ("" for the root, "a/b/0"), or None if it cannot be found.
+
+    Searched breadth first from the root of the tree of the node's connection
+    (or of the calling thread's store call, for a node not stored yet),
+    through loaded containers only (a node the caller reached has loaded
+    ancestors) and at most :data:`PATH_SEARCH_LIMIT` values. It is for error
+    messages, never on a hot path, and never raises.
+    """
+    jar = getattr(node, "_p_jar", None) or current_connection()
+    if jar is None:
+        return None
+    try:
+        root = jar.root().get(ROOT_KEY)
+        found = find(
+            root, lambda value: value is node, limit=PATH_SEARCH_LIMIT, descend=_loaded_container
+        )
+    except Exception:  # a closed or broken connection, a container that fails: no path
+        return None
+    return None if found is None else "" if found == ROOT else found
+
+
+def _loaded_container(value: Any) -> bool:
+    if isinstance(value, Persistent):
+        return value._p_state != GHOST and (is_mapping(value) or is_sequence(value))
+    return isinstance(value, tuple)

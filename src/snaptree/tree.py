@@ -1,12 +1,12 @@
-"""The persistent node types of a snaptree tree, and conversion to and from plain data.
+"""The persistent node types of a snaptree tree: the dicts, lists and sets it stores.
 
 Code written for an in-memory tree assigns plain dicts, lists and sets and then
 changes them in place. ZODB only sees changes to persistent objects, so
-snaptree's containers convert what is assigned into them, recursively: dicts
-become :class:`Mapping` (or :class:`FlatMapping` when their keys cannot be
+snaptree's containers convert what is assigned into them (the one
+conversion, :mod:`snaptree._convert`, which an import uses too): dicts become
+:class:`Mapping` (or :class:`FlatMapping` when their keys cannot be
 ordered), lists :class:`List`, sets :class:`Set`. What ZODB could not keep
-current is refused with an error naming its path: plain class instances,
-bytearrays, dicts with a default factory.
+current is refused with an error naming its path (:mod:`snaptree._values`).
 
 The nodes behave like the dict, list and set they replace: CPython's own
 protocol suites run against them (tests/test_conformance.py). Where storage
@@ -14,16 +14,13 @@ makes that impossible the difference is an error, never a silent one; the
 differences that remain are listed in docs/coming-from-dicts.md. Three
 mechanisms keep it that way:
 
-- A node iterates under a guard: changing a Mapping's keys while iterating
-  it raises RuntimeError, as a dict does (a BTree would skip keys silently).
-- Assignment copies, where Python would share the object. Inside a store
-  call every plain container converted is remembered with a shallow copy of
-  its contents; before the transaction commits, each one that is still part
-  of the tree is compared with that copy, and a change made through the
-  original object (``c = {"orders": []}; d[k] = c; c["orders"].append(1)``)
-  fails the commit with the path, instead of being lost. The same original
-  assigned twice in one transaction becomes one shared node, as it would be
-  one shared dict.
+- A Mapping iterates under a guard (:mod:`snaptree._views`): changing its
+  keys while iterating it raises RuntimeError, as a dict does (a BTree would
+  skip keys silently).
+- Assignment converts, where Python would store the object itself; what
+  the conversion copied is checked at commit (:mod:`snaptree._originals`),
+  so a change made afterwards through the original object fails the commit
+  with the path instead of being lost.
 - Every way into a node (constructors, operators, ``update`` ...) converts,
   and every change is refused *before* the node is touched when it comes
   from the wrong thread, after the transaction, or inside a snapshot.
@@ -50,74 +47,52 @@ from __future__ import annotations
 import collections.abc as abc
 import datetime
 import decimal
-import enum
-import fractions
 import itertools
 import reprlib
-import threading
-import uuid
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from persistent.interfaces import GHOST
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
-from transaction.interfaces import NoTransaction
 
-from ._connection import check_writable, current_connection
-from .errors import MisuseError, UnstorableValueError
-
-#: The key of the ZODB root under which the tree's root mapping lives.
-ROOT_KEY = "snaptree"
-
-#: Immutable values stored exactly as they are.
-SCALAR_TYPES: frozenset[type] = frozenset(
-    {
-        type(None),
-        bool,
-        int,
-        float,
-        complex,
-        str,
-        bytes,
-        decimal.Decimal,
-        fractions.Fraction,
-        datetime.datetime,
-        datetime.date,
-        datetime.time,
-        datetime.timedelta,
-        datetime.timezone,
-        uuid.UUID,
-    }
+from ._connection import check_writable
+from ._convert import Converter, NodeTypes
+from ._values import SCALAR_TYPES, hashable_problem, mapping_key_problem, type_name
+from ._views import (
+    FlatItems,
+    FlatKeys,
+    FlatValues,
+    GuardedIteration,
+    MappingItems,
+    MappingKeys,
+    MappingValues,
+    keys_changed,
+    reversed_keys,
+    watches,
 )
+from .errors import UnstorableValueError
+from .paths import ROOT_KEY, join, path_of
 
-#: Key types a Mapping can keep in order (besides tuples of them).
-_ORDERED_KEY_TYPES = frozenset(
-    {
-        type(None),  # BTrees order None before everything else
-        bool,
-        int,
-        float,
-        str,
-        bytes,
-        decimal.Decimal,
-        fractions.Fraction,
-        datetime.datetime,
-        datetime.date,
-        datetime.time,
-        datetime.timedelta,
-        uuid.UUID,
-    }
-)
+__all__ = [
+    "NODES",
+    "ROOT_KEY",
+    "SCALAR_TYPES",
+    "Counter",
+    "FlatMapping",
+    "List",
+    "Mapping",
+    "Set",
+    "dict_node",
+    "to_persistent",
+    "to_plain",
+]
 
 _LEAF_SIZE = OOBTree.max_leaf_size
 _chain = itertools.chain.from_iterable
 _MISSING: Any = object()
-_IN_PROGRESS: Any = object()
 
 # BTree's own methods, in C: a Mapping's Python methods use them for what is
 # already checked and converted, so nothing is converted twice.
@@ -131,251 +106,22 @@ _bt_keys = OOBTree.iterkeys
 _bt_values = OOBTree.itervalues
 _bt_items = OOBTree.iteritems
 
-_NAN_KEY = (
-    "NaN cannot be a key: it is not equal to itself, so it could never be found "
-    "again, and in a sorted mapping it hides other keys; use None or a string "
-    "such as 'nan' instead"
-)
 
+def _path_to(node: Any, key: Any) -> str:
+    """The path of *key* in *node*, for an error (the key alone if the node is not found)."""
+    base = path_of(node)
+    return join([base, key] if base else [key])
 
-def _join(path: str, key: object) -> str:
-    return f"{path}/{key}" if path else str(key)
 
+def _check_flat_key(node: Any, key: Any) -> None:
+    problem = hashable_problem(key, nan=False)
+    if problem is not None:
+        raise UnstorableValueError(_path_to(node, key), problem)
 
-def _where(where: Any) -> str:
-    """The path a chain of ``(parent, key)`` pairs stands for ("a/b/0")."""
-    keys = []
-    while where is not None:
-        where, key = where
-        keys.append(str(key))
-    return "/".join(reversed(keys))
 
-
-# -- keys ----------------------------------------------------------------------------
-
-
-def _is_nan(key: Any) -> bool:
-    if isinstance(key, float):
-        return key != key
-    if isinstance(key, decimal.Decimal):
-        return key.is_nan()  # quiet and signalling NaN alike
-    return False
-
-
-def _mapping_key_problem(key: Any) -> str | None:
-    """Why *key* cannot be a key of a Mapping, or None if it can."""
-    kind = type(key)
-    if kind is str or kind is int:
-        return None
-    if isinstance(key, tuple):
-        for item in key:
-            problem = _mapping_key_problem(item)
-            if problem is not None:
-                return problem
-        return None
-    if _is_nan(key):
-        return _NAN_KEY
-    if kind in _ORDERED_KEY_TYPES or isinstance(key, str | int | float | bytes):
-        return None  # subclasses too: IntEnum, StrEnum
-    return (
-        f"a {_type_name(key)} cannot be a key of a snaptree Mapping: its keys are kept "
-        "sorted and this type has no order; use str, int, float, bytes, date/time or "
-        "Decimal keys (or tuples of them), or assign the whole dict at once: a dict "
-        "whose keys cannot be ordered is stored as a FlatMapping"
-    )
-
-
-def _hashable_problem(value: Any, *, nan: bool) -> str | None:
-    """Why *value* cannot be stored as a dict key or set element (None if it can).
-
-    Stored keys are pickled and come back as copies, so they must be values:
-    scalars, enums, tuples and frozensets of them, or persistent objects (one
-    object per database record). A plain object would come back as a copy
-    equal to nothing it was equal to before.
-    """
-    kind = type(value)
-    if kind in SCALAR_TYPES or isinstance(value, enum.Enum | str | int | float | bytes):
-        return _NAN_KEY if not nan and _is_nan(value) else None
-    if isinstance(value, tuple | frozenset):
-        for item in value:
-            problem = _hashable_problem(item, nan=nan)
-            if problem is not None:
-                return problem
-        return None
-    if isinstance(value, Persistent):
-        return None
-    return (
-        f"a {_type_name(value)} cannot be stored as a key or set element: it would be "
-        "stored as a copy, equal to nothing it is equal to now; use a str, int, tuple "
-        "or other value instead"
-    )
-
-
-def _type_name(value: Any) -> str:
-    kind = type(value)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-
-
-# -- iteration ---------------------------------------------------------------------
-#
-# A BTree iterated while its keys change skips or repeats keys without a word
-# (deleting every key of 10 while iterating keys() deleted 5). A Mapping's
-# iterators therefore register a watch, and every change to the key set
-# marks the watches of that mapping; the next step of a marked iterator
-# raises, as a dict's does. The watches live here, keyed by the mapping's id,
-# not on the mapping: ZODB may turn a mapping into a ghost (savepoints run
-# the cache's GC) and a ghost loses its instance state. An entry exists only
-# while an iterator holding the mapping runs, so the id cannot be reused.
-
-
-class _Watch:
-    __slots__ = ("changed",)
-
-    def __init__(self) -> None:
-        self.changed = False
-
-
-_watches: dict[int, list[_Watch]] = {}
-_watches_lock = threading.Lock()
-
-
-def _guarded(node: Any, source: Callable[[Any], Iterable[Any]]) -> Iterator[Any]:
-    """Iterate ``source(node)``; RuntimeError at the first step after node's keys changed.
-
-    The source is made at the first step, not before: an iterator made
-    earlier would hold bucket positions that a change in between makes stale.
-    """
-    watch = _Watch()
-    ident = id(node)
-    with _watches_lock:
-        _watches.setdefault(ident, []).append(watch)
-    try:
-        for item in source(node):
-            yield item
-            if watch.changed:
-                raise RuntimeError("dictionary changed size during iteration")
-    finally:
-        with _watches_lock:
-            watches = _watches[ident]
-            watches.remove(watch)
-            if not watches:
-                del _watches[ident]
-
-
-def _iterate(node: Any, source: Callable[[Any], Iterable[Any]]) -> Iterator[Any]:
-    """Iterate ``source(node)``, guarded unless *node* cannot change.
-
-    A snapshot's nodes refuse every change (the connection is read-only), so
-    their iteration, which exports run over the whole tree, needs no guard.
-    """
-    if getattr(node._p_jar, "_snaptree_read_only", False):
-        return iter(source(node))
-    return _guarded(node, source)
-
-
-def _keys_changed(node: Any) -> None:
-    for watch in _watches.get(id(node), ()):
-        watch.changed = True
-
-
-class _MappingKeys(abc.KeysView):
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, _bt_keys)
-
-    def __reversed__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, _reversed_keys)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
-
-
-class _MappingValues(abc.ValuesView):
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, _bt_values)
-
-    def __reversed__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, lambda node: reversed(OOBTree.values(node)))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
-
-
-class _MappingItems(abc.ItemsView):
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, _bt_items)
-
-    def __reversed__(self) -> Iterator[Any]:
-        return _iterate(self._mapping, lambda node: reversed(OOBTree.items(node)))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
-
-
-def _reversed_keys(node: Any) -> Iterator[Any]:
-    return reversed(OOBTree.keys(node))
-
-
-class _FlatKeys(abc.KeysView):
-    """A FlatMapping's keys: its dict's own iteration (and RuntimeError on change)."""
-
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._mapping.data)
-
-    def __reversed__(self) -> Iterator[Any]:
-        return reversed(self._mapping.data)
-
-    def __len__(self) -> int:
-        return len(self._mapping.data)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._mapping.data
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
-
-
-class _FlatValues(abc.ValuesView):
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._mapping.data.values())
-
-    def __reversed__(self) -> Iterator[Any]:
-        return reversed(self._mapping.data.values())
-
-    def __len__(self) -> int:
-        return len(self._mapping.data)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
-
-
-class _FlatItems(abc.ItemsView):
-    __slots__ = ()
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._mapping.data.items())
-
-    def __reversed__(self) -> Iterator[Any]:
-        return reversed(self._mapping.data.items())
-
-    def __len__(self) -> int:
-        return len(self._mapping.data)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
+def _convert_into(anchor: Any, value: Any, key: Any) -> Any:
+    """*value* converted for storing under *key* of the node *anchor*."""
+    return Converter(NODES, anchor).convert(value, key)
 
 
 # -- arguments as dict methods take them --------------------------------------------
@@ -435,7 +181,50 @@ def _plain_dict(other: Any) -> dict[Any, Any] | None:
 # -- nodes -----------------------------------------------------------------------------
 
 
-class Mapping(OOBTree):
+class _DictOperators:
+    """What both mapping nodes take from dict: ``fromkeys``, ``|``, ``|=`` and ``!=``.
+
+    Placed before their storage class, whose own versions these replace: a
+    BTree's ``|`` is a union of key sets, and UserDict's ``|=`` would change
+    the data unchecked and unseen by ZODB.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Any:
+        node = cls()
+        keys = list(iterable)
+        if keys:
+            value = to_persistent(value)  # one node under every key, as dict.fromkeys shares
+            for key in keys:
+                node[key] = value  # type: ignore[index]
+        return node
+
+    def __or__(self, other: Any) -> Any:
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        node = self.copy()  # type: ignore[attr-defined]
+        node.update(other)
+        return node
+
+    def __ror__(self, other: Any) -> Any:
+        if not isinstance(other, abc.Mapping):
+            return NotImplemented
+        node = type(self)(other)  # type: ignore[call-arg]
+        node.update(self)  # type: ignore[attr-defined]
+        return node
+
+    def __ior__(self, other: Any) -> Any:
+        self.update(other)  # type: ignore[attr-defined]
+        return self
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+
+class Mapping(GuardedIteration, _DictOperators, OOBTree):
     """A dict-like node backed by a BTree.
 
     BTrees resolve concurrent inserts and deletes of *different* keys without a
@@ -455,16 +244,6 @@ class Mapping(OOBTree):
         super().__init__()
         if args or kwargs:
             self._put_all(_pairs(args, kwargs, "Mapping"))
-
-    @classmethod
-    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Any:
-        node = cls()
-        keys = list(iterable)
-        if keys:
-            value = to_persistent(value)  # one node under every key, as dict.fromkeys shares
-            for key in keys:
-                node[key] = value
-        return node
 
     # -- reading
 
@@ -487,29 +266,29 @@ class Mapping(OOBTree):
             return False
 
     def __iter__(self) -> Iterator[Any]:
-        return _iterate(self, _bt_keys)
+        return self._iterate(_bt_keys)
 
     def __reversed__(self) -> Iterator[Any]:
-        return _iterate(self, _reversed_keys)
+        return self._iterate(reversed_keys)
 
-    def keys(self) -> _MappingKeys:  # type: ignore[override]
-        return _MappingKeys(self)
+    def keys(self) -> MappingKeys:  # type: ignore[override]
+        return MappingKeys(self)
 
-    def values(self) -> _MappingValues:  # type: ignore[override]
-        return _MappingValues(self)
+    def values(self) -> MappingValues:  # type: ignore[override]
+        return MappingValues(self)
 
-    def items(self) -> _MappingItems:  # type: ignore[override]
-        return _MappingItems(self)
+    def items(self) -> MappingItems:  # type: ignore[override]
+        return MappingItems(self)
 
     def iterkeys(self, *bounds: Any) -> Iterator[Any]:
         """Keys from BTree's ranged iteration (``min``, ``max``), under the same guard."""
-        return _iterate(self, lambda node: OOBTree.iterkeys(node, *bounds))
+        return self._iterate(lambda node: OOBTree.iterkeys(node, *bounds))
 
     def itervalues(self, *bounds: Any) -> Iterator[Any]:
-        return _iterate(self, lambda node: OOBTree.itervalues(node, *bounds))
+        return self._iterate(lambda node: OOBTree.itervalues(node, *bounds))
 
     def iteritems(self, *bounds: Any) -> Iterator[Any]:
-        return _iterate(self, lambda node: OOBTree.iteritems(node, *bounds))
+        return self._iterate(lambda node: OOBTree.iteritems(node, *bounds))
 
     def copy(self) -> Any:
         """A new, free-standing node with the same items (shared, as dict.copy shares them)."""
@@ -523,36 +302,12 @@ class Mapping(OOBTree):
             return NotImplemented
         return dict(_bt_items(self)) == plain
 
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
-
     @reprlib.recursive_repr("{...}")
     def __repr__(self) -> str:
         return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in _bt_items(self)) + "}"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (dict, (), None, None, iter(_bt_items(self)))
-
-    # -- operators
-
-    def __or__(self, other: Any) -> Any:
-        if not isinstance(other, abc.Mapping):
-            return NotImplemented
-        node = self.copy()
-        node.update(other)
-        return node
-
-    def __ror__(self, other: Any) -> Any:
-        if not isinstance(other, abc.Mapping):
-            return NotImplemented
-        node = type(self)(other)
-        node.update(self)
-        return node
-
-    def __ior__(self, other: Any) -> Any:
-        self.update(other)
-        return self
 
     # A BTree's &, - and | work on key sets; a dict has none of them (| is above).
     def __and__(self, other: Any) -> Any:
@@ -568,9 +323,9 @@ class Mapping(OOBTree):
             self._check_key(key)
         if type(value) not in SCALAR_TYPES:
             value = _convert_into(self, value, key)
-        if _watches and id(self) in _watches and not self.__contains__(key):
+        if watches and id(self) in watches and not self.__contains__(key):
             self._insert(key, value)
-            _keys_changed(self)
+            keys_changed(self)
         else:
             self._insert(key, value)
 
@@ -586,8 +341,8 @@ class Mapping(OOBTree):
             _bt_delitem(self, key)
         except TypeError:
             raise KeyError(key) from None
-        if _watches:
-            _keys_changed(self)
+        if watches:
+            keys_changed(self)
 
     def insert(self, key: Any, value: Any) -> int:
         """BTree's insert: set *key* only if it is missing; 1 if it was."""
@@ -615,24 +370,24 @@ class Mapping(OOBTree):
                 return default[0]
             raise KeyError(key)
         _bt_delitem(self, key)
-        if _watches:
-            _keys_changed(self)
+        if watches:
+            keys_changed(self)
         return value
 
     def popitem(self) -> tuple[Any, Any]:
         """Remove and return the item with the smallest key (a dict removes its newest)."""
         check_writable(self)
         item = OOBTree.popitem(self)
-        if _watches:
-            _keys_changed(self)
+        if watches:
+            keys_changed(self)
         return item
 
     def clear(self) -> None:
         check_writable(self)
         if OOBTree.__bool__(self):
             OOBTree.clear(self)
-            if _watches:
-                _keys_changed(self)
+            if watches:
+                keys_changed(self)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         check_writable(self)
@@ -643,10 +398,8 @@ class Mapping(OOBTree):
         for key, _ in pairs:
             if type(key) is not str and type(key) is not int:
                 self._check_key(key)
-        converter = _Converter(self)
-        pairs = [
-            (k, v if type(v) in SCALAR_TYPES else converter.convert(v, (None, k))) for k, v in pairs
-        ]
+        converter = Converter(NODES, self)
+        pairs = [(k, v if type(v) in SCALAR_TYPES else converter.convert(v, k)) for k, v in pairs]
         # A key that does not compare with the keys here fails in the lookup,
         # before anything changed; one that does not compare with another new
         # key fails while inserting, and what was inserted is undone.
@@ -667,8 +420,8 @@ class Mapping(OOBTree):
                 else:
                     _bt_setitem(self, key, old)
             raise self._unorderable(pairs[done][0], exc) from None
-        if _watches and any(old is _MISSING for old in previous):
-            _keys_changed(self)
+        if watches and any(old is _MISSING for old in previous):
+            keys_changed(self)
 
     def _fails(self, key: Any) -> bool:
         try:
@@ -678,18 +431,18 @@ class Mapping(OOBTree):
         return False
 
     def _check_key(self, key: Any) -> None:
-        problem = _mapping_key_problem(key)
+        problem = mapping_key_problem(key)
         if problem is not None:
-            raise UnstorableValueError(_join(_path_or_empty(self), key), problem)
+            raise UnstorableValueError(_path_to(self, key), problem)
 
     def _unorderable(self, key: Any, exc: TypeError) -> UnstorableValueError:
         try:
-            held = f" ({_type_name(OOBTree.minKey(self))} keys)"
+            held = f" ({type_name(OOBTree.minKey(self))} keys)"
         except (ValueError, TypeError):
             held = ""
         return UnstorableValueError(
-            _join(_path_or_empty(self), key),
-            f"the key {key!r} ({_type_name(key)}) cannot be ordered against the keys "
+            _path_to(self, key),
+            f"the key {key!r} ({type_name(key)}) cannot be ordered against the keys "
             f"already in this mapping{held}: {exc}. A snaptree Mapping keeps its keys "
             "sorted, so they must be comparable with each other (all str, or all "
             "numbers, all timezone-aware datetimes ...): convert the key (str(key), "
@@ -697,7 +450,7 @@ class Mapping(OOBTree):
         )
 
 
-class FlatMapping(PersistentMapping):
+class FlatMapping(_DictOperators, PersistentMapping):
     """A dict node for keys that cannot be ordered (mixed key types): a dict in one record.
 
     Concurrent changes to it conflict and are retried; prefer keys of one type
@@ -711,24 +464,12 @@ class FlatMapping(PersistentMapping):
         pairs = self._incoming(_pairs(args, kwargs, "FlatMapping")) if args or kwargs else ()
         self.data = dict(pairs)
 
-    @classmethod
-    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Any:
-        node = cls()
-        keys = list(iterable)
-        if keys:
-            value = to_persistent(value)  # one node under every key, as dict.fromkeys shares
-            for key in keys:
-                node[key] = value
-        return node
-
     def _incoming(self, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         for key, _ in pairs:
             if type(key) is not str and type(key) is not int:
                 _check_flat_key(self, key)
-        converter = _Converter(self)
-        return [
-            (k, v if type(v) in SCALAR_TYPES else converter.convert(v, (None, k))) for k, v in pairs
-        ]
+        converter = Converter(NODES, self)
+        return [(k, v if type(v) in SCALAR_TYPES else converter.convert(v, k)) for k, v in pairs]
 
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
@@ -783,14 +524,14 @@ class FlatMapping(PersistentMapping):
         self[key] = default
         return data[key]
 
-    def keys(self) -> _FlatKeys:  # type: ignore[override]
-        return _FlatKeys(self)
+    def keys(self) -> FlatKeys:  # type: ignore[override]
+        return FlatKeys(self)
 
-    def values(self) -> _FlatValues:  # type: ignore[override]
-        return _FlatValues(self)
+    def values(self) -> FlatValues:  # type: ignore[override]
+        return FlatValues(self)
 
-    def items(self) -> _FlatItems:  # type: ignore[override]
-        return _FlatItems(self)
+    def items(self) -> FlatItems:  # type: ignore[override]
+        return FlatItems(self)
 
     def __reversed__(self) -> Iterator[Any]:
         return reversed(self.data)
@@ -801,33 +542,11 @@ class FlatMapping(PersistentMapping):
         node.data = dict(self.data)
         return node
 
-    def __or__(self, other: Any) -> Any:
-        if not isinstance(other, abc.Mapping):
-            return NotImplemented
-        node = self.copy()
-        node.update(other)
-        return node
-
-    def __ror__(self, other: Any) -> Any:
-        if not isinstance(other, abc.Mapping):
-            return NotImplemented
-        node = type(self)(other)
-        node.update(self)
-        return node
-
-    def __ior__(self, other: Any) -> Any:  # UserDict's would change self.data unchecked, unseen
-        self.update(other)
-        return self
-
     def __eq__(self, other: object) -> bool:
         plain = _plain_dict(other)
         if plain is None:
             return NotImplemented
         return self.data == plain
-
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
 
     def __copy__(self) -> dict[Any, Any]:
         return dict(self.data)
@@ -853,8 +572,8 @@ class List(PersistentList):
         for i, value in enumerate(values):
             if type(value) not in SCALAR_TYPES:
                 if converter is None:
-                    converter = _Converter(self)
-                values[i] = converter.convert(value, (None, start + i))
+                    converter = Converter(NODES, self)
+                values[i] = converter.convert(value, start + i)
         return values
 
     def __iter__(self) -> Iterator[Any]:
@@ -999,8 +718,8 @@ class Set(abc.MutableSet, Persistent):
         for element in _iterable_data(elements):
             if type(element) not in SCALAR_TYPES:
                 if converter is None:
-                    converter = _Converter(self)
-                element = converter.element(element, None)
+                    converter = Converter(NODES, self)
+                element = converter.element(element)
             out.add(element)
         return out
 
@@ -1028,7 +747,7 @@ class Set(abc.MutableSet, Persistent):
     def add(self, element: Any) -> None:
         check_writable(self)
         if type(element) not in SCALAR_TYPES:
-            element = _Converter(self).element(element, None)
+            element = Converter(NODES, self).element(element)
         data = self.data
         if element not in data:
             data.add(element)
@@ -1219,211 +938,10 @@ class Counter(Length):
         return (int, (self.value,))
 
 
-# -- conversion ------------------------------------------------------------------------
+# -- making nodes from converted contents ------------------------------------------
 
 
-def _check_flat_key(node: Any, key: Any) -> None:
-    problem = _hashable_problem(key, nan=False)
-    if problem is not None:
-        raise UnstorableValueError(_join(_path_or_empty(node), key), problem)
-
-
-def _convert_into(anchor: Any, value: Any, key: Any) -> Any:
-    """*value* converted for storing under *key* of the node *anchor*."""
-    return _Converter(anchor).convert(value, (None, key))
-
-
-class _Converter:
-    """Converts plain values going into one node, in one call.
-
-    ``memo`` maps each plain container met to its node, so a container reached
-    twice (``[d, d]``) becomes one shared node, as it is one shared object,
-    and one that contains itself is refused. Inside a store call the
-    conversions are recorded in the transaction's :class:`_Originals`.
-    """
-
-    __slots__ = ("_originals", "anchor", "memo")
-
-    def __init__(self, anchor: Any) -> None:
-        self.anchor = anchor
-        self.memo: dict[int, Any] = {}
-        self._originals: Any = _MISSING
-
-    @property
-    def originals(self) -> _Originals | None:
-        """Looked up at the first container: most values converted are scalars or nodes."""
-        if self._originals is _MISSING:
-            self._originals = _originals_for(self.anchor)
-        return self._originals
-
-    def convert(self, value: Any, where: Any) -> Any:
-        try:
-            return self._convert(value, where)
-        except RecursionError:
-            raise UnstorableValueError(
-                self._path(where),
-                "nested too deeply to store (past Python's recursion limit); flatten it",
-            ) from None
-        except _Refused as refused:
-            raise UnstorableValueError(self._path(refused.where), refused.detail) from None
-
-    def element(self, value: Any, where: Any) -> Any:
-        """*value* converted as a set element: a hashable value."""
-        try:
-            return self._element(value, where)
-        except _Refused as refused:
-            raise UnstorableValueError(self._path(refused.where), refused.detail) from None
-
-    def _path(self, where: Any) -> str:
-        anchor = "" if self.anchor is None else _path_or_empty(self.anchor)
-        return _join(anchor, _where(where)) if where is not None else anchor
-
-    def _element(self, value: Any, where: Any) -> Any:
-        problem = _hashable_problem(value, nan=True)
-        if problem is not None:
-            raise _Refused(where, problem)
-        if isinstance(value, frozenset):
-            return self._frozenset(value, where)
-        if isinstance(value, tuple):
-            return self._tuple(value, where)
-        return value
-
-    def _convert(self, value: Any, where: Any) -> Any:
-        kind = type(value)
-        if kind in SCALAR_TYPES:
-            return value
-        if isinstance(value, Persistent):
-            self._check_jar(value, where)
-            return value
-        ident = id(value)
-        done = self.memo.get(ident)
-        if done is not None:
-            if done is _IN_PROGRESS:
-                raise _Refused(
-                    where,
-                    "contains itself (a cycle of plain containers); only persistent "
-                    "objects may refer back to each other",
-                )
-            return done
-        if isinstance(value, dict | list | set):
-            originals = self.originals
-            if originals is not None:
-                node = originals.reuse(value)
-                if node is not None:
-                    self.memo[ident] = node
-                    return node
-            self.memo[ident] = _IN_PROGRESS
-            node = self._container(value, where)
-            self.memo[ident] = node
-            if originals is not None:
-                originals.add(value, node, self.anchor, where)
-            return node
-        if isinstance(value, tuple):
-            self.memo[ident] = _IN_PROGRESS
-            converted = self._tuple(value, where)
-            del self.memo[ident]
-            return converted
-        if isinstance(value, frozenset):
-            return self._frozenset(value, where)
-        if isinstance(value, enum.Enum | str | int | float | bytes):
-            return value
-        raise _Refused(where, _unstorable_detail(value))
-
-    def _container(self, value: Any, where: Any) -> Any:
-        convert = self._convert
-        if isinstance(value, dict):
-            if hasattr(type(value), "__missing__"):
-                raise _Refused(
-                    where,
-                    f"a {_type_name(value)} cannot be stored: its default for missing keys "
-                    "would be lost (a stored dict raises KeyError instead); store "
-                    "dict(value) and use node.setdefault(key, default) where you relied "
-                    "on the default",
-                )
-            keys = list(value)
-            values = [
-                v if type(v) in SCALAR_TYPES else convert(v, (where, k)) for k, v in value.items()
-            ]
-            try:
-                return dict_node(keys, values)
-            except UnstorableValueError as exc:  # a key: its path is the key
-                raise _Refused((where, exc.path), exc.detail) from None
-        if isinstance(value, list):
-            node = List.__new__(List)
-            node.data = [
-                v if type(v) in SCALAR_TYPES else convert(v, (where, i))
-                for i, v in enumerate(value)
-            ]
-            return node
-        node = Set.__new__(Set)
-        node.data = {e if type(e) in SCALAR_TYPES else self._element(e, where) for e in value}
-        return node
-
-    def _tuple(self, value: tuple[Any, ...], where: Any) -> tuple[Any, ...]:
-        convert = self._convert
-        converted = [
-            v if type(v) in SCALAR_TYPES else convert(v, (where, i)) for i, v in enumerate(value)
-        ]
-        return tuple(converted) if type(value) is tuple else type(value)(*converted)
-
-    def _frozenset(self, value: frozenset[Any], where: Any) -> frozenset[Any]:
-        if all(type(e) in SCALAR_TYPES for e in value):
-            return value
-        return frozenset(self._element(e, where) for e in value)
-
-    def _check_jar(self, value: Any, where: Any) -> None:
-        jar = value._p_jar
-        if jar is None:
-            return
-        target = getattr(self.anchor, "_p_jar", None) or current_connection()
-        if target is not None and jar is not target:
-            raise _Refused(
-                where,
-                f"this {type(value).__name__} belongs to another transaction (a snapshot, "
-                "or another store call); store a copy made with snaptree.to_plain() "
-                "instead",
-            )
-
-
-class _Refused(Exception):
-    """Inside conversion: the value at ``where`` cannot be stored, for ``detail``."""
-
-    def __init__(self, where: Any, detail: str) -> None:
-        super().__init__(where, detail)
-        self.where = where
-        self.detail = detail
-
-
-def _unstorable_detail(value: Any) -> str:
-    if isinstance(value, bytearray):
-        return (
-            "cannot store a bytearray: it would be stored as a copy, and changes made "
-            "to it in place would be lost; store bytes(value), and assign new bytes "
-            "to change it"
-        )
-    return (
-        f"cannot store a {_type_name(value)}: ZODB would not see changes made to it in "
-        "place; store a dict, list, set or scalar, or make the class a "
-        "persistent.Persistent subclass"
-    )
-
-
-def to_persistent(value: Any, path: str = "") -> Any:
-    """Return *value* in the form the tree stores: persistent containers, immutable leaves.
-
-    Raises UnstorableValueError naming the path of the first value that cannot
-    be stored safely, including plain containers that contain themselves and
-    nesting deeper than Python's recursion limit. Inside a store call, the
-    plain containers converted are checked again at commit (see the module
-    docstring).
-    """
-    if type(value) in SCALAR_TYPES:
-        return value
-    converter = _Converter(None)
-    return converter.convert(value, (None, path) if path else None)
-
-
-def mapping_of(keys: Any, values: list[Any]) -> Mapping:
+def _mapping_of(keys: Any, values: list[Any]) -> Mapping:
     """A Mapping of *keys* to *values*, which are already converted and checked."""
     node = Mapping.__new__(Mapping)  # what __init__ adds (argument handling) is not needed
     _fill(node, keys, values)
@@ -1465,9 +983,9 @@ def dict_node(keys: Any, values: list[Any], path: str = "") -> Mapping | FlatMap
     types = {type(k) for k in keys}
     if not types <= _SIMPLE_KEY_TYPES:
         for key in keys:
-            problem = _hashable_problem(key, nan=False)
+            problem = hashable_problem(key, nan=False)
             if problem is not None:
-                raise UnstorableValueError(_join(path, key), problem)
+                raise UnstorableValueError(join([path, key] if path else [key]), problem)
     if len(types) == 1:
         orderable = types <= _MAPPING_KEY_TYPES
     else:
@@ -1475,7 +993,7 @@ def dict_node(keys: Any, values: list[Any], path: str = "") -> Mapping | FlatMap
         orderable = not types or types <= _NUMBER_KEY_TYPES
     if orderable:
         try:
-            return mapping_of(keys, values)
+            return _mapping_of(keys, values)
         except TypeError:  # naive with aware datetimes, tuples of mixed types
             pass
     flat = FlatMapping.__new__(FlatMapping)
@@ -1494,102 +1012,35 @@ _MAPPING_KEY_TYPES = frozenset(
 _NUMBER_KEY_TYPES = frozenset({int, float})
 
 
-# -- commit check of the plain objects converted ----------------------------------------
+def _list_node(values: list[Any]) -> List:
+    node = List.__new__(List)  # the values are converted: __init__ would convert them again
+    node.data = values
+    return node
 
 
-_ORIGINALS_KEY = object()  # the transaction's data slot (transaction keys it by id)
+def _set_node(elements: set[Any]) -> Set:
+    node = Set.__new__(Set)
+    node.data = elements
+    return node
 
 
-class _Originals:
-    """The plain containers converted during one transaction, checked before it commits.
+#: How the conversion makes this module's nodes.
+NODES = NodeTypes(mapping=dict_node, list=_list_node, set=_set_node)
 
-    After ``d[k] = c`` the tree holds a converted copy of ``c``; a change made
-    later through ``c`` itself would not reach the tree, silently. Each
-    container converted is kept with a shallow copy of its contents and a
-    weak reference to its node; the check, a before-commit hook, compares
-    every original whose node still exists with its copy. A node that no
-    longer exists was never stored. The comparison is ``==``: an equal
-    value assigned again loses nothing, and nested containers, being
-    shallow-copied, compare by identity first, so an unchanged tree costs one
-    C-level pass over each container.
 
-    ``latest`` finds the last conversion of an original, so that assigning
-    the same unchanged object again reuses its node: the tree then shares
-    one node where Python would share one object.
+def to_persistent(value: Any, path: str = "") -> Any:
+    """Return *value* in the form the tree stores: persistent containers, immutable leaves.
+
+    Any depth converts. An object reached twice becomes one node reached
+    twice, as Python shares it. Raises UnstorableValueError naming the path
+    (below *path*) of the first value that cannot be stored safely,
+    including plain containers that contain themselves. Inside a store call,
+    the plain containers converted are checked again at commit (see
+    :mod:`snaptree._originals`).
     """
-
-    __slots__ = ("latest", "records")
-
-    def __init__(self) -> None:
-        self.records: list[tuple[Any, Any, Any, Any, Any]] = []
-        self.latest: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
-
-    def add(self, original: Any, node: Any, anchor: Any, where: Any) -> None:
-        if isinstance(original, dict):
-            shadow: Any = dict(original)
-        else:
-            shadow = list(original) if isinstance(original, list) else set(original)
-        record = (
-            original,
-            shadow,
-            weakref.ref(node),
-            None if anchor is None else weakref.ref(anchor),
-            where,
-        )
-        self.records.append(record)
-        self.latest[id(original)] = record
-
-    def reuse(self, original: Any) -> Any:
-        record = self.latest.get(id(original))
-        if record is None or record[0] is not original:
-            return None
-        node = record[2]()
-        if node is None or not _unchanged(original, record[1]):
-            return None
-        return node
-
-    def check(self) -> None:
-        for original, shadow, node_ref, anchor_ref, where in self.records:
-            if node_ref() is None or _unchanged(original, shadow):
-                continue
-            anchor = None if anchor_ref is None else anchor_ref()
-            base = "" if anchor is None else path_of(anchor)
-            path = _join(base or "", _where(where))
-            raise MisuseError(
-                f"{path or '/'}: the {_type_name(original)} stored there was changed "
-                f"afterwards through the original object (it holds {reprlib.repr(original)}, "
-                f"the tree {reprlib.repr(shadow)}); the tree holds a copy made at the "
-                "assignment, so the change would be lost, and nothing was committed. "
-                "Change the tree instead (read node[key] back after assigning it and "
-                "change that), or finish the object before assigning it"
-            )
-
-
-def _unchanged(original: Any, shadow: Any) -> bool:
-    try:
-        return bool(original == shadow)
-    except Exception:  # a value whose == fails cannot be shown unchanged
-        return False
-
-
-def _originals_for(anchor: Any) -> _Originals | None:
-    """The conversions record of the transaction a value going into *anchor* joins, if any."""
-    jar = getattr(anchor, "_p_jar", None)
-    if jar is None:
-        jar = current_connection()
-        if jar is None:
-            return None  # outside any store call: nothing will commit
-    try:
-        txn = jar.transaction_manager.get()
-    except NoTransaction:
-        return None
-    try:
-        return txn.data(_ORIGINALS_KEY)
-    except KeyError:
-        originals = _Originals()
-        txn.set_data(_ORIGINALS_KEY, originals)
-        txn.addBeforeCommitHook(originals.check)
-        return originals
+    if type(value) in SCALAR_TYPES:
+        return value
+    return Converter(NODES, prefix=(path,) if path else ()).convert(value)
 
 
 # -- reading back ------------------------------------------------------------------------
@@ -1643,11 +1094,11 @@ class _PlainCopier:
         elif isinstance(value, tuple):
             items = [self.shell(v) for v in value]
             out = tuple(items) if kind is tuple else type(value)(*items)
-        elif isinstance(value, _MappingKeys | _FlatKeys):
+        elif isinstance(value, MappingKeys | FlatKeys):
             return self.shell(value._mapping).keys()
-        elif isinstance(value, _MappingValues | _FlatValues):
+        elif isinstance(value, MappingValues | FlatValues):
             return self.shell(value._mapping).values()
-        elif isinstance(value, _MappingItems | _FlatItems):
+        elif isinstance(value, MappingItems | FlatItems):
             return self.shell(value._mapping).items()
         else:
             return value
@@ -1674,65 +1125,3 @@ class _PlainCopier:
                 append = out.append
                 for v in data:
                     append(v if type(v) in scalars else shell(v))
-
-
-# -- paths -----------------------------------------------------------------------------------
-
-#: How many values :func:`path_of` looks at before it gives up.
-_PATH_SEARCH_LIMIT = 200_000
-
-
-def path_of(node: Any) -> str | None:
-    """Where *node* is in its tree ("" for the root, "a/b/0"), or None if it cannot be found.
-
-    Nodes do not know their parents, so this searches the tree breadth-first
-    from the root, through loaded nodes only (a node the caller reached has
-    loaded ancestors) and at most ``_PATH_SEARCH_LIMIT`` values. It is for
-    error messages, never on a hot path.
-    """
-    jar = getattr(node, "_p_jar", None) or current_connection()
-    if jar is None:
-        return None
-    try:
-        root = jar.root().get(ROOT_KEY)
-    except Exception:  # a closed or broken connection: no path to give
-        return None
-    if node is root:
-        return ""
-    seen = {id(root)}
-    level: list[tuple[Any, str]] = [(root, "")]
-    budget = _PATH_SEARCH_LIMIT
-    while level and budget > 0:
-        next_level = []
-        for container, path in level:
-            for key, child in _children(container):
-                budget -= 1
-                if budget < 0:
-                    return None
-                if child is node:
-                    return _join(path, key)
-                if id(child) not in seen and _loaded_container(child):
-                    seen.add(id(child))
-                    next_level.append((child, _join(path, key)))
-        level = next_level
-    return None
-
-
-def _path_or_empty(node: Any) -> str:
-    return path_of(node) or ""
-
-
-def _loaded_container(value: Any) -> bool:
-    if isinstance(value, tuple):
-        return True
-    return isinstance(value, Mapping | FlatMapping | List) and value._p_state != GHOST
-
-
-def _children(container: Any) -> Iterable[tuple[Any, Any]]:
-    if isinstance(container, Mapping):
-        return _bt_items(container)
-    if isinstance(container, FlatMapping):
-        return container.data.items()
-    if isinstance(container, List):
-        return enumerate(container.data)
-    return enumerate(container)

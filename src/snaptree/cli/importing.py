@@ -46,15 +46,16 @@ from .options import allow_option, db_option
     default=DEFAULT_SAVEPOINT_EVERY,
     show_default=True,
     metavar="N",
-    help="Write a savepoint every N objects to bound memory.",
+    help="Write a savepoint every N nodes made, to bound memory.",
 )
 @click.option(
     "--max-objects",
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="Most dicts, lists and tuples the import may create. One the source names in "
-    "several places (a pickle can) is stored as a copy at each. Default: the larger of "
+    help="Most dicts, lists and tuples the data may expand to, each counted at every place "
+    "the source names it (a pickle can name one in many places): the tree stores it once, "
+    "but pickle and JSON dumps write it at each place. Default: the larger of "
     f"{EXPANSION_FLOOR:,} and {EXPANSION_FACTOR} times the distinct ones in the source.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

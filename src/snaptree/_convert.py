@@ -1,0 +1,347 @@
+"""The one conversion of plain data into the tree's persistent form: assignment and import use it.
+
+Dicts become mapping nodes, lists List nodes, sets Set nodes; tuples and
+frozensets are rebuilt around what they hold (and kept as they are when
+nothing in them changes); scalars, enums and persistent objects are kept.
+What ZODB could not keep current is refused with an
+:class:`~snaptree.UnstorableValueError` naming its path: plain class
+instances, bytearrays, dicts with a default factory, keys that are not
+values (see :mod:`snaptree._values`).
+
+**Sharing follows Python's aliasing.** An object reached twice in one
+conversion (``[d, d]``, or the same dict under two keys of a pickle) becomes
+one node, reached twice, so a change through one place shows through the
+other, as it would in the plain data. A plain container that contains
+itself (a cycle) is refused: a conversion makes each node from finished
+children. Inside a store call the conversions are also recorded for the
+commit check of :mod:`snaptree._originals`, through which assigning the same
+unchanged object again later in the transaction reuses its node.
+
+**Iterative and bottom-up.** The conversion keeps its own stack, so any depth
+converts (only tuples and frozensets, stored inside their node's record, are
+limited to :data:`~snaptree._values.MAX_VALUE_DEPTH`). A node is made once
+all its children exist, which is what lets an import hand finished subtrees
+to ZODB at savepoints while it goes (:meth:`Converter.unattached`).
+
+The converter knows no node class: :mod:`snaptree.tree` gives it the
+functions that make nodes (:class:`NodeTypes`), so that the nodes can
+convert what is assigned into them without an import circle.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from persistent import Persistent
+
+from ._connection import current_connection
+from ._originals import originals_for
+from ._values import (
+    MAX_VALUE_DEPTH,
+    SCALAR_TYPES,
+    TOO_DEEP,
+    default_factory_detail,
+    hashable_problem,
+    unstorable_detail,
+)
+from .errors import UnstorableValueError
+from .paths import join, path_of
+
+
+class NodeTypes(NamedTuple):
+    """How the conversion makes the tree's nodes from converted contents."""
+
+    #: ``mapping(keys, values)``: a dict's node; UnstorableValueError(key, why) for a bad key
+    mapping: Callable[[Any, list[Any]], Any]
+    #: ``list(values)``: a list's node
+    list: Callable[[list[Any]], Any]
+    #: ``set(elements)``: a set's node
+    set: Callable[[set[Any]], Any]
+
+
+_DICT, _LIST, _SET, _TUPLE, _FROZENSET = range(5)
+_SETS = (_SET, _FROZENSET)  # their elements have no key of their own in a path
+_NO_KEY: Any = object()
+_PUSHED: Any = object()  # _enter made a frame: its value is converted when the frame finishes
+_UNKNOWN: Any = object()  # the transaction's Originals, not looked up yet
+_CYCLE = (
+    "contains itself (a cycle of plain containers); only persistent objects may refer "
+    "back to each other"
+)
+
+
+class _Frame:
+    """A container being converted: its source, its converted children so far."""
+
+    __slots__ = ("added", "depth", "items", "kind", "out", "position", "source")
+
+    def __init__(self, source: Any, kind: int, position: int, depth: int) -> None:
+        self.source = source
+        self.kind = kind
+        self.position = position  # its index among its parent's children
+        self.depth = depth  # how many tuples and frozensets it is (inside): 0 for nodes
+        self.items: Iterator[Any] = iter(source.values() if kind == _DICT else source)
+        self.out: list[Any] = []
+        self.added = 0  # how much of ``out`` :meth:`Converter.unattached` has handed out
+
+
+class Converter:
+    """Converts plain values going into one place, sharing what they share.
+
+    ``anchor`` is the node the values go into (None for a free value): it
+    names the connection persistent values must belong to, the transaction
+    whose commit check records the conversions (when ``record``), and the
+    start of the paths in errors, followed by ``prefix``. ``shared`` limits
+    the memo to the ids of objects known to be reached more than once (an
+    import counts them first, and keeps its memory flat without a memo of
+    every node); None remembers every object. Every ``batch`` nodes made,
+    ``on_batch(self)`` runs (an import's savepoints).
+    """
+
+    __slots__ = (
+        "_anchor",
+        "_batch",
+        "_key",
+        "_memo",
+        "_next_batch",
+        "_nodes",
+        "_on_batch",
+        "_on_path",
+        "_originals",
+        "_prefix",
+        "_shared",
+        "_stack",
+        "holds_persistent",
+        "made",
+    )
+
+    def __init__(
+        self,
+        nodes: NodeTypes,
+        anchor: Any = None,
+        *,
+        prefix: tuple[Any, ...] = (),
+        record: bool = True,
+        shared: set[int] | None = None,
+        batch: int = 0,
+        on_batch: Callable[[Converter], None] | None = None,
+    ) -> None:
+        self._nodes = nodes
+        self._anchor = anchor
+        self._prefix = prefix
+        self._shared = shared
+        self._memo: dict[int, Any] = {}
+        self._on_path: set[int] = set()
+        self._stack: list[_Frame] = []
+        self._originals: Any = _UNKNOWN if record else None
+        self._key: Any = _NO_KEY
+        #: Nodes made so far.
+        self.made = 0
+        #: Whether a persistent object not made by this conversion was met (an
+        #: import then takes no more savepoints: see snaptree.imports).
+        self.holds_persistent = False
+        self._batch = batch
+        self._on_batch = on_batch
+        self._next_batch = batch if batch and on_batch is not None else -1
+
+    # -- entry points
+
+    def convert(self, value: Any, key: Any = _NO_KEY) -> Any:
+        """*value* in the form the tree stores, to go under *key* of the anchor."""
+        if type(value) in SCALAR_TYPES:
+            return value
+        self._key = key
+        try:
+            return self._walk(value)
+        finally:
+            self._stack.clear()
+            self._on_path.clear()
+
+    def element(self, value: Any) -> Any:
+        """*value* converted as a set element: a value, hashable and equal to its copy."""
+        problem = hashable_problem(value, nan=True)
+        if problem is not None:
+            self._key = _NO_KEY
+            raise UnstorableValueError(self._path([]), problem)
+        return self.convert(value)
+
+    def unattached(self) -> Iterator[Any]:
+        """The new nodes that no node made so far holds, each once: the open frames' children."""
+        for frame in self._stack:
+            out = frame.out
+            for value in itertools.islice(out, frame.added, None):
+                if isinstance(value, Persistent) and value._p_jar is None:
+                    yield value
+            frame.added = len(out)
+
+    # -- the walk
+
+    def _walk(self, value: Any) -> Any:
+        done = self._enter(value, None, 0)
+        if done is not _PUSHED:
+            return done
+        scalars = SCALAR_TYPES
+        enter = self._enter
+        stack = self._stack
+        while True:
+            frame = stack[-1]
+            out = frame.out
+            append = out.append
+            for child in frame.items:
+                if type(child) in scalars:
+                    append(child)
+                    continue
+                done = enter(child, frame, len(out))
+                if done is _PUSHED:
+                    break
+                append(done)
+            else:
+                stack.pop()
+                self._on_path.discard(id(frame.source))
+                done = self._finish(frame)
+                if not stack:
+                    return done
+                stack[-1].out.append(done)
+                if self.made >= self._next_batch >= 0:
+                    self._next_batch += self._batch
+                    self._on_batch(self)  # type: ignore[misc]
+
+    def _enter(self, value: Any, parent: _Frame | None, position: int) -> Any:
+        """*value* converted, or _PUSHED after making the frame that will convert it."""
+        kind = type(value)
+        if kind is not dict and kind is not list:
+            if parent is not None and parent.kind in _SETS:  # an element: must be a value
+                problem = hashable_problem(value, nan=True)
+                if problem is not None:
+                    raise UnstorableValueError(self._path(self._keys(parent, position)), problem)
+            if isinstance(value, Persistent):
+                self._check_jar(value, parent, position)
+                self.holds_persistent = True
+                return value
+            if isinstance(value, tuple | frozenset):
+                if all(type(item) in SCALAR_TYPES for item in value):
+                    return value
+            elif not isinstance(value, dict | list | set):
+                if isinstance(value, enum.Enum | str | int | float | bytes):
+                    return value
+                raise UnstorableValueError(
+                    self._path(self._keys(parent, position)), unstorable_detail(value)
+                )
+        ident = id(value)
+        memo = self._memo
+        if memo:
+            done = memo.get(ident)
+            if done is not None:
+                return done
+        if ident in self._on_path:
+            raise UnstorableValueError(self._path(self._keys(parent, position)), _CYCLE)
+        if isinstance(value, tuple | frozenset):
+            depth = 1 if parent is None else parent.depth + 1
+            if depth > MAX_VALUE_DEPTH:
+                raise UnstorableValueError(self._path(self._keys(parent, position)), TOO_DEEP)
+            inline = _TUPLE if isinstance(value, tuple) else _FROZENSET
+            frame = _Frame(value, inline, position, depth)
+        else:
+            originals = self._originals
+            if originals is not None:
+                if originals is _UNKNOWN:  # looked up at the first container only
+                    originals = self._originals = originals_for(self._anchor)
+                node = None if originals is None else originals.reuse(value)
+                if node is not None:
+                    memo[ident] = node
+                    return node
+            if isinstance(value, dict):
+                if kind is not dict and hasattr(kind, "__missing__"):
+                    raise UnstorableValueError(
+                        self._path(self._keys(parent, position)), default_factory_detail(value)
+                    )
+                frame = _Frame(value, _DICT, position, 0)
+            else:
+                frame = _Frame(value, _LIST if isinstance(value, list) else _SET, position, 0)
+        self._on_path.add(ident)
+        self._stack.append(frame)
+        return _PUSHED
+
+    def _finish(self, frame: _Frame) -> Any:
+        """The value of a frame whose children are all converted (it is off the stack)."""
+        kind, source, out = frame.kind, frame.source, frame.out
+        if kind == _DICT:
+            try:
+                done = self._nodes.mapping(source, out)
+            except UnstorableValueError as exc:  # a key: its path is the key
+                keys = self._keys(self._stack[-1] if self._stack else None, frame.position)
+                raise UnstorableValueError(self._path([*keys, exc.path]), exc.detail) from None
+        elif kind == _LIST:
+            done = self._nodes.list(out)
+        elif kind == _SET:
+            done = self._nodes.set(set(out))
+        elif all(new is old for new, old in zip(out, source, strict=True)):
+            done = source  # an immutable value holding nothing converted: itself
+        elif kind == _FROZENSET:
+            done = frozenset(out) if type(source) is frozenset else type(source)(out)
+        elif type(source) is tuple:
+            done = tuple(out)
+        else:  # a namedtuple, or another tuple subclass
+            make = getattr(type(source), "_make", None)
+            done = make(out) if make is not None else type(source)(out)
+        shared = self._shared
+        if shared is None or id(source) in shared:
+            self._memo[id(source)] = done
+        if kind <= _SET:
+            self.made += 1
+            originals = self._originals
+            if originals is not None and originals is not _UNKNOWN:
+                key = None if self._key is _NO_KEY else self._key
+                originals.add(source, done, self._anchor, key)
+        return done
+
+    def _check_jar(self, value: Any, parent: _Frame | None, position: int) -> None:
+        jar = value._p_jar
+        if jar is None:
+            return
+        target = getattr(self._anchor, "_p_jar", None) or current_connection()
+        if target is not None and jar is not target:
+            raise UnstorableValueError(
+                self._path(self._keys(parent, position)),
+                f"this {type(value).__name__} already belongs to another transaction (a "
+                "snapshot, another store call or another database); store a new object, or "
+                "a plain copy made with snaptree.to_plain()",
+            )
+
+    # -- paths, for errors only
+
+    def _keys(self, parent: _Frame | None, position: int) -> list[Any]:
+        """The keys from the converted value to the child at *position* of *parent*, the
+        innermost open frame (None: the converted value itself). Elements of a set or a
+        frozenset have no key: their path stops at the set.
+        """
+        if parent is None:
+            return []
+        frames = self._stack
+        positions = [*(frame.position for frame in frames[1:]), position]
+        keys = []
+        for frame, at in zip(frames, positions, strict=True):
+            if frame.kind in _SETS:
+                break
+            keys.append(_key_at(frame, at))
+        return keys
+
+    def _path(self, keys: list[Any]) -> str:
+        """The path of *keys* below the anchor's path, the prefix and the call's key."""
+        parts: list[Any] = []
+        base = None if self._anchor is None else path_of(self._anchor)
+        if base:
+            parts.append(base)
+        parts.extend(self._prefix)
+        if self._key is not _NO_KEY:
+            parts.append(self._key)
+        return join([*parts, *keys])
+
+
+def _key_at(frame: _Frame, position: int) -> Any:
+    if frame.kind == _DICT:
+        return next(itertools.islice(iter(frame.source), position, None))
+    return position

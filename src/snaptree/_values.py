@@ -1,0 +1,174 @@
+"""Which values the tree stores as they are, which keys it can order, and why others are refused.
+
+Every rule here is about what survives storage unchanged. A stored value is
+pickled into its node's record and comes back as a copy, so it must be a
+value (equal to the copy), and a key must also keep its place in a sorted
+mapping. The messages say what to store instead; the conversion
+(:mod:`snaptree._convert`) and the nodes (:mod:`snaptree.tree`) add the path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import fractions
+import uuid
+from typing import Any
+
+from persistent import Persistent
+
+#: Immutable values stored exactly as they are.
+SCALAR_TYPES: frozenset[type] = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        decimal.Decimal,
+        fractions.Fraction,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        uuid.UUID,
+    }
+)
+
+#: Key types a Mapping can keep in order (besides tuples of them).
+_ORDERED_KEY_TYPES = frozenset(
+    {
+        type(None),  # BTrees order None before everything else
+        bool,
+        int,
+        float,
+        str,
+        bytes,
+        decimal.Decimal,
+        fractions.Fraction,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    }
+)
+
+#: How deep tuples and frozensets may nest inside one another. They are
+#: stored inside their node's record, which ZODB pickles recursively (and
+#: BTrees compare tuple keys recursively), so nesting past Python's recursion
+#: limit would fail at commit; nothing real nests values this deep.
+MAX_VALUE_DEPTH = 100
+
+NAN_KEY = (
+    "NaN cannot be a key: it is not equal to itself, so it could never be found "
+    "again, and in a sorted mapping it hides other keys; use None or a string "
+    "such as 'nan' instead"
+)
+
+TOO_DEEP = (
+    f"tuples and frozensets nested more than {MAX_VALUE_DEPTH} deep cannot be stored: "
+    "they are pickled inside their node's record, recursively; use lists (which become "
+    "nodes) for deep structures"
+)
+
+
+def type_name(value: Any) -> str:
+    """The name of *value*'s type as a user would write it: ``dict``, ``myapp.Thing``."""
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _is_nan(key: Any) -> bool:
+    if isinstance(key, float):
+        return key != key
+    if isinstance(key, decimal.Decimal):
+        return key.is_nan()  # quiet and signalling NaN alike
+    return False
+
+
+def mapping_key_problem(key: Any) -> str | None:
+    """Why *key* cannot be a key of a Mapping, or None if it can."""
+    kind = type(key)
+    if kind is str or kind is int:
+        return None
+    stack = [(key, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, tuple):
+            if depth >= MAX_VALUE_DEPTH:
+                return TOO_DEEP
+            stack.extend((part, depth + 1) for part in reversed(item))  # first problem first
+        elif _is_nan(item):
+            return NAN_KEY
+        elif not (type(item) in _ORDERED_KEY_TYPES or isinstance(item, str | int | float | bytes)):
+            # subclasses (IntEnum, StrEnum) order as their base type
+            return (
+                f"a {type_name(item)} cannot be a key of a snaptree Mapping: its keys are "
+                "kept sorted and this type has no order; use str, int, float, bytes, "
+                "date/time or Decimal keys (or tuples of them), or assign the whole dict "
+                "at once: a dict whose keys cannot be ordered is stored as a FlatMapping"
+            )
+    return None
+
+
+def hashable_problem(value: Any, *, nan: bool) -> str | None:
+    """Why *value* cannot be stored as a dict key or set element (None if it can).
+
+    Stored keys are pickled and come back as copies, so they must be values:
+    scalars, enums, tuples and frozensets of them, or persistent objects (one
+    object per database record). A plain object would come back as a copy
+    equal to nothing it was equal to before. ``nan`` says whether NaN is
+    acceptable (as a set element it is, as a key it is not).
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind in SCALAR_TYPES or isinstance(item, enum.Enum | str | int | float | bytes):
+            if not nan and _is_nan(item):
+                return NAN_KEY
+        elif isinstance(item, tuple | frozenset):
+            if depth >= MAX_VALUE_DEPTH:
+                return TOO_DEEP
+            stack.extend((part, depth + 1) for part in item)
+        elif not isinstance(item, Persistent):
+            return (
+                f"a {type_name(item)} cannot be stored as a key or set element: it would "
+                "be stored as a copy, equal to nothing it is equal to now; use a str, int, "
+                "tuple or other value instead"
+            )
+    return None
+
+
+def unstorable_detail(value: Any) -> str:
+    """Why *value*, which is neither a container, a scalar nor persistent, is refused."""
+    if isinstance(value, bytearray):
+        return (
+            "cannot store a bytearray: it would be stored as a copy, and changes made "
+            "to it in place would be lost; store bytes(value), and assign new bytes "
+            "to change it"
+        )
+    return (
+        f"cannot store a {type_name(value)}: ZODB would not see changes made to it in "
+        "place; store a dict, list, set or scalar, or make the class a "
+        "persistent.Persistent subclass"
+    )
+
+
+def default_factory_detail(value: Any) -> str:
+    """Why a dict with a default for missing keys (defaultdict, Counter) is refused."""
+    return (
+        f"a {type_name(value)} cannot be stored: its default for missing keys "
+        "would be lost (a stored dict raises KeyError instead); store "
+        "dict(value) and use node.setdefault(key, default) where you relied "
+        "on the default"
+    )
