@@ -24,7 +24,6 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from _cli import start as start_snaptree
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -55,15 +56,10 @@ class ZeoProcess:
         """Start the server (port 0: any free one) and return its zeo:// URI once it listens."""
         assert self.process is None, "already running"
         with self.log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "snaptree", "-v", "serve"),
-                    *("--db", str(self.db_path), "--listen", f"127.0.0.1:{port}"),
-                    *extra_args,
-                ],
-                stdout=subprocess.PIPE,
+            self.process = start_snaptree(
+                *("-v", "serve", "--db", self.db_path, "--listen", f"127.0.0.1:{port}"),
+                *extra_args,
                 stderr=log,
-                text=True,
             )
         line = _read_line(self.process, STARTUP_TIMEOUT)
         if not line.startswith("zeo://127.0.0.1:"):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import snaptree
-from snaptree.demo import compare
+from snaptree.demo import compare, designs
 
 WAIT = 30.0  # every wait has a timeout; none of them is expected to expire
 
@@ -86,17 +86,17 @@ class _Worker:
             raise self.failure
 
 
-def _transfer_paused_midway(design: compare._Design) -> tuple[_Worker, threading.Event]:
+def _transfer_paused_midway(design: designs.Design) -> tuple[_Worker, threading.Event]:
     """Start a transfer in a thread and return once it has debited but not credited.
 
     ``design.apply(fn, ())`` calls ``fn(root)`` however the design gets its root.
     """
     half_done, resume = threading.Event(), threading.Event()
-    args = (0, 1, compare.account_key(0), compare.account_key(1), 7, 100)
+    args = (0, 1, designs.account_key(0), designs.account_key(1), 7, 100)
 
     def paused_transfer(root: Any) -> None:
         accounts = _PausingAccounts(root["accounts"], half_done, resume)
-        compare.transfer(_PausingRoot(root, accounts), *args)
+        designs.transfer(_PausingRoot(root, accounts), *args)
 
     worker = _Worker(lambda: design.apply(paused_transfer, ()))
     assert half_done.wait(WAIT), "the transfer never reached its debit"
@@ -115,8 +115,8 @@ def _load(path: Path) -> dict[str, Any]:
 def test_naive_dump_crashes_when_a_writer_adds_a_key_to_the_dict_being_dumped(
     tmp_path: Path,
 ) -> None:
-    tree = compare.initial_tree(20)
-    design = compare.NaiveDesign(tree)
+    tree = designs.initial_tree(20)
+    design = designs.NaiveDesign(tree)
     reached, changed = threading.Event(), threading.Event()
 
     def during_pickle() -> None:
@@ -127,11 +127,11 @@ def test_naive_dump_crashes_when_a_writer_adds_a_key_to_the_dict_being_dumped(
 
     def writer() -> None:
         assert reached.wait(WAIT), "the dump never reached the tripwire"
-        design.apply(compare.change_session, ("temp-0-1", None, (0, 1)))
+        design.apply(designs.change_session, ("temp-0-1", None, (0, 1)))
         changed.set()
 
     worker = _Worker(writer)
-    attempt = compare.attempt_dump(design.dump, tmp_path / "dump.pickle", _clock)
+    attempt = designs.attempt_dump(design.dump, tmp_path / "dump.pickle", _clock)
     worker.join()
 
     assert attempt.crashed
@@ -140,35 +140,35 @@ def test_naive_dump_crashes_when_a_writer_adds_a_key_to_the_dict_being_dumped(
 
 
 def test_naive_dump_taken_between_debit_and_credit_loads_but_is_torn(tmp_path: Path) -> None:
-    design = compare.NaiveDesign(compare.initial_tree(20))
+    design = designs.NaiveDesign(designs.initial_tree(20))
     worker, resume = _transfer_paused_midway(design)
     path = tmp_path / "dump.pickle"
-    attempt = compare.attempt_dump(design.dump, path, _clock)
+    attempt = designs.attempt_dump(design.dump, path, _clock)
     resume.set()
     worker.join()
 
     assert not attempt.crashed
-    assert compare.check_dump(path, 20) == "torn"
-    assert sum(_load(path)["accounts"].values()) == compare.expected_total(20) - 7
+    assert designs.check_dump(path, 20) == "torn"
+    assert sum(_load(path)["accounts"].values()) == designs.expected_total(20) - 7
     after = tmp_path / "after.pickle"
-    assert not compare.attempt_dump(design.dump, after, _clock).crashed
-    assert compare.check_dump(after, 20) == "consistent"
+    assert not designs.attempt_dump(design.dump, after, _clock).crashed
+    assert designs.check_dump(after, 20) == "consistent"
 
 
 def test_check_dump_reports_a_truncated_file_as_unreadable(tmp_path: Path) -> None:
     path = tmp_path / "dump.pickle"
-    compare.write_pickle(compare.initial_tree(20), path)
-    assert compare.check_dump(path, 20) == "consistent"
+    designs.write_pickle(designs.initial_tree(20), path)
+    assert designs.check_dump(path, 20) == "consistent"
     path.write_bytes(path.read_bytes()[:100])
-    assert compare.check_dump(path, 20) == "unreadable"
+    assert designs.check_dump(path, 20) == "unreadable"
 
 
 SNAPTREE_ACCOUNTS = 200  # enough for several BTree buckets, loaded lazily by a snapshot
 
 
 @pytest.fixture
-def snaptree_design(tmp_path: Path) -> Iterator[compare.SnaptreeDesign]:
-    design = compare.SnaptreeDesign(compare.initial_tree(SNAPTREE_ACCOUNTS), tmp_path)
+def snaptree_design(tmp_path: Path) -> Iterator[designs.SnaptreeDesign]:
+    design = designs.SnaptreeDesign(designs.initial_tree(SNAPTREE_ACCOUNTS), tmp_path)
     try:
         yield design
     finally:
@@ -176,26 +176,26 @@ def snaptree_design(tmp_path: Path) -> Iterator[compare.SnaptreeDesign]:
 
 
 def test_snaptree_dump_taken_between_debit_and_credit_is_consistent(
-    snaptree_design: compare.SnaptreeDesign, tmp_path: Path
+    snaptree_design: designs.SnaptreeDesign, tmp_path: Path
 ) -> None:
     design = snaptree_design
     worker, resume = _transfer_paused_midway(design)
     during = tmp_path / "during.pickle"
-    attempt = compare.attempt_dump(design.dump, during, _clock)
+    attempt = designs.attempt_dump(design.dump, during, _clock)
     resume.set()
     worker.join()
 
     assert not attempt.crashed, attempt.error
-    assert compare.check_dump(during, SNAPTREE_ACCOUNTS) == "consistent"
-    assert _load(during)["accounts"][compare.account_key(0)] == compare.INITIAL_BALANCE
+    assert designs.check_dump(during, SNAPTREE_ACCOUNTS) == "consistent"
+    assert _load(during)["accounts"][designs.account_key(0)] == designs.INITIAL_BALANCE
     after = tmp_path / "after.pickle"
-    assert not compare.attempt_dump(design.dump, after, _clock).crashed
-    assert compare.check_dump(after, SNAPTREE_ACCOUNTS) == "consistent"
-    assert _load(after)["accounts"][compare.account_key(0)] == compare.INITIAL_BALANCE - 7
+    assert not designs.attempt_dump(design.dump, after, _clock).crashed
+    assert designs.check_dump(after, SNAPTREE_ACCOUNTS) == "consistent"
+    assert _load(after)["accounts"][designs.account_key(0)] == designs.INITIAL_BALANCE - 7
 
 
 def test_snaptree_snapshot_walked_while_a_writer_adds_and_removes_keys_sees_none_of_it(
-    snaptree_design: compare.SnaptreeDesign, tmp_path: Path
+    snaptree_design: designs.SnaptreeDesign, tmp_path: Path
 ) -> None:
     design = snaptree_design
     path = tmp_path / "dump.pickle"
@@ -205,22 +205,22 @@ def test_snaptree_snapshot_walked_while_a_writer_adds_and_removes_keys_sees_none
 
         def writer() -> None:
             for n in range(30):
-                design.apply(compare.change_session, (f"temp-0-{n}", None, (0, n)))
+                design.apply(designs.change_session, (f"temp-0-{n}", None, (0, n)))
             for n in [*range(15), *range(100, 130)]:
-                design.apply(compare.change_session, (None, f"session-{n:07d}"))
+                design.apply(designs.change_session, (None, f"session-{n:07d}"))
             design.apply(
-                compare.transfer,
-                (0, 1, compare.account_key(2), compare.account_key(3), 5, 100),
+                designs.transfer,
+                (0, 1, designs.account_key(2), designs.account_key(3), 5, 100),
             )
 
         worker = _Worker(writer)
         worker.join()  # every change is committed before the walk goes on
         seen.extend(walk)
-        compare.write_pickle(snaptree.to_plain(snap.root), path)
+        designs.write_pickle(snaptree.to_plain(snap.root), path)
 
     everything = [f"session-{i:07d}" for i in range(SNAPTREE_ACCOUNTS)]
     assert [key for key, _ in seen] == everything
-    assert compare.check_dump(path, SNAPTREE_ACCOUNTS) == "consistent"
+    assert designs.check_dump(path, SNAPTREE_ACCOUNTS) == "consistent"
     assert set(_load(path)["sessions"]) == set(everything)
 
 
@@ -229,7 +229,7 @@ def test_a_short_run_finds_bad_dumps_only_where_they_can_happen() -> None:
     comparison = compare.run_comparison(workload)
 
     by_name = {r.name: r for r in comparison.results}
-    assert list(by_name) == list(compare.DESIGNS)
+    assert list(by_name) == list(designs.DESIGNS)
     for result in comparison.results:
         assert not result.writer_errors
         assert result.ops > 0
@@ -245,19 +245,19 @@ def test_a_short_run_finds_bad_dumps_only_where_they_can_happen() -> None:
         assert result.dumps_crashed == result.dumps_torn == result.dumps_unreadable == 0, name
     assert by_name["snaptree"].extra["dump_path"]
     table = comparison.to_markdown()
-    for name in compare.DESIGNS:
+    for name in designs.DESIGNS:
         assert f"| {name} |" in table
 
 
 def test_main_prints_only_json_on_stdout_with_json(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--seconds", "0.2", "--accounts", "100", "--writers", "1", "--design", "snaptree"]
+    argv = ["--seconds", "0.2", "--accounts", "100", "--writers", "1", "--design", "global-lock"]
     assert compare.main([*argv, "--json"]) == 0
     out = capsys.readouterr()
-    result = json.loads(out.out)
+    result = json.loads(out.out)  # all of stdout is the one JSON document
     (design,) = result["designs"]
-    assert design["design"] == "snaptree"
+    assert design["design"] == "global-lock"
     assert design["dumps_crashed"] == design["dumps_torn"] == 0
-    assert design["dump_path"] in out.err
+    assert "running global-lock for 0.2 s" in out.err  # progress goes to stderr
 
 
 def test_main_rejects_a_workload_that_makes_no_sense(capsys: pytest.CaptureFixture[str]) -> None:

@@ -52,11 +52,31 @@ def test_unreachable_zeo_server_fails_within_the_wait_timeout(closed_port: int) 
     assert "snaptree serve" in message
 
 
-def test_zeo_waits_ten_seconds_by_default_not_thirty() -> None:
-    """The default wait is the module's ZEO_WAIT_TIMEOUT, written into the URI ZEO sees."""
-    assert uris.ZEO_WAIT_TIMEOUT == 10
-    assert uris._with_default("zeo://h:1", "wait_timeout", 10) == "zeo://h:1?wait_timeout=10"
-    assert uris._with_default("zeo://h:1?wait_timeout=2", "wait_timeout", 10).endswith("=2")
+@pytest.mark.parametrize(("query", "waits"), [("", 10), ("?wait_timeout=2", 2)])
+def test_a_zeo_client_waits_ten_seconds_for_its_server_unless_the_uri_says(
+    query: str, waits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZEO's own default is 30 s; snaptree's ClientStorage is told 10, or the URI's value."""
+    import ZEO.ClientStorage
+
+    told: dict[str, object] = {}
+
+    def capture(address: object, **options: object) -> None:
+        told.update(options, address=address)
+        raise RuntimeError("stop here")
+
+    resolved = uris.resolve(f"zeo://127.0.0.1:1{query}")
+    monkeypatch.setattr(ZEO.ClientStorage, "ClientStorage", capture)  # imported when opened
+    with pytest.raises(RuntimeError, match="stop here"):
+        resolved.factory()
+    assert told["wait_timeout"] == waits and told["address"] == ("127.0.0.1", 1)
+
+
+@pytest.mark.parametrize("seconds", ["0", "-3"])
+def test_a_zeo_wait_timeout_under_one_second_is_refused(seconds: str) -> None:
+    """ZEO reads wait_timeout=0 as its default of 30 s: refused, not a 30 s wait."""
+    with pytest.raises(snaptree.OpenError, match=f"wait_timeout must be at least 1.*{seconds}"):
+        uris.resolve(f"zeo://127.0.0.1:1?wait_timeout={seconds}")
 
 
 def test_unknown_zeo_option_is_an_open_error_naming_it() -> None:

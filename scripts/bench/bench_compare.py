@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import ROOT, command_line, facts, write_result
 
-from snaptree.demo import compare
+from snaptree.demo import compare, designs
 
 FIGURE = Path("docs/img/compare_latency.png")
 PLOTTED = ("global-lock", "snaptree")
@@ -69,7 +69,7 @@ def summarize(
         return _merge(results) if results else None
 
     rows = []
-    for name in compare.DESIGNS:
+    for name in designs.DESIGNS:
         row = merged(runs, name)
         if row is None:
             continue

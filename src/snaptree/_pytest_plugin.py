@@ -13,19 +13,24 @@ The plugin does not replace ``snaptree.open``; it registers
 documented hook ``open`` calls with every store it opens. It does that while
 pytest loads the initial conftest files, so a store a conftest (or the
 application module it imports) opens at import time is reached too.
+
+snaptree itself (ZODB, BTrees) is imported only when a test asks for the
+fixture or chaos is on: every pytest run in an environment where snaptree is
+installed loads this plugin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .store import Store
-from .store import open as open_store
-from .testing import Chaos
+if TYPE_CHECKING:
+    from .store import Store
+    from .testing import Chaos
 
-_CHAOS = pytest.StashKey[Chaos]()
+_CHAOS: pytest.StashKey[Chaos] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +71,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
             f"--snaptree-chaos={probability:g}: give a probability between 0 and 1 "
             "(for example --snaptree-chaos=0.3)"
         )
+    from .testing import Chaos
+
     chaos = Chaos(probability, getattr(options, "snaptree_seed", None))
     chaos.start()
     early_config.stash[_CHAOS] = chaos
@@ -106,6 +113,8 @@ def snaptree_store(request: pytest.FixtureRequest) -> Iterator[Store]:
     on a FileStorage in the test's temporary directory. Opened with
     ``snaptree.open``, so chaos reaches it like any store the test opens.
     """
+    from .store import open as open_store
+
     if request.config.getoption("snaptree_backend") == "file":
         uri = str(request.getfixturevalue("tmp_path") / "Data.fs")
     else:

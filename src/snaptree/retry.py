@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from transaction.interfaces import NoTransaction, TransientError
 from ZODB.utils import oid_repr
 
-from .errors import ArgumentError, RetriesExhausted
+from .errors import ArgumentError, Error, RetriesExhausted
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +81,25 @@ def describe_conflict(exc: BaseException) -> tuple[str | None, str | None]:
     if get_class_name is not None:
         class_name = get_class_name()
     return (oid_repr(oid) if oid is not None else None), class_name
+
+
+def is_transient(exc: Exception, tm: Any, txn: Any) -> bool:
+    """Whether *exc*, raised in transaction *txn* of manager *tm*, means "try again".
+
+    Decided before the transaction is aborted: afterwards the manager can no
+    longer ask its data managers. snaptree's own errors are never transient.
+    ``txn`` is None when the transaction could not even begin; a transaction
+    that already ended (the function ended it itself) cannot be asked either.
+    """
+    if isinstance(exc, Error):
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    try:
+        current = tm.get()
+    except NoTransaction:
+        return False
+    return txn is not None and current is txn and txn.isRetryableError(exc)
 
 
 class ConflictStats:

@@ -28,7 +28,7 @@ from typing import Any
 import zc.lockfile
 
 from . import uris
-from .errors import Error, OpenError, StoreUnavailableError
+from .errors import ArgumentError, Error, OpenError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TLSOptions:
 
         for what, path in (("certificate", self.certificate), ("authenticate", self.authenticate)):
             if not Path(path).exists():
-                raise OpenError(f"TLS {what} {path} does not exist")
+                raise ArgumentError(f"TLS {what} {path} does not exist")
         section = SimpleNamespace(
             certificate=str(self.certificate),
             key=str(self.key) if self.key else None,
@@ -76,7 +76,7 @@ class TLSOptions:
         try:
             return server_ssl(section)
         except (OSError, ssl.SSLError) as exc:
-            raise OpenError(f"cannot set up TLS from {self.certificate}: {exc}") from None
+            raise ArgumentError(f"cannot set up TLS from {self.certificate}: {exc}") from None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -84,7 +84,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     host, colon, port = text.strip().rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or int(port) > 65535:
-        raise Error(
+        raise ArgumentError(
             f"listen address {text!r}: expected HOST:PORT such as 127.0.0.1:8100 "
             "(port 0 picks a free port; 0.0.0.0:PORT listens on every interface)"
         )
@@ -118,7 +118,7 @@ class Server:
     ) -> None:
         resolved = uris.resolve(db)
         if resolved.scheme != "file" or resolved.file_path is None:
-            raise OpenError(
+            raise ArgumentError(
                 f"cannot serve {resolved.display}: snaptree serve serves a FileStorage; "
                 "give a file path (PostgreSQL needs no server of ours: open postgresql:// "
                 "from every process)"

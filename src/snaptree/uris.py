@@ -247,10 +247,17 @@ def _resolve_zeo(uri: str, display: str) -> tuple[Callable[[], Any], dict[str, A
     else:
         address = os.path.normpath(parts.path)
     resolver = ClientStorageURIResolver()
+    # zodburi 3.0 keeps the options it converts to int in _int_args (a class
+    # attribute, shadowed here on this instance only); server_sync is not one.
     resolver._int_args = (*resolver._int_args, "server_sync")
     kw, unused = resolver.interpret_kwargs(dict(parse_qsl(parts.query)))
     if kw.pop("demostorage", None):
         raise OpenError(f"cannot open {display}: demostorage is not supported; use demo://")
+    if kw["wait_timeout"] < 1:  # ZEO 6.2 takes 0 for its own default: 30 s
+        raise OpenError(
+            f"cannot open {display}: wait_timeout must be at least 1 (seconds), "
+            f"not {kw['wait_timeout']}"
+        )
     server_sync = bool(kw.pop("server_sync", 1))
 
     def open_client() -> Any:

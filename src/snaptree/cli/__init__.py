@@ -16,6 +16,7 @@ code  meaning
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -33,7 +34,6 @@ from ..errors import (
     VerifyError,
     one_line,
 )
-from . import demo, exporting, importing, serving
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -65,8 +65,34 @@ def error_line(exc: BaseException) -> str:
     return f"snaptree: error: unexpected {type(exc).__name__}: {one_line(str(exc))}"
 
 
+#: Each command and the module under ``snaptree.cli`` that defines it. A module is
+#: imported only when one of its commands runs (or ``--help`` lists them all), so a
+#: command pays only for the parts of snaptree it uses.
+COMMANDS = {
+    "demo": "demo",
+    "export": "exporting",
+    "import": "importing",
+    "serve": "serving",
+    "verify": "exporting",
+}
+
+
 class _Group(click.Group):
-    """A click group that reports every failure as one line and an exit code, not a traceback."""
+    """The ``snaptree`` group: loads a command's module on use; every failure is one line.
+
+    Library errors and unexpected exceptions become one line on stderr and
+    the exit code of :func:`exit_code`, never a traceback.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        commands = importlib.import_module(f"{__name__}.{module}").commands
+        return next(command for command in commands if command.name == cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -104,8 +130,3 @@ def main(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
-
-
-for _module in (demo, importing, exporting, serving):
-    for _command in _module.commands:
-        main.add_command(_command)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import Error
+from ..errors import ArgumentError
 from ..server import DEFAULT_LISTEN, Server, TLSOptions, parse_listen, serve
 
 _path = click.Path(dir_okay=False, path_type=Path)
@@ -16,7 +16,7 @@ _path = click.Path(dir_okay=False, path_type=Path)
 def _listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         parse_listen(value)
-    except Error as exc:
+    except ArgumentError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
 
