@@ -270,8 +270,6 @@ CASES = [
         ("export", "--db", "zeo://127.0.0.1:1?wait_timeout=1", "-o", OUT),
         4,
         r"no ZEO server answered at 127\.0\.0\.1:1 within 1 s; start one with `snaptree serve",
-        xfail="exits 2: snaptree._database.open re-raises the StoreUnavailableError of "
-        "uris._zeo_factory as an OpenError",
     ),
     Case(
         "export-postgres-nobody-listens",

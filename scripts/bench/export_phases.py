@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_export import build
 
 import snaptree
-from snaptree import _atomic, exports, tree
+from snaptree import _atomic, tree
+from snaptree._pickle_fragments import FragmentCaches, write_pickle_with_fragments
+from snaptree.manifest import ExportInfo, manifest_bytes, manifest_path
 
 
 def main() -> None:
@@ -57,49 +59,49 @@ def main() -> None:
             pickle.dumps(plain, protocol=5)
             dumps.append(time.perf_counter() - started)
         rng = random.Random(7)
-        with exports.keeping_fragments(exports.FragmentCaches()):
-            store.export(final)
-            for _ in range(args.repeat):
-                changed = rng.sample(range(accounts), args.changed)
+        fragments = FragmentCaches()
+        store.export(final, fragments=fragments)
+        for _ in range(args.repeat):
+            changed = rng.sample(range(accounts), args.changed)
 
-                def change(root, changed=changed):
-                    for key in changed:
-                        root["accounts"][key]["balance"] += 1
-                        root["accounts"][key]["history"].append(1)
+            def change(root, changed=changed):
+                for key in changed:
+                    root["accounts"][key]["balance"] += 1
+                    root["accounts"][key]["history"].append(1)
 
-                store.run(change)
-                with store.snapshot() as snap:
-                    for key in changed:  # cached: loaded before the clock starts
-                        snap.root["accounts"][key]["history"]._p_activate()
-                    t0 = time.perf_counter()
-                    with _atomic.staged_file(final) as (writer, temp):
-                        objects = exports._write_pickle_incremental(
-                            snap.root, writer, snap.connection, "/"
-                        )
-                        t1 = time.perf_counter()
-                    t2 = time.perf_counter()
-                    tid, committed_at = snap.tid, snap.committed_at
-                info = exports.ExportInfo(
-                    path=final,
-                    format="pickle",
-                    tid=tid,
-                    committed_at=committed_at,
-                    objects=objects,
-                    bytes=writer.bytes,
-                    sha256=writer.sha256,
-                    source=store.source,
-                    snaptree_version=snaptree.__version__,
-                )
-                with _atomic.staged_file(exports.manifest_path(final)) as (manifest, mtemp):
-                    manifest.write(exports._manifest_bytes(info))
-                t3 = time.perf_counter()
-                _atomic.commit(mtemp, exports.manifest_path(final))
-                _atomic.commit(temp, final)
-                t4 = time.perf_counter()
-                for name, seconds in zip(
-                    steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True
-                ):
-                    steps[name].append(seconds)
+            store.run(change)
+            with store.snapshot() as snap:
+                for key in changed:  # cached: loaded before the clock starts
+                    snap.root["accounts"][key]["history"]._p_activate()
+                t0 = time.perf_counter()
+                with _atomic.staged_file(final) as (writer, temp):
+                    objects = write_pickle_with_fragments(
+                        snap.root, writer, snap.connection, "/", fragments
+                    )
+                    t1 = time.perf_counter()
+                t2 = time.perf_counter()
+                tid, committed_at = snap.tid, snap.committed_at
+            info = ExportInfo(
+                path=final,
+                format="pickle",
+                tid=tid,
+                committed_at=committed_at,
+                objects=objects,
+                bytes=writer.bytes,
+                sha256=writer.sha256,
+                source=store.source,
+                snaptree_version=snaptree.__version__,
+            )
+            with _atomic.staged_file(manifest_path(final)) as (manifest, mtemp):
+                manifest.write(manifest_bytes(info))
+            t3 = time.perf_counter()
+            _atomic.commit(mtemp, manifest_path(final))
+            _atomic.commit(temp, final)
+            t4 = time.perf_counter()
+            for name, seconds in zip(
+                steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True
+            ):
+                steps[name].append(seconds)
         store.close()
     base = statistics.median(dumps)
     print(f"pickle.dumps of the plain tree: {base * 1000:.2f} ms")

@@ -75,6 +75,8 @@ def open_database(
         ) from None
     except FileNotFoundError as exc:
         raise OpenError(f"cannot open {resolved.display}: {exc.strerror}: {exc.filename}") from None
+    except OpenError as exc:  # the resolver's own clear line (a ZEO server not answering)
+        raise type(exc)(f"cannot open {resolved.display}: {exc}") from None
     except Exception as exc:
         # Scrubbed before it is made one line: joining strips the lines, and a
         # password at a line's edge would no longer match.

@@ -7,7 +7,7 @@ a BTree's pickled state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from BTrees.Interfaces import IBTree
@@ -85,3 +85,14 @@ def btree_parts(tree: Any) -> Iterator[Any]:
             yield child
             if type(child) is not bucket_type:
                 stack.append(child)
+
+
+def snapshot_load(conn: Connection) -> Callable[[bytes], tuple[bytes, bytes]]:
+    """The connection's own ``load``: a record as its snapshot sees it, read raw.
+
+    No public API gives it. Checked against ZODB 6.4: ``Connection._storage``
+    is the connection's MVCC view (an MVCCAdapterInstance, a
+    HistoricalStorageAdapter for a snapshot in the past, or RelStorage's
+    per-connection instance), whose ``load(oid)`` returns ``(data, serial)``.
+    """
+    return conn._storage.load  # type: ignore[no-any-return]

@@ -27,6 +27,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
 from ._atomic import HashingWriter
+from ._storage_facts import snapshot_load
 from ._unpickler import AllowListUnpickler, unpickling_errors
 from .errors import Error, ExportError, InputError
 from .tree import SCALAR_TYPES, Counter, FlatMapping, List, Mapping, Set
@@ -58,7 +59,7 @@ def write_zexp(node: Any, out: HashingWriter, connection: Connection, where: str
             f"the zodb format exports a persistent object; {where} is a "
             f"{type(node).__name__}; export it as pickle or json, or export its parent"
         )
-    load = _snapshot_load(connection)
+    load = snapshot_load(connection)
     out.write(ZEXP_HEADER)
     queue: collections.deque[bytes] = collections.deque([oid])
     seen = {oid}
@@ -77,17 +78,6 @@ def write_zexp(node: Any, out: HashingWriter, connection: Connection, where: str
         count += 1
     out.write(_ZEXP_END)
     return count
-
-
-def _snapshot_load(connection: Connection) -> Callable[[bytes], tuple[bytes, bytes]]:
-    """The connection's own ``load``: a record as the snapshot sees it, read raw.
-
-    No public API gives it. Checked against ZODB 6.4: ``Connection._storage``
-    is the connection's MVCC view (an MVCCAdapterInstance, a
-    HistoricalStorageAdapter for a snapshot in the past, or RelStorage's
-    per-connection instance), whose ``load(oid)`` returns ``(data, serial)``.
-    """
-    return connection._storage.load  # type: ignore[no-any-return]
 
 
 #: Classes a record may name without ``allow``: snaptree's nodes and what they are built of.

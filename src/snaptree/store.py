@@ -38,8 +38,9 @@ from ._pool import CLOSE_TIMEOUT, ConnectionPool
 from ._results import detach, refuse_deferred
 from ._storage_facts import btree_parts, keeps_history, visible_tid
 from .errors import ArgumentError, Error, MisuseError, OpenError, StoreClosedError
+from .paths import ROOT_KEY
 from .retry import ConflictStats, Retry, RetryPolicy, is_transient, run_with_retries
-from .tree import ROOT_KEY, Mapping
+from .tree import Mapping
 
 log = logging.getLogger(__name__)
 

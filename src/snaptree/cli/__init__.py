@@ -8,9 +8,10 @@ code  meaning
 0     success
 1     any other failure (an unexpected exception is named by its type)
 2     usage or configuration: a bad option or argument, a wrong URI
-3     bad input: a malformed or hostile import file, a dump that fails verify
+3     bad input: a malformed or hostile import file, a dump that fails verify,
+      a value that cannot be stored or that the export format cannot hold
 4     the store is locked by another process, or its server does not answer
-5     an export failed (a full disk, a value the format cannot hold, ...)
+5     an export failed: a full disk, an unwritable or locked directory, ...
 ====  =====================================================================
 """
 

@@ -18,12 +18,12 @@ import click
 
 from .. import schedule
 from .._following_reader import FollowingReader
+from .._history import parse_point
 from ..dump_directory import lock_directory
 from ..errors import Error
 from ..export_run import RunResult, describe_failure, export_file, export_into
 from ..manifest import FORMATS, verify
 from ..retention import check_keep
-from ..store import parse_point
 from .options import allow_option, db_option
 
 
