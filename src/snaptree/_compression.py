@@ -37,7 +37,7 @@ def open_for_reading(path: str | os.PathLike[str]) -> IO[bytes]:
         compressed = is_zstd(raw.read(4))
     if compressed:
         return zstd.ZstdFile(path, "rb")  # type: ignore[no-any-return]
-    return open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
+    return open(path, "rb")
 
 
 def decompressor_error() -> type[Exception]:
@@ -46,4 +46,3 @@ def decompressor_error() -> type[Exception]:
 
 
 __all__ = ["ZSTD_MAGIC", "ZSTD_SUFFIX", "decompressor_error", "is_zstd", "open_for_reading", "zstd"]
-
