@@ -953,3 +953,29 @@ def test_the_documented_port_runs_its_threads_and_dumps_plain_data(tmp_path):
         timeout=TIMEOUT,
     )
     assert loaded.returncode == 0, loaded.stderr
+
+
+def test_every_node_is_stored_under_its_class_path_in_snaptree_tree(tmp_path: Path) -> None:
+    """The class paths in the records are the storage format: moving a class breaks old files."""
+    from ZODB.FileStorage import FileStorage
+    from ZODB.utils import get_pickle_metadata
+
+    path = tmp_path / "format.fs"
+    with snaptree.open(str(path)) as store:
+        store.run(
+            lambda root: root.update(
+                m={"a": {"b": 1}}, f={1: "x", "y": 2}, l=[[1]], s={1, 2}, c=snaptree.Counter()
+            )
+        )
+    storage = FileStorage(str(path), read_only=True)
+    try:
+        stored = {
+            get_pickle_metadata(record.data)
+            for txn in storage.iterator()
+            for record in txn
+            if record.data
+        }
+    finally:
+        storage.close()
+    for name in ("Mapping", "FlatMapping", "List", "Set", "Counter"):
+        assert ("snaptree.tree", name) in stored, (name, stored)

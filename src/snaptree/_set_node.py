@@ -1,0 +1,244 @@
+"""How the set node behaves: :class:`snaptree.tree.Set`.
+
+A set in one record whose changes are tracked (a plain set in the tree would
+change unseen by ZODB), and whose concurrent changes are merged at commit.
+"""
+
+from __future__ import annotations
+
+import collections.abc as abc
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ._connection import check_writable
+from ._node_base import NodeBase
+from ._values import SCALAR_TYPES
+
+
+def _set_data(other: Any) -> Any:
+    """The elements of *other* to operate with, or None if it is not a set."""
+    if isinstance(other, SetMethods):
+        return other.data
+    if isinstance(other, set | frozenset):
+        return other
+    if isinstance(other, abc.Set):
+        return set(other)
+    return None
+
+
+def _iterable_data(other: Any) -> Any:
+    return other.data if isinstance(other, SetMethods) else other
+
+
+class SetMethods(NodeBase):
+    """What :class:`snaptree.tree.Set` does on top of Persistent and MutableSet."""
+
+    __slots__ = ()
+
+    def __init__(self, iterable: Iterable[Any] = ()) -> None:
+        check_writable(self)
+        self.data = self._incoming(iterable)
+
+    def _incoming(self, elements: Iterable[Any]) -> set[Any]:
+        converter = None
+        out = set()
+        for element in _iterable_data(elements):
+            if type(element) not in SCALAR_TYPES:
+                if converter is None:
+                    converter = self._converter()
+                element = converter.element(element)
+            out.add(element)
+        return out
+
+    def __contains__(self, element: object) -> bool:
+        return element in self.data
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return repr(self.data)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (set, (list(self.data),))
+
+    def _changed(self, before: int) -> None:
+        if len(self.data) != before:
+            self._p_changed = True
+
+    # -- changing
+
+    def add(self, element: Any) -> None:
+        check_writable(self)
+        if type(element) not in SCALAR_TYPES:
+            element = self._converter().element(element)
+        data = self.data
+        if element not in data:
+            data.add(element)
+            self._p_changed = True
+
+    def discard(self, element: Any) -> None:
+        check_writable(self)
+        data = self.data
+        if element in data:
+            data.discard(element)
+            self._p_changed = True
+
+    def remove(self, element: Any) -> None:
+        check_writable(self)
+        self.data.remove(element)
+        self._p_changed = True
+
+    def pop(self) -> Any:
+        check_writable(self)
+        element = self.data.pop()
+        self._p_changed = True
+        return element
+
+    def clear(self) -> None:
+        check_writable(self)
+        if self.data:
+            self.data.clear()
+            self._p_changed = True
+
+    def update(self, *others: Iterable[Any]) -> None:
+        check_writable(self)
+        incoming = [self._incoming(other) for other in others]
+        data = self.data
+        before = len(data)
+        data.update(*incoming)
+        self._changed(before)
+
+    def difference_update(self, *others: Iterable[Any]) -> None:
+        check_writable(self)
+        data = self.data
+        before = len(data)
+        data.difference_update(*map(_iterable_data, others))
+        self._changed(before)
+
+    def intersection_update(self, *others: Iterable[Any]) -> None:
+        check_writable(self)
+        data = self.data
+        before = len(data)
+        data.intersection_update(*map(_iterable_data, others))
+        self._changed(before)
+
+    def symmetric_difference_update(self, other: Iterable[Any]) -> None:
+        check_writable(self)
+        incoming = self._incoming(other)
+        if incoming:
+            self.data.symmetric_difference_update(incoming)
+            self._p_changed = True
+
+    def __ior__(self, other: Any) -> Any:
+        if _set_data(other) is None:
+            return NotImplemented
+        self.update(other)
+        return self
+
+    def __iand__(self, other: Any) -> Any:
+        if _set_data(other) is None:
+            return NotImplemented
+        self.intersection_update(other)
+        return self
+
+    def __isub__(self, other: Any) -> Any:
+        if _set_data(other) is None:
+            return NotImplemented
+        self.difference_update(other)
+        return self
+
+    def __ixor__(self, other: Any) -> Any:
+        if _set_data(other) is None:
+            return NotImplemented
+        self.symmetric_difference_update(other)
+        return self
+
+    # -- new sets (free-standing nodes, as set's methods return new sets)
+
+    def _new(self, data: set[Any]) -> Any:
+        node = type(self)()
+        node.data = data
+        return node
+
+    def copy(self) -> Any:
+        return self._new(set(self.data))
+
+    def union(self, *others: Iterable[Any]) -> Any:
+        return self._new(self.data.union(*(self._incoming(o) for o in others)))
+
+    def intersection(self, *others: Iterable[Any]) -> Any:
+        return self._new(self.data.intersection(*map(_iterable_data, others)))
+
+    def difference(self, *others: Iterable[Any]) -> Any:
+        return self._new(self.data.difference(*map(_iterable_data, others)))
+
+    def symmetric_difference(self, other: Iterable[Any]) -> Any:
+        return self._new(self.data.symmetric_difference(self._incoming(other)))
+
+    def issubset(self, other: Iterable[Any]) -> bool:
+        return self.data.issubset(_iterable_data(other))
+
+    def issuperset(self, other: Iterable[Any]) -> bool:
+        return self.data.issuperset(_iterable_data(other))
+
+    def isdisjoint(self, other: Iterable[Any]) -> bool:
+        return self.data.isdisjoint(_iterable_data(other))
+
+    def __or__(self, other: Any) -> Any:
+        return self.union(other) if _set_data(other) is not None else NotImplemented
+
+    __ror__ = __or__
+
+    def __and__(self, other: Any) -> Any:
+        return self.intersection(other) if _set_data(other) is not None else NotImplemented
+
+    __rand__ = __and__
+
+    def __sub__(self, other: Any) -> Any:
+        return self.difference(other) if _set_data(other) is not None else NotImplemented
+
+    def __rsub__(self, other: Any) -> Any:
+        data = _set_data(other)
+        return NotImplemented if data is None else self._new(self._incoming(data) - self.data)
+
+    def __xor__(self, other: Any) -> Any:
+        if _set_data(other) is None:
+            return NotImplemented
+        return self.symmetric_difference(other)
+
+    __rxor__ = __xor__
+
+    def __eq__(self, other: object) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data == data
+
+    def __ne__(self, other: object) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data != data
+
+    def __le__(self, other: Any) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data <= data
+
+    def __lt__(self, other: Any) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data < data
+
+    def __ge__(self, other: Any) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data >= data
+
+    def __gt__(self, other: Any) -> bool:
+        data = _set_data(other)
+        return NotImplemented if data is None else self.data > data
+
+    def _p_resolveConflict(self, old: Any, committed: Any, new: Any) -> Any:  # noqa: N802
+        """Merge two transactions' changes: the elements each added, minus those each removed."""
+        before, theirs, ours = (state["data"] for state in (old, committed, new))
+        merged = dict(committed)
+        merged["data"] = (theirs - (before - ours)) | (ours - before)
+        return merged
