@@ -175,6 +175,119 @@ def test_errors_inside_calls_return_their_connection(store):
     assert store.stats()["connections_open"] == 0
 
 
+def test_an_interrupt_inside_a_call_gives_its_connection_back(store):
+    """SystemExit or KeyboardInterrupt in the function: not retried, nothing kept, no leak."""
+
+    def interrupted(root: Any) -> None:
+        root["half"] = 1
+        raise SystemExit(3)
+
+    for call in (store.run, store.run_batched):
+        with pytest.raises(SystemExit):
+            call(interrupted)
+    with pytest.raises(SystemExit), store.transaction() as root:
+        interrupted(root)
+    assert store.stats()["connections_open"] == 0
+    assert store.run(lambda root: "half" in root) is False
+
+
+def _jar(root: Any) -> int:
+    return id(root._p_jar)
+
+
+def test_a_thread_keeps_its_connection_between_calls(store):
+    """No pool lease per call: the thread's next call runs on the same connection, warm."""
+    jars = {store.run(_jar) for _ in range(5)} | {store.run_batched(_jar)}
+    with store.transaction() as root:
+        jars.add(id(root._p_jar))
+    assert len(jars) == 1
+    stats = store.stats()
+    assert (stats["connections_open"], stats["connections_kept"]) == (0, 1)
+
+
+def test_forty_threads_never_open_more_connections_than_the_pool_and_never_warn(store_uri, caplog):
+    """40 writers and 4 snapshot readers at pool_size 32: kept connections change hands."""
+    s = snaptree.open(store_uri, pool_size=32)
+    try:
+        s.run(lambda root: root.update(hits=snaptree.Counter()))
+        start = threading.Barrier(44, timeout=BARRIER_TIMEOUT)
+        most = [0]
+
+        def count_connections() -> None:
+            most[0] = max(most[0], len(s.db.pool.all) + len(s.db.historical_pool.all))
+
+        def writer() -> None:
+            start.wait()
+            for _ in range(20):
+                s.run(lambda root: root["hits"].add(1))
+                count_connections()
+
+        def reader() -> None:
+            start.wait()
+            for _ in range(20):
+                with s.snapshot() as snap:
+                    assert snap.root["hits"].value >= 0
+                count_connections()
+
+        with caplog.at_level(logging.WARNING, logger="ZODB"):
+            run_threads([writer] * 40 + [reader] * 4)
+        assert s.run(lambda root: root["hits"].value) == 800
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert most[0] <= 32
+        assert s.stats()["connections_open"] == 0
+    finally:
+        s.close()
+
+
+def test_a_thread_that_ends_gives_its_connection_to_the_next_thread(store_uri):
+    """The ended thread's connection is reused (warm) before a new one is opened."""
+    with snaptree.open(store_uri, pool_size=4) as s:
+        first = run_threads([lambda: s.run(_jar)])[0]
+        assert run_threads([lambda: s.run(_jar)])[0] == first
+        # The main thread's (it created the tree) and the one passed on: no third.
+        assert s.stats()["connections_kept"] == len(s.db.pool.all) == 2
+
+
+def test_an_idle_threads_connection_serves_a_thread_that_needs_one(store_uri):
+    """pool_size=1: the main thread keeps the only connection, idle; another thread takes it."""
+    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT) as s:
+        kept = s.run(_jar)
+        assert run_threads([lambda: s.run(_jar)])[0] == kept
+        assert s.run(_jar) == kept  # and back
+        with s.snapshot() as snap:  # a snapshot takes the idle connection's slot
+            assert "hits" not in snap.root
+        s.run(lambda root: root.update(after=1))
+        assert s.stats()["connections_open"] == 0
+
+
+def test_a_call_waits_for_a_connection_held_by_a_call_in_another_thread(store_uri):
+    """pool_size=1 and the one connection busy: the other call waits for it, then runs."""
+    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT) as s:
+        inside, finish = threading.Event(), threading.Event()
+
+        def hold(root: Any) -> None:
+            inside.set()
+            assert finish.wait(BARRIER_TIMEOUT)
+            root["held"] = 1
+
+        def other() -> int:
+            assert inside.wait(BARRIER_TIMEOUT)
+            finish.set()  # the holder can finish only after this call started waiting
+            return s.run(lambda root: root["held"])
+
+        assert run_threads([lambda: s.run(hold), other])[1] == 1
+
+
+def test_store_run_after_transaction_get_in_the_same_thread_is_not_a_misuse(store):
+    """The thread's global manager holding a transaction of its own is not the store's business."""
+    transaction.get()  # outside any store call: the global manager has a transaction now
+    try:
+        store.run(lambda root: root.update(x=1))
+        assert store.run(lambda root: root["x"]) == 1
+    finally:
+        transaction.abort()
+
+
 # -- plain data that must not be silently lost --------------------------------
 
 

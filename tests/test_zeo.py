@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import snaptree
 from _cli import error_line
 from _cli import snaptree as run_snaptree
 from _servers import ZeoProcess, check_books, open_bank, run_bank_workload, transfer, zeo_server
+from snaptree.server import Server
 
 
 @pytest.mark.slow
@@ -124,3 +127,63 @@ def test_exporter_on_a_zeo_store_exports_from_its_own_process(tmp_path: Path) ->
         assert result.info is not None
         assert result.info.tid == store.last_tid()
         assert snaptree.verify(result.info.path).objects == result.info.objects
+
+
+def test_serve_relaxed_keeps_every_commit_across_a_clean_stop(tmp_path: Path) -> None:
+    """--durability relaxed: clients commit without waiting for the disk; nothing is lost."""
+    server = ZeoProcess(tmp_path / "Data.fs", tmp_path / "serve.log")
+    uri = server.start(0, "--durability", "relaxed", "--sync-every", "0.01")
+    try:
+        with snaptree.open(uri) as store:
+            for i in range(20):
+                store.run(lambda root, i=i: root.__setitem__("n", i))
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "durability relaxed" in server.log()
+    with snaptree.open(str(tmp_path / "Data.fs")) as store:
+        assert store.run(lambda root: root["n"]) == 19
+
+
+def test_serve_refuses_group_durability_and_clients_cannot_choose_one(tmp_path: Path) -> None:
+    """ZEO commits on one thread: no fsync to share. Exit 2, saying what it offers instead."""
+    result = run_snaptree("serve", "--db", tmp_path / "Data.fs", "--durability", "group")
+    assert result.returncode == 2
+    assert "offers durability commit or relaxed" in error_line(result)
+    assert not (tmp_path / "Data.fs").exists()
+    with zeo_server(tmp_path) as server, pytest.raises(snaptree.ArgumentError, match="serve"):
+        snaptree.open(server.uri, durability="relaxed")
+
+
+def test_sync_every_without_relaxed_durability_is_a_usage_error(tmp_path: Path) -> None:
+    """--sync-every means nothing in commit mode: refused (exit 2), not silently ignored."""
+    result = run_snaptree("serve", "--db", tmp_path / "Data.fs", "--sync-every", "0.5")
+    assert result.returncode == 2
+    assert "--sync-every only applies with --durability relaxed" in result.stderr
+    assert not (tmp_path / "Data.fs").exists()
+
+
+def test_a_served_commit_whose_fsync_failed_is_never_reported_as_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve --durability commit: the client of that commit hears of the failure, not success."""
+    data = tmp_path / "Data.fs"
+    server = Server(str(data), "127.0.0.1:0")  # in this process, so its fsync can fail
+    server.start()
+    try:
+        with snaptree.open(server.uri, retry=snaptree.RetryPolicy(attempts=1)) as store:
+            store.run(lambda root: root.__setitem__("n", 0))
+            real = os.fsync
+
+            def failing(fd: int) -> None:
+                if os.readlink(f"/proc/self/fd/{fd}") == str(data):
+                    raise OSError(errno.EIO, "Input/output error (forced by the test)")
+                real(fd)
+
+            monkeypatch.setattr(os, "fsync", failing)
+            for _ in range(2):  # the commit whose fsync failed, then every later one
+                with pytest.raises(Exception, match="DurabilityError") as caught:
+                    store.run(lambda root: root.__setitem__("n", 1))
+                assert "may be lost" in str(caught.value)
+            monkeypatch.undo()
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArgumentError,
+    DurabilityError,
     Error,
     ExportError,
     InputError,
@@ -80,6 +81,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ArgumentError",
     "Counter",
+    "DurabilityError",
     "Error",
     "ExportError",
     "ExportInfo",

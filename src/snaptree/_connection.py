@@ -1,9 +1,14 @@
-"""A ZODB connection that knows which thread owns it.
+"""A ZODB connection that knows which thread owns it, and which commit is the store's.
 
 ZODB lets any thread touch any loaded object; the change then joins whatever
 transaction the object's connection is in at that moment, possibly another
 thread's, or no transaction at all. snaptree hands each connection to exactly
 one thread for one transaction, so it can refuse such changes outright.
+
+Likewise ZODB lets any code commit a connection's transaction
+(``obj._p_jar.transaction_manager.commit()``); inside a store call that
+commits half of what the call means to do. The connection takes part in a
+commit only when the store says it commits (:attr:`OwnedConnection.snaptree_committing`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import threading
 from persistent.interfaces import UPTODATE
 from ZODB.Connection import Connection
 
+from ._guards import misuse_error
 from .errors import MisuseError, WrongThreadError
 
 _IDLE = 0  # thread idents are never 0 on CPython
+_get_ident = threading.get_ident
 
 #: Per thread, the connections it holds for store calls, innermost last.
 #: The conversion and the commit check ask for the innermost writable one: a
@@ -37,26 +44,55 @@ class OwnedConnection(Connection):
 
     _snaptree_owner = _IDLE
     _snaptree_read_only = False
+    #: Set by the store while it commits the call's transaction: the one commit allowed.
+    snaptree_committing = False
+    #: How the call's function ended, or tried to end, the call's transaction itself.
+    snaptree_misuse: str | None = None
 
     def claim(self, *, read_only: bool = False) -> None:
-        self._snaptree_owner = threading.get_ident()
+        """Hand the connection to the calling thread for one call."""
+        self._snaptree_owner = _get_ident()
         self._snaptree_read_only = read_only
-        _stack().append(self)
+        self.snaptree_committing = False
+        self.snaptree_misuse = None
+        try:
+            _held.stack.append(self)
+        except AttributeError:  # the thread's first
+            _held.stack = [self]
 
     def release(self) -> None:
         self._snaptree_owner = _IDLE
-        stack = _stack()
-        if self in stack:  # the last one claimed, unless leases ended out of order
+        stack = _held.stack
+        if stack and stack[-1] is self:
+            stack.pop()
+        elif self in stack:  # leases ended out of order
             stack.remove(self)
+
+    def commit(self, transaction: object) -> None:
+        """Commit changes only when the store commits: another commit would commit half a call.
+
+        Refused before any change is handed to the storage (ZODB then
+        aborts the two-phase commit), so nothing is written. Outside store
+        calls (ZODB creating the root of a new database) commits are ZODB's.
+        """
+        if not self.snaptree_committing and self._snaptree_owner != _IDLE:
+            self.snaptree_misuse = self.snaptree_misuse or (
+                "tried to commit the store's transaction itself"
+            )
+            raise misuse_error(self.snaptree_misuse)
+        super().commit(transaction)
 
     def check_owner(self, obj: object) -> None:
         owner = self._snaptree_owner
-        if self._snaptree_read_only and owner == threading.get_ident():
+        me = _get_ident()
+        if owner == me and not self._snaptree_read_only:
+            return  # the common case, first: every change to a node asks
+        if self._snaptree_read_only and owner == me:
             raise MisuseError(
                 f"{type(obj).__name__} was changed inside a snapshot; snapshots are "
                 "read-only: make changes with store.run() or store.transaction()"
             )
-        if owner != threading.get_ident():
+        if owner != me:
             where = "after its transaction ended" if owner == _IDLE else "from another thread"
             raise WrongThreadError(
                 f"{type(obj).__name__} was changed {where}; persistent objects belong to "
@@ -65,12 +101,13 @@ class OwnedConnection(Connection):
             )
 
     def register(self, obj: object) -> None:
-        try:
-            self.check_owner(obj)
-        except MisuseError:
-            _discard_refused_change(obj)
-            raise
-        super().register(obj)
+        if self._snaptree_owner != _get_ident() or self._snaptree_read_only:
+            try:
+                self.check_owner(obj)
+            except MisuseError:
+                _discard_refused_change(obj)
+                raise
+        Connection.register(self, obj)
 
 
 def _discard_refused_change(obj: object) -> None:
@@ -91,13 +128,6 @@ def _discard_refused_change(obj: object) -> None:
         obj._p_invalidate()  # type: ignore[attr-defined]
 
 
-def _stack() -> list[OwnedConnection]:
-    stack = getattr(_held, "stack", None)
-    if stack is None:
-        stack = _held.stack = []
-    return stack
-
-
 def current_connection() -> OwnedConnection | None:
     """The connection of the store call the calling thread is in, if it can write; else None."""
     for conn in reversed(getattr(_held, "stack", ())):
@@ -109,5 +139,9 @@ def current_connection() -> OwnedConnection | None:
 def check_writable(obj: object) -> None:
     """Raise WrongThreadError if *obj* is not owned by the calling thread's transaction."""
     jar = getattr(obj, "_p_jar", None)
-    if jar is not None and isinstance(jar, OwnedConnection):
+    if type(jar) is OwnedConnection:
+        if jar._snaptree_owner == _get_ident() and not jar._snaptree_read_only:
+            return  # the common case, first: every change to a node asks
+        jar.check_owner(obj)
+    elif jar is not None and isinstance(jar, OwnedConnection):
         jar.check_owner(obj)

@@ -45,16 +45,16 @@ def open_database(
     pool_size: int,
     cache_size: int | None,
     default_cache_size: int,
+    durability: uris.Durability | None = None,
 ) -> Database:
     """Open the storage *uri* names and a DB over it with snaptree's connection class.
 
     ``cache_size`` is each connection's object cache: the argument if given,
-    else what the URI says, else *default_cache_size*.
+    else what the URI says, else *default_cache_size*. *durability* applies
+    to a FileStorage opened for writing (see :func:`snaptree.uris.resolve`).
     """
-    resolved = uris.resolve(uri)
+    resolved = uris.resolve(uri, read_only=read_only, durability=durability or uris.Durability())
     factory = resolved.factory
-    if read_only and resolved.scheme == "file":
-        factory = uris.resolve(f"file://{resolved.file_path}?read_only=1").factory
     companions = _absent_companions(resolved.file_path)
     try:
         # A live file's index is stale on every read-only open (docs/export.md).

@@ -10,123 +10,130 @@ naming what to remove.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import transaction
+from transaction.interfaces import NoTransaction
 
 from .errors import MisuseError
 
 
 class GlobalTransactionGuard:
-    """Notices ``transaction.commit()`` and friends on the thread's *global* manager.
+    """Notices ``transaction.commit()`` and friends on a thread's *global* manager during a call.
 
     Code ported from plain ZODB commits through the global manager. Inside
     a store call that does nothing to the store's changes (they belong to the
     call's own manager), so it is an error rather than a silent no-op.
+
+    One guard per thread and store, registered once with the thread's
+    global manager and listening only while the thread is inside a call
+    (:attr:`active`): registering per call cost a tenth of a small commit,
+    and registering reports the global transaction the thread may already
+    hold (code that called ``transaction.get()`` earlier) as if the call
+    had begun it.
     """
 
+    __slots__ = ("__weakref__", "active", "used")
+
     def __init__(self) -> None:
+        self.active = False
         self.used: str | None = None
 
     def newTransaction(self, txn: Any) -> None:  # noqa: N802 - ISynchronizer
-        self.used = self.used or "transaction.begin()"
+        if self.active and self.used is None:
+            self.used = "transaction.begin()"
 
     def beforeCompletion(self, txn: Any) -> None:  # noqa: N802
-        self.used = self.used or "transaction.commit() or transaction.abort()"
+        if self.active and self.used is None:
+            self.used = "transaction.commit() or transaction.abort()"
 
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
         pass
-
-    def __enter__(self) -> GlobalTransactionGuard:
-        transaction.manager.registerSynch(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        transaction.manager.unregisterSynch(self)
-        if self.used and exc[0] is None:
-            raise MisuseError(
-                f"{self.used} was called inside a store call; it acts on the thread's "
-                "global transaction, not on the store's, so it would do nothing; remove "
-                "it and let store.run()/store.transaction() commit"
-            )
-
-
-class CallGuard:
-    """Keeps the end of a call's transaction to the store (a synchronizer on the call's manager).
-
-    The function a call runs can reach the call's own transaction manager
-    (``obj._p_jar.transaction_manager``). A commit through it would commit
-    half of what the call means to do, so it is refused before anything is
-    written (a before-commit hook raises). An abort cannot be stopped; once
-    it happened, later changes are made outside any transaction, in a
-    connection the pool hands to the next call, so the call must end in an
-    error and its connection be cleaned.
-    """
-
-    def __init__(self, tm: Any) -> None:
-        self.misuse: str | None = None
-        self.ending = False  # set by the store just before its own commit
-        self._began = False
-        tm.registerSynch(self)  # a weak reference: the call keeps the guard alive
-
-    def newTransaction(self, txn: Any) -> None:  # noqa: N802 - ISynchronizer
-        if self._began:
-            self._misused("began a transaction of its own on the store's transaction manager")
-        self._began = True
-        txn.addBeforeCommitHook(self._before_commit)
-
-    def beforeCompletion(self, txn: Any) -> None:  # noqa: N802
-        pass
-
-    def afterCompletion(self, txn: Any) -> None:  # noqa: N802
-        if not self.ending:
-            self._misused("aborted the store's transaction itself")
-
-    def _before_commit(self) -> None:
-        if not self.ending:
-            self._misused("tried to commit the store's transaction itself")
-            raise self.error()
-
-    def _misused(self, what: str) -> None:
-        self.misuse = self.misuse or what
-
-    def check(self) -> None:
-        if self.misuse:
-            raise self.error()
 
     def error(self) -> MisuseError:
         return MisuseError(
-            f"the function {self.misuse} (through obj._p_jar.transaction_manager or the "
-            "transaction object); nothing of this call was committed and its "
-            "changes were discarded: store.run() and store.transaction() commit when the "
-            "function or block ends, so remove that call (raise an exception to abandon "
-            "a call; use one store.run() per commit)"
+            f"{self.used} was called inside a store call; it acts on the thread's "
+            "global transaction, not on the store's, so it would do nothing; remove "
+            "it and let store.run()/store.transaction() commit"
         )
 
 
-class NestedCallGuard:
-    """Refuses a write call started inside another one of the same store in the same thread.
+class ThreadCalls:
+    """Per thread: whether it is inside a write call of one store, and its global guard.
 
-    The inner call would commit on its own, separately from the outer one:
-    half of what the outer call means to do, committed whatever the outer
-    call does next.
+    A write call started inside another one of the same store in the same
+    thread is refused: the inner call would commit on its own, separately
+    from the outer one, half of what the outer call means to do.
     """
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    @contextmanager
-    def outermost(self) -> Iterator[None]:
-        if getattr(self._local, "writing", False):
+    def enter(self) -> GlobalTransactionGuard:
+        """Mark the thread as inside a write call; its global guard, armed."""
+        try:
+            guard = self._local.guard
+        except AttributeError:  # the thread's first call
+            guard = self._local.guard = GlobalTransactionGuard()
+            transaction.manager.registerSynch(guard)  # the thread's own manager
+        if guard.active:
             raise MisuseError(
                 "store.run()/store.transaction() called inside another one in the same "
                 "thread; the inner call would commit separately from the outer one: "
                 "call the inner function directly with the root you already have"
             )
-        self._local.writing = True
+        guard.active = True
+        guard.used = None
+        return guard
+
+    def inside(self) -> bool:
+        """Whether the calling thread is inside a write call."""
+        guard = getattr(self._local, "guard", None)
+        return guard is not None and guard.active
+
+    def current(self) -> GlobalTransactionGuard:
+        """The guard of the call the calling thread is in (after :meth:`enter`)."""
+        return self._local.guard  # type: ignore[no-any-return]
+
+
+def call_misuse(conn: Any, tm: Any, txn: Any) -> str | None:
+    """How the function of a call ended the call's transaction *txn* itself, if it did.
+
+    A commit through ``obj._p_jar.transaction_manager`` is refused by the
+    connection before anything is written (it records that); an abort
+    cannot be stopped, and leaves later changes outside any transaction,
+    in a connection the next call would commit, so the call must end in
+    an error and its connection be cleaned: the transaction the call
+    began is then no longer its manager's (aborted, or another one begun).
+    """
+    if conn.snaptree_misuse is None and not conn.snaptree_committing:
         try:
-            yield
-        finally:
-            self._local.writing = False
+            current = tm.get()
+        except NoTransaction:
+            conn.snaptree_misuse = "aborted the store's transaction itself"
+        else:
+            if current is not txn:
+                conn.snaptree_misuse = (
+                    "began a transaction of its own on the store's transaction manager"
+                )
+    return conn.snaptree_misuse  # type: ignore[no-any-return]
+
+
+def misuse_error(what: str) -> MisuseError:
+    """The error of a call whose function ended its own transaction (*what* it did)."""
+    return MisuseError(
+        f"the function {what} (through obj._p_jar.transaction_manager or the "
+        "transaction object); nothing of this call was committed and its "
+        "changes were discarded: store.run() and store.transaction() commit when the "
+        "function or block ends, so remove that call (raise an exception to abandon "
+        "a call; use one store.run() per commit)"
+    )
+
+
+def check_guards(calls: GlobalTransactionGuard, conn: Any, tm: Any, txn: Any) -> None:
+    """Raise the MisuseError of a global or through-the-jar end of the call's transaction."""
+    if calls.used:
+        raise calls.error()
+    misuse = call_misuse(conn, tm, txn)
+    if misuse:
+        raise misuse_error(misuse)

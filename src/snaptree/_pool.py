@@ -1,18 +1,30 @@
 """Lending a database's connections to store calls, bounded, and closing the database safely.
 
-Every call gets its own ZODB connection with its own explicit transaction
-manager, so threads share nothing but the database. The pool counts the
-connections lent: calls beyond its size wait (boundedly) instead of making
-ZODB open more and warn. It also owns the end of the database's life:
-``close`` refuses new leases, lets the calls holding one finish, and never
-closes the storage under a commit.
+Every write call runs on a ZODB connection with its own explicit
+transaction manager, so threads share nothing but the database. Opening
+one per call (ZODB's pool, a new manager, closing it again) cost a fifth of
+a small commit, so each thread *keeps* its pair between calls: its next
+call takes it back with one lock. Pairs are bounded all the same: the pool
+counts *slots*, one per connection that exists (a kept pair, or a
+snapshot's connection lent for one block), never more than its size, so
+ZODB never opens more connections than its own pool size and never warns.
+A thread that finds no free slot takes the pair another thread has left
+idle longest (a pair is not tied to a thread: its manager is explicit), or
+waits (boundedly) for one. When a thread ends, its pair is the first one
+given to a thread that needs one (see :meth:`ConnectionPool._orphan`).
+
+The pool also owns the end of the database's life: ``close`` refuses new
+calls, lets the calls holding a connection finish, and never closes the
+storage under a commit.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+import time
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,22 +44,76 @@ CLOSE_TIMEOUT = 30.0
 COMMIT_WAIT = 60.0
 
 
+def _nobody() -> None:
+    return None
+
+
+class Pair:
+    """A connection and its own transaction manager, lent to one call at a time."""
+
+    __slots__ = ("commits", "conn", "owner", "synchronizers", "tm")
+
+    def __init__(self, conn: Any, tm: Any) -> None:
+        self.conn = conn
+        self.tm = tm
+        self.synchronizers: tuple[Any, ...] = ()  # the store's, registered with tm
+        self.owner: Callable[[], Any] = _nobody  # the thread that used it last (its holder)
+        self.commits = 0  # calls committed on it: only the call holding it counts
+
+    def use_synchronizers(self, synchronizers: tuple[Any, ...]) -> None:
+        """Register exactly *synchronizers* (the store's current ones) with the manager."""
+        for synchronizer in self.synchronizers:
+            if synchronizer not in synchronizers:
+                self.tm.unregisterSynch(synchronizer)
+        for synchronizer in synchronizers:
+            if synchronizer not in self.synchronizers:
+                self.tm.registerSynch(synchronizer)
+        self.synchronizers = synchronizers
+
+    def abort(self) -> None:
+        """Abort the transaction the call left, if any (a failed commit, an exception)."""
+        _abort(self.tm)
+
+
+def _abort(tm: Any) -> None:
+    try:
+        tm.abort()
+    except NoTransaction:
+        pass
+
+
+class _Holder:
+    """A thread's local value: the pair it keeps. It dies with the thread, which frees the pair."""
+
+    __slots__ = ("__weakref__", "leases", "pair")
+
+    def __init__(self) -> None:
+        self.pair: Pair | None = None
+        self.leases = 0  # connections lent to this thread for a block (snapshots)
+
+
 class ConnectionPool:
-    """Lends *db*'s connections, at most *size* at once, each with its own transaction manager."""
+    """Lends *db*'s connections, at most *size* at once: kept by threads, or lent per block."""
 
     def __init__(self, db: DB, *, source: str, size: int, timeout: float) -> None:
         self.db = db
         self.source = source
         self.timeout = timeout
-        # One condition guards the free slots, the calls holding a connection,
-        # the commits under way and the closing state.
-        self._state = threading.Condition()
-        self._free = size
-        self._leased = 0
-        self._committing = 0
-        self._closing = False  # close() began: no connection is lent any more
+        # One lock guards the slots, the pairs, the calls in flight and the
+        # closing state; the condition is for callers waiting for a slot, and
+        # for close() waiting for calls and commits.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._free = size  # slots no connection uses
+        # Idle pairs, longest idle first (a dict keeps the order keys came in).
+        self._idle: dict[Pair, None] = {}
+        self._pairs: set[Pair] = set()  # every pair whose connection is open
+        self._closed_commits = 0  # calls committed on pairs closed since
+        self._in_use = 0  # pairs and leases held by calls
+        self._waiting = 0  # callers waiting for a slot
+        self.closing = False  # close() began: no connection is lent any more (read-only)
         self._closed = False  # the database is (being) closed: nothing may commit
-        self._local = threading.local()  # leases held by the current thread
+        self._local = threading.local()
 
     @property
     def closed(self) -> bool:
@@ -56,7 +122,7 @@ class ConnectionPool:
 
     def check_open(self) -> None:
         """Raise StoreClosedError once ``close`` began."""
-        if self._closing:
+        if self.closing:
             raise self.closed_error()
 
     def closed_error(self) -> StoreClosedError:
@@ -66,40 +132,141 @@ class ConnectionPool:
             "read or committed through this Store: open it again with snaptree.open()"
         )
 
+    # -- writes: the thread's own pair --------------------------------------------
+
+    def acquire(self) -> Pair:
+        """The calling thread's pair for one write call (give it back with :meth:`release`)."""
+        try:
+            pair = self._local.holder.pair
+        except AttributeError:  # the thread's first call
+            return self._acquire_another()
+        with self._lock:
+            if self.closing:
+                raise self.closed_error()
+            if pair is not None and self._idle.pop(pair, True) is None:
+                self._in_use += 1
+                return pair
+        return self._acquire_another()
+
+    def _holder(self) -> _Holder:
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = self._local.holder = _Holder()
+        return holder
+
+    def _acquire_another(self) -> Pair:
+        """An ended thread's pair, else a free slot (a new pair), else the longest idle one."""
+        holder = self._holder()
+        with self._lock:
+            self._wait_for_slot(self.timeout)
+            self._in_use += 1
+            pair = self._orphan()
+            if pair is None:
+                if self._free:
+                    self._free -= 1
+                else:
+                    pair = self._longest_idle()  # another thread's
+        if pair is None:
+            try:
+                tm = transaction.TransactionManager(explicit=True)
+                pair = Pair(self.db.open(transaction_manager=tm), tm)
+            except BaseException:
+                with self._lock:
+                    self._free += 1
+                    self._in_use -= 1
+                    self._wake_one()
+                raise
+            with self._lock:
+                self._pairs.add(pair)
+        holder.pair = pair
+        pair.owner = weakref.ref(holder)
+        return pair
+
+    def _orphan(self) -> Pair | None:
+        """With the lock held: an idle pair whose thread has ended, taken out of the idle ones.
+
+        A thread's local value dies with the thread, so the pair's weak
+        reference to it tells. Reusing such a pair (warm cache, no new
+        connection) is what "a thread that ends gives its connection back"
+        means here; any idle pair can also be taken when no slot is free.
+        """
+        for pair in self._idle:
+            if pair.owner() is None:
+                del self._idle[pair]
+                return pair
+        return None
+
+    def _longest_idle(self) -> Pair:
+        """With the lock held: the pair idle longest, taken out of the idle ones."""
+        pair = next(iter(self._idle))
+        del self._idle[pair]
+        return pair
+
+    def release(self, pair: Pair, *, failed: bool = False, misused: bool = False) -> None:
+        """Take back a pair whose call ended (*failed*: its transaction still needs an abort).
+
+        A *misused* pair is closed, its cache dropped first: after a misuse,
+        objects may hold changes made outside any transaction (after an
+        abort through the jar, say), and the next call on this connection
+        would commit them. Ghosting every unchanged object drops them.
+        """
+        if not (failed or misused):  # the common case: committed, nothing to end
+            with self._lock:
+                self._in_use -= 1
+                self._idle[pair] = None
+                if self._waiting:
+                    self._changed.notify()
+            return
+        try:
+            pair.abort()
+            if misused:
+                pair.conn.cacheMinimize()
+                pair.conn.close()
+        except Exception:
+            if not self._closed:
+                raise
+            # The database was closed under this call (close() timed out
+            # waiting for it): the connection went with it.
+            misused = True
+        finally:
+            with self._lock:
+                self._in_use -= 1
+                if misused:
+                    self._free += 1
+                    self._forget(pair)
+                else:
+                    self._idle[pair] = None
+                self._wake_one()
+
+    # -- snapshots and other short leases -------------------------------------------
+
     @contextmanager
     def lease(
-        self,
-        *,
-        at: bytes | None = None,
-        read_only: bool = False,
-        synchronizers: Iterable[Any] = (),
-        wait: float | None = None,
+        self, *, at: bytes | None = None, read_only: bool = False, wait: float | None = None
     ) -> Iterator[tuple[Any, Any]]:
-        """Borrow a connection (as of tid *at*, if given) with its own transaction manager.
+        """Borrow a connection (as of tid *at*, if given) with its own manager, for one block.
 
         A thread that cannot get one within the pool's timeout (or *wait*)
         gets an error instead of waiting forever, and one waiting when the
-        store closes gets StoreClosedError at once. *synchronizers* are
-        registered with the new transaction manager before anything begins.
+        store closes gets StoreClosedError at once.
         """
-        wait = self.timeout if wait is None else wait
-        with self._state:
-            if not self._state.wait_for(lambda: self._closing or self._free > 0, wait):
-                raise Error(
-                    f"no connection became free within {wait:g} s: all connections "
-                    "are busy; raise pool_size or shorten long transactions"
-                )
-            if self._closing:
-                raise self.closed_error()
-            self._free -= 1
-            self._leased += 1
-        self._local.leases = getattr(self._local, "leases", 0) + 1
-        conn = None
-        discard = False
+        holder = self._holder()
+        with self._lock:
+            self._wait_for_slot(self.timeout if wait is None else wait)
+            self._in_use += 1
+            holder.leases += 1
+            if self._free:
+                self._free -= 1
+                spare = None
+            else:  # an idle pair's slot: its connection is closed to make room
+                spare = self._orphan() or self._longest_idle()
+                self._forget(spare)
+        conn = tm = None
+        misused = False
         try:
+            if spare is not None:
+                spare.conn.close()
             tm = transaction.TransactionManager(explicit=True)
-            for synchronizer in synchronizers:
-                tm.registerSynch(synchronizer)
             try:
                 conn = self.db.open(transaction_manager=tm, at=at)
             except ValueError as exc:  # historical open in the future
@@ -111,34 +278,25 @@ class ConnectionPool:
             try:
                 yield conn, tm
             except MisuseError:
-                discard = True
+                misused = True
                 raise
         finally:
             try:
                 if conn is not None:
-                    self._give_back(conn, tm, discard)
+                    self._give_back(conn, tm, misused)
             finally:
-                self._local.leases -= 1
-                with self._state:
+                holder.leases -= 1
+                with self._lock:
+                    self._in_use -= 1
                     self._free += 1
-                    self._leased -= 1
-                    self._state.notify_all()
+                    self._wake_one()
 
-    def _give_back(self, conn: Any, tm: Any, discard: bool) -> None:
-        """End the connection's transaction and return it to ZODB's pool.
-
-        After a misuse, objects may hold changes made outside any
-        transaction (after an abort through the jar, say); the pool would
-        hand them to the next call, which would commit them. Ghosting every
-        unchanged object in the cache drops them: they are read again.
-        """
+    def _give_back(self, conn: Any, tm: Any, misused: bool) -> None:
+        """End a lent connection's transaction and return it to ZODB's pool."""
         try:
             conn.release()
-            try:
-                tm.abort()
-            except NoTransaction:
-                pass
-            if discard:
+            _abort(tm)
+            if misused:
                 conn.cacheMinimize()
             conn.close()
         except Exception:
@@ -147,41 +305,98 @@ class ConnectionPool:
             # The database was closed under this call (close() timed out
             # waiting for it): the connection went with it.
 
-    @contextmanager
-    def committing(self) -> Iterator[None]:
-        """Count a commit under way, so that ``close`` waits for it; refused once closed."""
-        with self._state:
-            if self._closed:
-                raise self.closed_error()
-            self._committing += 1
-        try:
-            yield
-        finally:
-            with self._state:
-                self._committing -= 1
-                self._state.notify_all()
+    def _wait_for_slot(self, wait: float) -> None:
+        """With the lock held: wait until a slot is free or a kept pair can be had."""
+        deadline = None
+        while not self.closing and not self._free and not self._idle:
+            now = time.monotonic()
+            deadline = now + wait if deadline is None else deadline
+            if now >= deadline:
+                raise Error(
+                    f"no connection became free within {wait:g} s: all connections "
+                    "are busy; raise pool_size or shorten long transactions"
+                )
+            self._waiting += 1
+            try:
+                self._changed.wait(deadline - now)
+            finally:
+                self._waiting -= 1
+        if self.closing:
+            raise self.closed_error()
 
-    def close(self, timeout: float) -> None:
-        """Refuse new leases, wait up to *timeout* s for the ones out, close the database.
+    def _forget(self, pair: Pair) -> None:
+        """With the lock held: *pair*'s connection is closed (or about to be)."""
+        self._pairs.discard(pair)
+        self._closed_commits += pair.commits
+
+    def commits(self) -> int:
+        """Calls committed through the pool's pairs so far."""
+        with self._lock:
+            return self._closed_commits + sum(pair.commits for pair in self._pairs)
+
+    def _wake_one(self) -> None:
+        """With the lock held: wake a caller waiting for a slot, if any."""
+        if self._waiting:
+            self._changed.notify()
+
+    # -- committing and closing ---------------------------------------------------------
+
+    def begin_commit(self, pair: Pair) -> None:
+        """Mark a commit under way, so that ``close`` waits for it; refused once closed.
+
+        No lock: the flag is set before ``_closed`` is read here, and
+        ``close`` sets ``_closed`` before it reads the flags, so one of the
+        two always sees the other (each step is one bytecode under the GIL).
+        The flag is the connection's own: the commit it lets through.
+        """
+        pair.conn.snaptree_committing = True
+        if self._closed:
+            pair.conn.snaptree_committing = False
+            raise self.closed_error()
+
+    def end_commit(self, pair: Pair) -> None:
+        pair.conn.snaptree_committing = False
+        if self._closed:
+            with self._lock:
+                self._changed.notify_all()
+
+    def kept(self) -> int:
+        """Connections kept between calls by threads (or left by threads that ended)."""
+        with self._lock:
+            return len(self._idle)
+
+    def close(self, timeout: float, in_call: bool) -> None:
+        """Refuse new calls, wait up to *timeout* s for the ones out, close the database.
 
         A commit already under way is never cut off in the middle: closing
         then waits up to COMMIT_WAIT more seconds for it. Closing twice is
-        harmless; closing from inside a call does not wait for that call.
+        harmless; closing from inside a call (*in_call*, or a snapshot) does
+        not wait for that call.
         """
-        with self._state:
-            if self._closing:
+        holder = getattr(self._local, "holder", None)
+        own = (holder.leases if holder is not None else 0) + (1 if in_call else 0)
+        with self._lock:
+            if self.closing:
                 return
-            self._closing = True
-            self._state.notify_all()  # callers waiting for a connection give up now
-            own = getattr(self._local, "leases", 0)  # close() called inside a call
-            finished = self._state.wait_for(lambda: self._leased <= own, timeout)
-            running = self._leased - own
+            self.closing = True
+            self._changed.notify_all()  # callers waiting for a connection give up now
+            self._waiting += 1  # so that every release wakes this
+            finished = self._changed.wait_for(lambda: self._in_use <= own, timeout)
+            running = self._in_use - own
             self._closed = True  # no commit starts from now on
             # Closing the storage under a commit can hang threads for good
             # (seen with FileStorage: the cut-off commit never releases the
             # commit lock, and the next commit waits in tpc_begin forever).
             # Commits under way are bounded by the storage itself: wait.
-            committed = self._state.wait_for(lambda: self._committing == 0, COMMIT_WAIT)
+            committed = self._changed.wait_for(
+                lambda: not any(pair.conn.snaptree_committing for pair in self._pairs),
+                COMMIT_WAIT,
+            )
+            self._waiting -= 1
+            kept = list(self._idle)
+            self._idle.clear()
+            for pair in kept:
+                self._forget(pair)
         if not finished:
             log.warning(
                 "closing %s with %d call(s) still running after %g s; they will fail "
@@ -196,4 +411,6 @@ class ConnectionPool:
                 self.source,
                 COMMIT_WAIT,
             )
+        for pair in kept:
+            pair.conn.close()
         self.db.close()

@@ -334,8 +334,18 @@ def _children(value: Any) -> Iterable[tuple[Any, Any]] | None:
     return None
 
 
+#: Code flags of functions whose call runs none of their body.
+_DEFERRED = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_COROUTINE
+
+
 def refuse_deferred(fn: Callable[..., Any]) -> None:
     """Refuse a generator or async function: calling it runs none of its body."""
+    if (
+        type(fn) is types.FunctionType
+        and not fn.__code__.co_flags & _DEFERRED
+        and "_is_coroutine_marker" not in fn.__dict__  # inspect.markcoroutinefunction (3.12)
+    ):
+        return  # a plain function, the common case: one look at its flags
     name = getattr(fn, "__qualname__", None) or repr(fn)
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise MisuseError(

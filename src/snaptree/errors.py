@@ -47,6 +47,15 @@ class StoreClosedError(Error):
     """The store was closed (or is closing): open it again to go on."""
 
 
+class DurabilityError(Error):
+    """A commit could not be made durable: an fsync of the data file failed.
+
+    Commits after the last fsync that succeeded may be lost on a machine
+    crash, so the store refuses every later commit: stop the process, check
+    the disk, and open the file again.
+    """
+
+
 class RetriesExhausted(Error):
     """A transaction kept conflicting until its attempts or deadline ran out.
 

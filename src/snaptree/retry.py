@@ -103,7 +103,11 @@ def is_transient(exc: Exception, tm: Any, txn: Any) -> bool:
 
 
 class ConflictStats:
-    """Thread-safe counters of commits, conflicts, retries and hot classes."""
+    """Thread-safe counters of conflicts, retries, exhausted calls, batches and hot classes.
+
+    Commits are counted by the store's connections (one call at a time
+    each, so without a lock): they are counted on every call.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,10 +123,10 @@ class ConflictStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "commits": self._counts["commits"],
                 "conflicts": self._counts["conflicts"],
                 "retries": self._counts["retries"],
                 "exhausted": self._counts["exhausted"],
+                "batches": self._counts["batches"],
                 "hot_classes": self._hot.most_common(),
             }
 
@@ -139,41 +143,65 @@ class Retry(Exception):
         self.cause = cause
 
 
+def give_up_reason(policy: RetryPolicy, number: int, started: float, delay: float) -> str:
+    """Why a call whose attempt *number* just conflicted must stop now ("" if it may go on)."""
+    if number >= policy.attempts:
+        retries = f"{policy.retries} {'retry' if policy.retries == 1 else 'retries'}"
+        return f"{policy.attempts} attempt(s) allowed: the first and {retries}"
+    if policy.deadline is not None:
+        remaining = policy.deadline - (policy.clock() - started)
+        if remaining <= delay:
+            return f"deadline of {policy.deadline:g} s reached"
+    return ""
+
+
+def exhausted(
+    number: int, cause: BaseException, reason: str, locate: Callable[[bytes], str | None] | None
+) -> RetriesExhausted:
+    """The RetriesExhausted a call raises when it gives up after *number* attempts."""
+    oid, class_name = describe_conflict(cause)
+    raw_oid = getattr(cause, "oid", None)
+    path = locate(raw_oid) if locate is not None and raw_oid is not None else None
+    error = RetriesExhausted(number, oid, class_name, reason, path)
+    error.__cause__ = cause
+    return error
+
+
 def run_with_retries(
     attempt: Callable[[], Any],
     policy: RetryPolicy,
     stats: ConflictStats,
     locate: Callable[[bytes], str | None] | None = None,
+    *,
+    failed: Retry | None = None,
+    started: float | None = None,
 ) -> Any:
     """Call *attempt* until it returns, raises a non-transient error, or the policy gives up.
 
     ``locate`` turns the oid of the object that conflicted last into its
     path in the tree for :class:`RetriesExhausted`; it is asked only when
-    giving up, since finding a path means reading the tree.
+    giving up, since finding a path means reading the tree. ``failed``
+    says the first attempt was already made (by a caller keeping the
+    common case short) and failed with it; ``started`` is when the call
+    began, if the caller noted it.
     """
-    started = policy.clock()
+    if started is None:
+        started = policy.clock()
     number = 0
     while True:
         number += 1
-        try:
-            return attempt()
-        except Retry as retry:
-            cause = retry.cause
-        oid, class_name = describe_conflict(cause)
-        stats.count("conflicts", class_name)
-        reason = ""
+        if failed is not None:
+            cause, failed = failed.cause, None
+        else:
+            try:
+                return attempt()
+            except Retry as retry:
+                cause = retry.cause
+        stats.count("conflicts", describe_conflict(cause)[1])
         delay = policy.backoff(number)
-        if number >= policy.attempts:
-            retries = f"{policy.retries} {'retry' if policy.retries == 1 else 'retries'}"
-            reason = f"{policy.attempts} attempt(s) allowed: the first and {retries}"
-        elif policy.deadline is not None:
-            remaining = policy.deadline - (policy.clock() - started)
-            if remaining <= delay:
-                reason = f"deadline of {policy.deadline:g} s reached"
+        reason = give_up_reason(policy, number, started, delay)
         if reason:
             stats.count("exhausted")
-            raw_oid = getattr(cause, "oid", None)
-            path = locate(raw_oid) if locate is not None and raw_oid is not None else None
-            raise RetriesExhausted(number, oid, class_name, reason, path) from cause
+            raise exhausted(number, cause, reason, locate)
         stats.count("retries")
         policy.sleep(delay)

@@ -38,6 +38,9 @@ DEFAULT_LISTEN = "127.0.0.1:8100"
 #: The storage name ZEO clients ask for by default (``ClientStorage(storage='1')``).
 STORAGE_NAME = "1"
 
+#: The durability modes ``snaptree serve`` offers; the first is its default.
+SERVE_DURABILITY = ("commit", "relaxed")
+
 #: How far past the highest stored oid a starting server moves its oid counter
 #: (see :func:`_skip_oids_handed_out_before`).
 OID_SKIP = 1 << 24
@@ -105,7 +108,11 @@ class Server:
     """A ZEO server for one FileStorage, running on its own thread from start() to stop().
 
     ``listen`` port 0 picks a free port; :attr:`address` and :attr:`uri` say
-    which once :meth:`start` returns.
+    which once :meth:`start` returns. ``durability`` is ``"commit"`` (an
+    fsync per commit, before the client hears it committed) or
+    ``"relaxed"`` (fsynced every ``sync_every`` seconds: a machine crash may
+    lose that window, a killed server nothing); ``"group"`` is refused, see
+    :data:`SERVE_DURABILITY`.
     """
 
     def __init__(
@@ -115,7 +122,18 @@ class Server:
         *,
         tls: TLSOptions | None = None,
         read_only: bool = False,
+        durability: str | None = None,
+        sync_every: float | None = None,
     ) -> None:
+        if durability is not None and durability not in SERVE_DURABILITY:
+            raise ArgumentError(
+                f"snaptree serve offers durability {' or '.join(SERVE_DURABILITY)}, not "
+                f"{durability!r}: ZEO runs every commit on one thread and answers the "
+                "client when the storage returns, so there is no fsync to share between "
+                "commits (group commit would need ZEO to hold answers and invalidations "
+                "back until the fsync); relaxed gives the throughput, commit the guarantee"
+            )
+        self._durability = uris.Durability(durability or "commit", sync_every)
         resolved = uris.resolve(db)
         if resolved.scheme != "file" or resolved.file_path is None:
             raise ArgumentError(
@@ -175,14 +193,15 @@ class Server:
             self.path,
             self.uri,
             " with TLS" if context else "",
-            " (read-only)" if self._read_only else "",
+            " (read-only)" if self._read_only else f", durability {storage.durability}",
         )
         return self.address
 
     def _open_storage(self) -> Any:
-        storage_uri = f"file://{self.path}" + ("?read_only=1" if self._read_only else "")
         try:
-            storage = uris.resolve(storage_uri).factory()
+            storage = uris.resolve(
+                self.path, read_only=self._read_only, durability=self._durability
+            ).factory()
             if not self._read_only:
                 _skip_oids_handed_out_before(storage)
             return storage
@@ -270,6 +289,8 @@ def serve(
     tls: TLSOptions | None = None,
     read_only: bool = False,
     on_listening: Callable[[Server], None] | None = None,
+    durability: str | None = None,
+    sync_every: float | None = None,
 ) -> None:
     """Serve *db* over ZEO until SIGINT or SIGTERM, then stop cleanly. Main thread only.
 
@@ -285,7 +306,9 @@ def serve(
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server = Server(db, listen, tls=tls, read_only=read_only)
+        server = Server(
+            db, listen, tls=tls, read_only=read_only, durability=durability, sync_every=sync_every
+        )
         server.start()
         try:
             if on_listening is not None:

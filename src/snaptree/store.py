@@ -1,12 +1,9 @@
 """Opening a store, and running code against it in transactions and snapshots.
 
-A write call (``run``, ``transactional``, ``transaction``) follows one path:
-the retry policy (:mod:`snaptree.retry`) decides the attempts; each attempt
-borrows a connection with its own transaction manager from the pool
-(:mod:`snaptree._pool`), calls the function on the tree's root under the
-guards that turn silent misuse into errors (:mod:`snaptree._guards`), reads
-its result to the end (:mod:`snaptree._results`), and commits; a transient
-failure is aborted and tried again.
+A write call (``run``, ``run_batched``, ``transactional``, ``transaction``)
+takes the path :mod:`snaptree._write_calls` describes: retried attempts on the
+thread's kept connection, the guards, the commit, the wait for the disk.
+Snapshots borrow a connection of their own from the pool for one block.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -24,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from persistent import Persistent
-from transaction.interfaces import TransientError
 from ZODB import DB
 from ZODB.Connection import Connection
 from ZODB.FileStorage import FileStorage
@@ -32,15 +27,17 @@ from ZODB.POSException import POSKeyError, ReadOnlyError
 
 from . import _history, paths
 from ._database import open_database
-from ._guards import CallGuard, GlobalTransactionGuard, NestedCallGuard
 from ._history import Point, parse_point, tid_time
 from ._pool import CLOSE_TIMEOUT, ConnectionPool
-from ._results import detach, refuse_deferred
+from ._results import refuse_deferred
 from ._storage_facts import btree_parts, keeps_history, visible_tid
-from .errors import ArgumentError, Error, MisuseError, OpenError, StoreClosedError
+from ._write_calls import CallAttempt as CallAttempt  # where synchronizers' tools look for it
+from ._write_calls import WriteCalls, replacement_error
+from .errors import ArgumentError, MisuseError, OpenError
 from .paths import ROOT_KEY
-from .retry import ConflictStats, Retry, RetryPolicy, is_transient, run_with_retries
+from .retry import ConflictStats, RetryPolicy
 from .tree import Mapping
+from .uris import Durability
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +53,6 @@ PATH_SEARCH_LIMIT = 100_000
 _HISTORY_LIMIT = 100_000
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class CallAttempt:
-    """One attempt of a retried write call (``run``, ``transactional``), told to synchronizers.
-
-    The store attaches it to the attempt's transaction before calling the
-    function: ``txn.data(CallAttempt)`` (``transaction``'s public per-transaction
-    data; a ``store.transaction()`` block, which is never retried, has none).
-    A data manager joined by a registered synchronizer reads it at commit to
-    know which function the commit belongs to and whether a retry is left:
-    how ``snaptree.testing`` forces conflicts on chosen calls only.
-    """
-
-    function: Callable[..., Any]
-    number: int  # 1 for the first attempt
-    attempts: int  # attempts the call's retry policy allows in all
 
 
 @dataclass(frozen=True)
@@ -111,9 +91,12 @@ class Store:
         self.pool_timeout = pool_timeout
         self._pool = ConnectionPool(db, source=source, size=pool_size, timeout=pool_timeout)
         self._stats = ConflictStats()
-        self._nesting = NestedCallGuard()
-        self._synchronizers: list[Any] = []
-        self._synchronizers_lock = threading.Lock()
+        self._plain_function: Any = None  # the last function run() found to be plain
+        # What a write call waits for before it returns: the disk (durability
+        # "commit", "group"), or nothing ("relaxed", and storages snaptree
+        # does not make durable itself).
+        durable = db.storage if self.durability in ("commit", "group") else None
+        self._writes = WriteCalls(self._pool, self._stats, durable, self._locate)
 
     @property
     def shareable_uri(self) -> str | None:
@@ -131,103 +114,54 @@ class Store:
 
     # -- writing ---------------------------------------------------------------
 
-    def _write_lease(self) -> AbstractContextManager[tuple[Any, Any]]:
-        """A connection for a write call, with the registered synchronizers."""
-        with self._synchronizers_lock:
-            synchronizers = list(self._synchronizers)
-        return self._pool.lease(synchronizers=synchronizers)
+    @property
+    def durability(self) -> str | None:
+        """How commits reach the disk: "commit", "group", "relaxed" (None: not snaptree's choice).
 
-    def _commit(self, tm: Any, guard: CallGuard) -> None:
-        """Commit the call's transaction, unless the database is being closed."""
-        with self._pool.committing():
-            guard.ending = True
-            tm.commit()
-
-    def _failure(self, exc: Exception, guard: CallGuard | None) -> Exception | None:
-        """The error a failed call should raise instead of *exc*, if any.
-
-        When close() gave up waiting and closed the database under the call,
-        whatever the call ran into (ZODB's closing aborts its transaction
-        from the closing thread) is reported as the store being closed.
+        A FileStorage opened for writing has a mode (docs/store.md); memory://,
+        a read-only file and servers (ZEO, PostgreSQL) have none.
         """
-        if isinstance(exc, StoreClosedError):
-            return None
-        if self._pool.closed:
-            error: Exception = self._pool.closed_error()
-        elif isinstance(exc, Error):
-            return None
-        elif guard is not None and guard.misuse:
-            error = guard.error()
-        else:
-            return None
-        error.__cause__ = exc
-        return error
+        return getattr(self.db.storage, "durability", None)
 
-    def _attempt(
-        self,
-        fn: Callable[..., R],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        root_key: str | None = ROOT_KEY,
-        attempt: CallAttempt | None = None,
-    ) -> R:
-        """One attempt: begin, call, commit; a transient failure becomes ``Retry``.
+    def sync(self) -> None:
+        """Make every commit so far durable: what ``relaxed`` otherwise leaves to its window.
 
-        ``root_key=None`` hands ``fn`` ZODB's own root (only for creating the tree).
+        A no-op where everything is on disk already, or where snaptree does
+        not decide durability. Raises DurabilityError if an fsync failed.
         """
-        with self._write_lease() as (conn, tm):
-            guard = CallGuard(tm)
-            txn = None
-            try:
-                # Beginning can fail transiently too: with ZEO's server_sync the
-                # begin pings a server that may be restarting.
-                txn = tm.begin()
-                if attempt is not None:
-                    txn.set_data(CallAttempt, attempt)
-                root = conn.root()
-                with GlobalTransactionGuard():
-                    result = fn(root if root_key is None else root[root_key], *args, **kwargs)
-                guard.check()
-                result = detach(result)
-                guard.check()  # reading a returned iterator ran the user's code too
-                self._commit(tm, guard)
-            except Exception as exc:
-                replacement = self._failure(exc, guard)
-                if replacement is not None:
-                    raise replacement from exc
-                if is_transient(exc, tm, txn):
-                    raise Retry(exc) from exc
-                raise
-        self._stats.count("commits")
-        return result
+        self._pool.check_open()
+        if self.durability is not None:
+            self.db.storage.make_durable()
 
     def run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(root, *args, **kwargs)`` in a transaction and commit, retrying conflicts.
 
-        ``fn`` may run several times, so it should only change the tree (no
-        side effects outside it). Its return value is returned, read to the
-        end inside the transaction: nodes come back as plain copies, views
+        Returns what ``fn`` returns, read inside the transaction: persistent
+        nodes become plain copies (dict, list, set, Counter), and views
         and iterators over them as views and iterators over plain copies,
         since live persistent objects must not outlive their transaction.
         A generator or coroutine (function) is refused: it would run after
-        the transaction.
+        the transaction. The call returns once its commit is as durable as
+        the store's mode promises (:attr:`durability`).
+        """
+        if fn is not self._plain_function:  # the last one checked: calls repeat themselves
+            refuse_deferred(fn)
+            self._plain_function = fn
+        return self._writes.run(fn, args, kwargs, self.retry_policy)
+
+    def run_batched(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Like :meth:`run`, but committed together with other threads' batched calls.
+
+        Calls that arrive while one is being committed are run one after
+        another, in arrival order, by one of the calling threads, in one
+        transaction with one commit and one fsync: writes then scale with
+        threads where separate commits cannot (docs/store.md, "Batched
+        calls"). Each caller still gets its own return value or its own
+        exception, and its own retries. ``fn`` runs on another thread,
+        in a copy of the caller's ``contextvars`` context.
         """
         refuse_deferred(fn)
-        return self._run(fn, args, kwargs, self.retry_policy)
-
-    def _run(self, fn: Callable[..., R], args: tuple, kwargs: dict, policy: RetryPolicy) -> R:
-        self._pool.check_open()
-        numbers = itertools.count(1)
-        with self._nesting.outermost():
-            return run_with_retries(
-                lambda: self._attempt(
-                    fn, args, kwargs, attempt=CallAttempt(fn, next(numbers), policy.attempts)
-                ),
-                policy,
-                self._stats,
-                self._locate,
-            )
+        return self._writes.run_batched(fn, args, kwargs, self.retry_policy)
 
     def transactional(
         self,
@@ -235,12 +169,14 @@ class Store:
         *,
         retries: int | None = None,
         deadline: float | None = None,
+        batched: bool = False,
     ) -> Any:
         """Decorator form of :meth:`run`: ``@store.transactional(retries=20)``.
 
         ``retries`` is how many times a conflicting call is tried again after
         its first attempt (0: never); the default is the store's policy.
-        ``deadline`` bounds the whole call, in seconds.
+        ``deadline`` bounds the whole call, in seconds. ``batched=True``
+        runs each call as :meth:`run_batched` does.
         """
         policy = self.retry_policy
         if retries is not None:
@@ -252,63 +188,44 @@ class Store:
             policy = dataclasses.replace(policy, attempts=retries + 1)
         if deadline is not None:
             policy = dataclasses.replace(policy, deadline=deadline)
+        call = self._writes.run_batched if batched else self._writes.run
 
         def decorate(func: Callable[..., R]) -> Callable[..., R]:
             refuse_deferred(func)
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> R:
-                return self._run(func, args, kwargs, policy)
+                return call(func, args, kwargs, policy)
 
             return wrapper
 
         return decorate(fn) if fn is not None else decorate
 
-    @contextmanager
-    def transaction(self) -> Iterator[Mapping]:
+    def transaction(self) -> AbstractContextManager[Mapping]:
         """A block that runs exactly once: commit on success, abort on exception.
 
         There is no retry: a conflict at commit propagates (as a ZODB
-        ConflictError). Use :meth:`run` for retried work.
+        ConflictError). Use :meth:`run` for retried work. The block ends
+        once its commit is as durable as the store's mode promises.
         """
         self._pool.check_open()
-        with self._nesting.outermost(), self._write_lease() as (conn, tm):
-            guard = CallGuard(tm)
-            try:
-                tm.begin()
-                with GlobalTransactionGuard():
-                    yield conn.root()[ROOT_KEY]
-                guard.check()
-                self._commit(tm, guard)
-            except TransientError as exc:
-                self._stats.count("conflicts", getattr(exc, "get_class_name", lambda: None)())
-                raise
-            except Exception as exc:
-                replacement = self._failure(exc, guard)
-                if replacement is not None:
-                    raise replacement from exc
-                raise
-        self._stats.count("commits")
+        return self._writes.transaction()
 
     def register_synchronizer(self, synchronizer: Any) -> None:
         """Register a ``transaction`` ISynchronizer with every later write call's transaction.
 
-        Each call of run/transactional/transaction gets its own transaction
-        manager; *synchronizer* is registered with it before its transaction
+        Each call of run/transactional/transaction runs on a transaction
+        manager of its own (kept by its thread between calls);
+        *synchronizer* is registered with it before the call's transaction
         begins, so ``newTransaction(txn)`` can join a data manager to the
         call's transaction (how a test kit forces a conflict at commit
         through the store's real retry path). Snapshots do not get it.
         """
-        with self._synchronizers_lock:
-            if synchronizer not in self._synchronizers:
-                self._synchronizers.append(synchronizer)
+        self._writes.register_synchronizer(synchronizer)
 
     def unregister_synchronizer(self, synchronizer: Any) -> None:
         """Stop registering *synchronizer* with new calls (calls under way keep it)."""
-        with self._synchronizers_lock:
-            if synchronizer not in self._synchronizers:
-                raise ArgumentError(f"{synchronizer!r} is not registered with this store")
-            self._synchronizers.remove(synchronizer)
+        self._writes.unregister_synchronizer(synchronizer)
 
     # -- reading ---------------------------------------------------------------
 
@@ -348,7 +265,7 @@ class Store:
                     assert at is not None
                     raise _history.packed_away(self.source, at, point, exc) from exc
                 except Exception as exc:
-                    replacement = self._failure(exc, None)
+                    replacement = replacement_error(self._pool, exc, None, None)
                     if replacement is not None:
                         raise replacement from exc
                     raise
@@ -411,20 +328,38 @@ class Store:
     ) -> Any:
         """Write one committed snapshot of the tree to *path*. See snaptree.exports.
 
-        ``format=None`` takes the format from the file name's suffix.
+        ``format=None`` takes the format from the file name's suffix;
+        ``compress="zstd"`` compresses it (``dump.pickle.zst``). Repeated
+        pickle exports reuse what the previous one wrote for every node that
+        did not change, once the tree is seen to fit the connections' cache
+        (the store keeps the fragments; ``fragments=None`` keeps none).
         """
-        from .exports import export
+        from .exports import FragmentCaches, export
 
         self._pool.check_open()
+        if "fragments" not in options:
+            # Kept for the store's life; created on the first export (a Store that
+            # never exports pays nothing). Two threads racing here keep one of two.
+            kept = self.__dict__.get("_export_fragments")
+            if kept is None:
+                kept = self.__dict__["_export_fragments"] = FragmentCaches(when_cached=True)
+            options["fragments"] = kept
         return export(self, path, format=format, at=at, subtree=subtree, **options)
 
     def stats(self) -> dict[str, Any]:
-        """Commits, conflicts, retries, exhausted calls, and the classes that conflict most."""
+        """Commits, conflicts, retries, exhausted calls, connections, the most conflicting classes.
+
+        ``connections_open`` counts the connections calls hold now (ZODB's
+        open connections but the ones kept idle by threads between calls,
+        ``connections_kept``); ``batches`` the transactions that committed
+        batched calls (``commits`` counts calls).
+        """
         self._pool.check_open()
-        stats = self._stats.snapshot()
-        stats["connections_open"] = sum(
-            1 for info in self.db.connectionDebugInfo() if info["opened"]
-        )
+        stats = {"commits": self._pool.commits(), **self._stats.snapshot()}
+        kept = self._pool.kept()
+        opened = sum(1 for info in self.db.connectionDebugInfo() if info["opened"])
+        stats["connections_open"] = opened - kept
+        stats["connections_kept"] = kept
         return stats
 
     def last_tid(self) -> str:
@@ -448,7 +383,7 @@ class Store:
         is never cut off in the middle: ``close`` waits up to COMMIT_WAIT more
         seconds for it. Closing twice is harmless.
         """
-        self._pool.close(timeout)
+        self._pool.close(timeout, in_call=self._writes.inside())
 
     def _create_root(self) -> None:
         """Create the tree's root mapping on first use (retried: two processes may race)."""
@@ -458,11 +393,7 @@ class Store:
                 zodb_root[ROOT_KEY] = Mapping()
 
         try:
-            run_with_retries(
-                lambda: self._attempt(create, (), {}, root_key=None),
-                self.retry_policy,
-                self._stats,
-            )
+            self._writes.run(create, (), {}, self.retry_policy, root_key=None)
         except ReadOnlyError:
             raise OpenError(f"{self.source} is read-only and holds no snaptree tree yet") from None
 
@@ -509,6 +440,9 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     cache_size: int | None = None,
     retry: RetryPolicy | None = None,
     read_only: bool = False,
+    durability: str | None = None,
+    sync_every: float | None = None,
+    save_index_every: int | None = None,
 ) -> Store:
     """Open the store at *uri*: a path, file://, memory://, zeo://, postgresql:// or zconfig://.
 
@@ -517,6 +451,18 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
     up to ``pool_timeout`` seconds for a free one. ``cache_size`` is each
     connection's object cache, in objects (DEFAULT_CACHE_SIZE unless the
     URI or this argument says otherwise).
+
+    A FileStorage opened for writing makes commits durable as
+    ``durability`` says: ``"commit"`` (an fsync per commit), ``"group"``
+    (the default: a call still returns only once its commit is on disk,
+    and commits waiting for the disk share one fsync) or ``"relaxed"``
+    (fsynced in the background every ``sync_every`` seconds, 0.05 by
+    default: a machine crash may lose that window, a killed process
+    nothing). Its index file is saved whenever ``save_index_every`` bytes
+    were committed since the last save (16 MiB by default, 0: only at
+    close), so that another process opening the file reads little of it.
+    A ``file://`` URI may carry the same settings (``?durability=relaxed``);
+    these arguments win. docs/store.md says what each mode costs and risks.
     """
     if pool_size < 1:
         raise ArgumentError(f"pool_size must be at least 1, not {pool_size}")
@@ -526,6 +472,7 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
         pool_size=pool_size,
         cache_size=cache_size,
         default_cache_size=DEFAULT_CACHE_SIZE,
+        durability=Durability(durability, sync_every, save_index_every),
     )
     store = Store(
         database.db,

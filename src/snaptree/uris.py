@@ -32,6 +32,7 @@ Two resolvers needed more than an alias:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import zodburi
 from zodburi.datatypes import convert_bytesize
 
-from .errors import OpenError, StoreUnavailableError
+from .errors import ArgumentError, OpenError, StoreUnavailableError
 
 DEFAULT_PATH = Path("data") / "snaptree.fs"
 ENV_VAR = "SNAPTREE_DB"
@@ -145,8 +146,35 @@ def _file_uri(path: str) -> str:
     return "file://" + os.path.abspath(os.path.expanduser(path))
 
 
-def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = True) -> Resolved:
-    """Resolve *uri* (or the default) to a storage factory, checking what can be checked early."""
+@dataclass(frozen=True)
+class Durability:
+    """How a writable FileStorage makes commits durable (see snaptree._durable_file).
+
+    ``None`` leaves a setting to the URI's query, else to the default.
+    """
+
+    durability: str | None = None
+    sync_every: float | None = None
+    save_index_every: int | None = None
+
+    def given(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+
+def resolve(
+    uri: str | os.PathLike[str] | None,
+    *,
+    create_default_dir: bool = True,
+    read_only: bool = False,
+    durability: Durability | None = None,
+) -> Resolved:
+    """Resolve *uri* (or the default) to a storage factory, checking what can be checked early.
+
+    *read_only* and *durability* (the caller's own settings, which win over
+    the URI's) apply to FileStorage; a memory:// store has nothing to make
+    durable and ignores them, and servers (zeo://, postgresql://) decide
+    durability themselves, so asking them for one is an ArgumentError.
+    """
     if uri is None:
         uri = default_uri()
         if create_default_dir and "://" not in uri:
@@ -170,9 +198,16 @@ def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = Tr
             "(@ as %40, # as %23, / as %2F, ? as %3F, % as %25)"
         )
 
+    durability = durability or Durability()
     file_path = None
     if scheme == "memory":
         return Resolved(_memory_factory(uri), {}, display, scheme)
+    if durability.given() and scheme != "file":
+        raise ArgumentError(
+            f"durability settings apply to a FileStorage, not to {display}: a ZEO server "
+            "chooses its own (`snaptree serve --durability`), PostgreSQL has "
+            "synchronous_commit"
+        )
     if scheme == "file":
         file_path = Path(uri[len("file://") :].split("?", 1)[0])
         if not file_path.parent.is_dir():
@@ -183,17 +218,106 @@ def resolve(uri: str | os.PathLike[str] | None, *, create_default_dir: bool = Tr
         if file_path.is_dir():
             raise OpenError(f"cannot open {display}: it is a directory; name a file inside it")
     try:
-        if scheme == "postgres":
+        if scheme == "file":
+            factory, db_kwargs = _resolve_file(uri, display, read_only, durability)
+        elif scheme == "postgres":
             factory, db_kwargs = _resolve_postgres(uri, display)
         else:
             factory, db_kwargs = (
                 _resolve_zeo(uri, display) if scheme == "zeo" else zodburi.resolve_uri(uri)
             )
-    except OpenError:
+    except (OpenError, ArgumentError):
         raise
     except Exception as exc:  # zodburi and RelStorage raise all sorts, with the raw URI in them
         raise OpenError(f"cannot open {display}: {scrub(str(exc), uri)}") from None
     return Resolved(factory, db_kwargs, display, scheme, file_path)
+
+
+#: The FileStorage options a file:// URI may carry besides the durability settings.
+_FILE_OPTIONS = "create, read_only, quota, blobstorage_dir, blobstorage_layout"
+_FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False}
+_FLAGS.update({"false": False, "no": False, "": False})
+
+
+def _resolve_file(
+    uri: str, display: str, read_only: bool, given: Durability
+) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """A FileStorage factory: read-only as ZODB has it, writable with a durability mode.
+
+    Not zodburi's resolver: it builds a plain FileStorage, and knows
+    nothing of durability (``?durability=relaxed&sync_every=0.05``; the
+    caller's own settings win over the URI's).
+    """
+    from ._durable_file import (
+        DEFAULT_DURABILITY,
+        DEFAULT_SAVE_INDEX_EVERY,
+        DEFAULT_SYNC_EVERY,
+        check_durability,
+    )
+
+    path, _, query = uri[len("file://") :].partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+
+    def flag(name: str) -> bool:
+        value = options.pop(name, "0").strip().lower()
+        if value not in _FLAGS:
+            raise OpenError(f"cannot open {display}: {name} must be 0 or 1, not {value!r}")
+        return _FLAGS[value]
+
+    def number(name: str, convert: Callable[[str], Any], default: Any) -> Any:
+        value = options.pop(name, None)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError:
+            raise OpenError(f"cannot open {display}: {name}={value!r} is not a number") from None
+
+    read_only = flag("read_only") or read_only
+    storage_kw: dict[str, Any] = {"create": flag("create")}
+    quota = number("quota", convert_bytesize, None)
+    if quota is not None:
+        storage_kw["quota"] = quota
+    blob_dir = options.pop("blobstorage_dir", None)
+    blob_layout = options.pop("blobstorage_layout", "automatic")
+    if options.pop("demostorage", None) is not None:
+        raise OpenError(f"cannot open {display}: demostorage is not supported; use demo://")
+    in_uri = {
+        "durability": options.pop("durability", DEFAULT_DURABILITY),
+        "sync_every": number("sync_every", float, DEFAULT_SYNC_EVERY),
+        "save_index_every": number("save_index_every", convert_bytesize, DEFAULT_SAVE_INDEX_EVERY),
+    }
+    try:
+        check_durability(**in_uri)
+    except ArgumentError as exc:
+        raise OpenError(f"cannot open {display}: {exc}") from None
+    settings = {
+        name: in_uri[name] if value is None else value
+        for name, value in dataclasses.asdict(given).items()
+    }
+    check_durability(**settings)
+    db_kwargs = _db_kwargs(
+        options,
+        display,
+        f"FileStorage options ({_FILE_OPTIONS}, durability, sync_every, save_index_every)",
+    )
+
+    def factory() -> Any:
+        from ZODB.FileStorage import FileStorage
+
+        from ._durable_file import DurableFileStorage
+
+        if read_only:
+            storage = FileStorage(path, read_only=True)
+        else:
+            storage = DurableFileStorage(path, **storage_kw, **settings)
+        if blob_dir is None:
+            return storage
+        from ZODB.blob import BlobStorage
+
+        return BlobStorage(blob_dir, storage, layout=blob_layout)
+
+    return factory, db_kwargs
 
 
 def _memory_factory(uri: str) -> Callable[[], Any]:

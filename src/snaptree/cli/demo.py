@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import demo as demo_module
 from ..store import open as open_store
-from .options import db_option
+from .options import db_option, durability_options
 
 
 @click.command("demo")
@@ -44,6 +45,7 @@ from .options import db_option
     help="Instead, run the original design (plain dicts + pickle.dump), its two usual "
     "workarounds and snaptree side by side, and print a table.",
 )
+@durability_options
 def demo_command(
     db: str | None,
     sample: Path,
@@ -52,6 +54,7 @@ def demo_command(
     writers: int,
     export_dir: Path,
     compare: bool,
+    durability: dict[str, Any],
 ) -> None:
     """Import a model, then threads transfer money while an exporter writes consistent dumps.
 
@@ -71,7 +74,7 @@ def demo_command(
         from ..demo.compare import main as compare_main
 
         raise SystemExit(compare_main(["--seconds", str(seconds), "--writers", str(writers)]))
-    with open_store(db) as store:
+    with open_store(db, **durability) as store:
         click.echo(f"store: {store.source}; exports: {export_dir}/", err=True)
         result = demo_module.run_demo(
             store,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..errors import ArgumentError
 from ..server import DEFAULT_LISTEN, Server, TLSOptions, parse_listen, serve
+from .options import durability_options
 
 _path = click.Path(dir_okay=False, path_type=Path)
 
@@ -47,6 +49,7 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "with TLS: ZEO only accepts clients with a certificate).",
 )
 @click.option("--read-only", is_flag=True, help="Refuse every write.")
+@durability_options
 def serve_command(
     db: str | None,
     listen: str,
@@ -54,11 +57,14 @@ def serve_command(
     tls_key: Path | None,
     tls_authenticate: Path | None,
     read_only: bool,
+    durability: dict[str, Any],
 ) -> None:
     """Serve a FileStorage over ZEO so that several processes can share the tree.
 
     Prints the URI to open (zeo://HOST:PORT) on stdout once it listens, logs
-    on stderr, and stops cleanly on Ctrl-C or SIGTERM.
+    on stderr, and stops cleanly on Ctrl-C or SIGTERM. --durability is
+    commit (the default: an fsync per commit) or relaxed; group is refused
+    (ZEO commits on one thread: there is no fsync to share).
 
     Example:
 
@@ -79,7 +85,7 @@ def serve_command(
     def announce(server: Server) -> None:
         click.echo(server.uri)
 
-    serve(db, listen, tls=tls, read_only=read_only, on_listening=announce)
+    serve(db, listen, tls=tls, read_only=read_only, on_listening=announce, **durability)
 
 
 commands = [serve_command]
