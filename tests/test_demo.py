@@ -6,6 +6,8 @@ import pickle
 import re
 from pathlib import Path
 
+import pytest
+
 import snaptree
 from _cli import snaptree as run_snaptree
 from snaptree.demo import transfers as demo
@@ -13,6 +15,7 @@ from snaptree.demo import transfers as demo
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_model.json"
 
 
+@pytest.mark.slow
 def test_demo_imports_the_sample_model_once_and_keeps_its_total(tmp_path):
     with snaptree.open(str(tmp_path / "Data.fs")) as store:
         first = demo.run_demo(store, tmp_path / "exports", sample=SAMPLE, seconds=0.5, every=0.2)
@@ -34,6 +37,8 @@ def test_demo_command_dumps_consistently_while_writers_run_and_exits_0(tmp_path,
     transfers = re.search(r"writer threads made (\d+) transfers", outcome.stdout)
     assert transfers and int(transfers[1]) > 0, outcome.stdout
     assert "result: OK" in outcome.stdout  # every dump and the final state balance
+    # what the exporter was asked for and what it got, as a user would see it
+    assert re.search(r"exports: asked for one every 0\.5 s, wrote [1-9]\d* in ", outcome.stdout)
     assert (tmp_path / "data" / "snaptree.fs").is_file()  # the embedded default
     dumps = list((tmp_path / "data" / "exports").glob("snaptree-*.pickle"))
     assert dumps

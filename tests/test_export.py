@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 import transaction
@@ -692,3 +693,50 @@ def test_a_node_shared_in_two_places_exports_as_two_equal_copies(store, tmp_path
     for info in (one_off, reused):
         assert _load(info) == plain
         assert info.objects == one_off.objects
+
+
+def _fsyncs_and_renames(store: snaptree.Store, target: Any, monkeypatch: Any) -> tuple:
+    """The fsyncs (by file) and renames (by target) of one export, in order, and its info."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        info = store.export(target)
+    finally:
+        monkeypatch.undo()
+    return events, info
+
+
+def test_a_commit_not_yet_durable_is_fsynced_before_a_dump_of_it_is_published(
+    tmp_path, monkeypatch
+):
+    """A commit may be visible before it is durable (relaxed or group durability): the data
+    file is fsynced after the snapshot and before the dump is renamed into place, so no dump
+    outlives a machine crash that takes back a commit it holds. A process that only reads
+    the file (the exporter process runs the same export_snapshot) fsyncs it itself; in
+    commit mode every visible commit is on disk already."""
+    db = tmp_path / "Data.fs"
+    with snaptree.open(str(db), durability="relaxed", sync_every=3600) as store:
+        store.run(lambda root: root.__setitem__("v", 1))
+        events, info = _fsyncs_and_renames(store, tmp_path / "relaxed.pickle", monkeypatch)
+        synced = events.index(("fsync", str(db)))
+        assert synced < events.index(("replace", str(info.manifest_path)))
+        assert synced < events.index(("replace", str(info.path)))
+        with snaptree.open(str(db), read_only=True) as reader:
+            events, info = _fsyncs_and_renames(reader, tmp_path / "reader.pickle", monkeypatch)
+        assert events.index(("fsync", str(db))) < events.index(("replace", str(info.path)))
+    with snaptree.open(str(db), durability="commit") as store:
+        store.run(lambda root: root.__setitem__("v", 2))
+        events, info = _fsyncs_and_renames(store, tmp_path / "commit.pickle", monkeypatch)
+    assert ("fsync", str(db)) not in events  # the dump's own fsyncs still happen:
+    assert ("fsync", str(tmp_path)) in events and ("replace", str(info.path)) in events

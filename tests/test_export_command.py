@@ -78,15 +78,18 @@ def test_export_command_on_a_live_file_logs_no_stale_index_warning(tmp_path):
     [
         (["--every", "-1"], "every must be between"),
         (["--every", "1e12"], "every must be between"),
-        (["--keep", "0"], "keep must be between"),
+        (["--keep", "0"], "keep must be between 1 and 100000, not 0"),
+        (["--keep-weekly", "0"], "keep weekly must be between 1 and 100000, not 0"),
         (["--keep", "3"], "--keep needs --dir"),
+        (["--keep-daily", "3"], "so does every --keep-* option"),
+        (["--keep-within", "3 days"], "is not a duration"),
         ([], "exactly one of -o FILE or --dir DIR"),
         (["--every", "5", "--at", "040d41d07e885dbb"], "--at exports one past state"),
     ],
 )
 def test_export_command_usage_errors_exit_2(db_file, tmp_path, args, message):
     target = [] if args == [] else ["-o", str(tmp_path / "x.pickle")]
-    if "--keep" in args and "0" in args:
+    if args[:1] and args[0].startswith("--keep") and "0" in args:
         target = ["--dir", str(tmp_path)]
     result = run_snaptree("export", "--db", db_file, *target, *args)
     assert result.returncode == 2

@@ -176,6 +176,7 @@ def test_every_kind_of_change_shows_in_the_next_warm_export(store, tmp_path, war
         assert snaptree.verify(info.path).sha256 == info.sha256
 
 
+@pytest.mark.slow
 def test_an_unchanged_tree_gives_the_same_bytes_and_object_count(file_store, tmp_path, warm):
     """Reuse changes nothing in the file: same bytes, same count as a cold export."""
     file_store.run(_fill)
@@ -185,6 +186,7 @@ def test_an_unchanged_tree_gives_the_same_bytes_and_object_count(file_store, tmp
     assert again.sha256 == cold.sha256 and again.objects == cold.objects
 
 
+@pytest.mark.slow
 def test_warm_and_cold_exports_write_the_same_file(file_store, tmp_path, warm):
     """After a change, the warm export's bytes are exactly those a cold export writes."""
     file_store.run(_fill)
@@ -331,5 +333,38 @@ def test_a_set_of_many_objects_of_yours_is_written_in_parts(tmp_path, warm):
         for name in ("1.pickle", "2.pickle"):
             info = store.export(tmp_path / name, fragments=warm)
             assert _loaded(info.path) == {"tags": tags, "small": {"x", 1}}
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_repeated_store_exports_reuse_fragments_once_the_tree_fits_the_cache(tmp_path):
+    """store.export() keeps its own fragments: the 1st writes plainly, the 2nd builds them,
+    later ones reuse them, and every dump is exact."""
+    store = snaptree.open(str(tmp_path / "Data.fs"), cache_size=100_000)
+    try:
+        store.run(_fill)
+        edits = [_deep_leaf, _add_keys, _change_neighbours, _change_list, _delete_keys]
+        for round_, edit in enumerate([None, *edits]):
+            if edit is not None:
+                store.run(edit)
+            info = store.export(tmp_path / "d.pickle")
+            assert _loaded(info.path) == _expected(store, info.tid), f"round {round_}"
+            kept = store._export_fragments.entries()  # the store's own, not part of the API
+            assert (kept > 0) == (round_ >= 1)
+        info = store.export(tmp_path / "n.pickle", fragments=None)
+        assert _loaded(info.path) == _expected(store, info.tid)
+    finally:
+        store.close()
+
+
+def test_a_store_whose_cache_cannot_hold_the_tree_keeps_no_fragments(tmp_path):
+    """Fragments of a tree the cache cannot hold would save nothing: it is loaded anyway."""
+    store = snaptree.open(str(tmp_path / "Data.fs"), cache_size=1000)
+    try:
+        store.run(lambda root: root.__setitem__("a", {i: {"b": i} for i in range(2000)}))
+        for _ in range(3):
+            store.export(tmp_path / "d.pickle")
+        assert store._export_fragments.entries() == 0
     finally:
         store.close()

@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -39,14 +38,8 @@ def test_interval_and_retention_are_validated():
     for bad in (0, -3, 10**9, 2.5, True):
         with pytest.raises(ValueError, match="keep must be"):
             retention.check_keep(bad)
-    assert schedule.check_every(0) == 0 and retention.check_keep(3) == 3
-
-
-def test_retention_deletes_only_the_oldest_beyond_keep():
-    dumps = [Path(f"d{i}") for i in range(5)]
-    assert retention.dumps_to_delete(dumps, 2) == dumps[:3]
-    assert retention.dumps_to_delete(dumps, 9) == []
-    assert retention.dumps_to_delete(dumps, None) == []
+    assert schedule.check_every(0) == 0
+    assert retention.check_keep(3) == retention.Retention(last=3)
 
 
 def test_dump_names_carry_utc_time_and_tid_and_sort_in_commit_order():
@@ -140,10 +133,10 @@ def test_back_to_back_runs_do_not_spin_when_idle_or_failing():
         schedule.run_periodically(run_once, every=0, stop=stop, flush_share=0)
 
 
-def test_a_schedule_stretched_by_pacing_says_so(caplog):
-    """every=1 with 10 ms of fsync per export: the next starts 4 s later, and a line says why."""
+def test_a_schedule_stretched_by_pacing_warns_once_with_the_interval_it_keeps(caplog):
+    """every=1 with 10 ms of fsync per export: the next starts 4 s later; one WARNING says so."""
     now = [0.0]
-    stop = FakeStop(now, stop_after=2)
+    stop = FakeStop(now, stop_after=3)
     with caplog.at_level("INFO", logger="snaptree.schedule"):
         schedule.run_periodically(
             lambda: SimpleNamespace(flush_seconds=0.01, skipped=False),
@@ -152,8 +145,27 @@ def test_a_schedule_stretched_by_pacing_says_so(caplog):
             clock=lambda: now[0],
             flush_share=0.0025,
         )
+    assert stop.waits == [0, pytest.approx(4.0), pytest.approx(4.0), pytest.approx(4.0)]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, caplog.text
+    assert "exports every 1 s were asked for" in warnings[0].getMessage()
+    assert "can keep about one every 4.0 s here" in warnings[0].getMessage()
+    assert sum(r.levelname == "INFO" for r in caplog.records) == 2  # the later ones, with -v
+
+
+def test_back_to_back_exports_paced_by_their_fsyncs_do_not_warn(caplog):
+    """every=0 asks for no interval: pacing it is the design, not a broken promise."""
+    now = [0.0]
+    stop = FakeStop(now, stop_after=2)
+    with caplog.at_level("INFO", logger="snaptree.schedule"):
+        schedule.run_periodically(
+            lambda: SimpleNamespace(flush_seconds=0.01, skipped=False),
+            every=0,
+            stop=stop,
+            clock=lambda: now[0],
+        )
     assert stop.waits == [0, pytest.approx(4.0), pytest.approx(4.0)]
-    assert "starts 4.0 s after the last one, not 1 s" in caplog.text
+    assert not caplog.records
 
 
 def test_an_export_reports_its_fsync_time_but_keeps_it_out_of_the_manifest(store, tmp_path):

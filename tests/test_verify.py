@@ -133,3 +133,15 @@ def test_a_pickle_dump_with_bytes_after_its_end_is_refused(dumps):
     info.manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(VerifyError, match="bytes after the end of the pickle"):
         snaptree.verify(info.path)
+
+
+def test_verify_json_prints_one_object_when_the_dump_fails_too(dumps):
+    """--json: stdout carries JSON whatever happens; the error line stays on stderr."""
+    path = dumps["pickle"].path
+    path.write_bytes(path.read_bytes()[:-40])
+    result = run_snaptree("verify", path, "--json")
+    assert result.returncode == 3
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["path"] == str(path)
+    assert "truncated or was changed" in data["error"]
+    assert "truncated or was changed" in error_line(result)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and readers
     from .export_run import RunResult
     from .imports import ImportResult, load_source
     from .manifest import ExportInfo, verify
+    from .monitoring import DumpStatus, dump_status
+    from .retention import Retention, prune
     from .retry import RetryPolicy
     from .schedule import Exporter
     from .store import Snapshot, Store, open, read_current
@@ -45,6 +47,10 @@ _LAZY = {
     "load_source": "imports",
     "ExportInfo": "manifest",
     "verify": "manifest",
+    "DumpStatus": "monitoring",
+    "dump_status": "monitoring",
+    "Retention": "retention",
+    "prune": "retention",
     "RetryPolicy": "retry",
     "Exporter": "schedule",
     "Snapshot": "store",
@@ -81,6 +87,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ArgumentError",
     "Counter",
+    "DumpStatus",
     "DurabilityError",
     "Error",
     "ExportError",
@@ -93,6 +100,7 @@ __all__ = [
     "Mapping",
     "MisuseError",
     "OpenError",
+    "Retention",
     "RetriesExhausted",
     "RetryPolicy",
     "RunResult",
@@ -105,8 +113,10 @@ __all__ = [
     "VerifyError",
     "WrongThreadError",
     "__version__",
+    "dump_status",
     "load_source",
     "open",
+    "prune",
     "read_current",
     "to_persistent",
     "to_plain",

@@ -153,6 +153,24 @@ def replace_symlink(link: Path, target: str) -> None:
         raise ExportError(describe_os_error(exc, link)) from exc
 
 
+def replace_file(final: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write *data* under *final* atomically (a temporary file renamed over it), without fsync.
+
+    For small files rewritten often (a metrics file): readers never see a
+    part of one, and a crash may lose the newest version, which the next
+    write replaces anyway. ExportError, one line, if it cannot be written.
+    """
+    temp = temporary_path(final)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(temp, final)
+    except OSError as exc:
+        discard(temp)
+        raise ExportError(describe_os_error(exc, final)) from exc
+
+
 def discard(temp: Path) -> None:
     try:
         os.unlink(temp)

@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 from ._directory_lock import DirectoryLock
 from .errors import ExportError, one_line
 from .export_run import RunResult
+from .retention import Retention
 
 _LENGTH = 8
 #: How often a waiting parent checks that the child is alive and not cancelled.
@@ -134,7 +135,8 @@ class ExportProcess:
         self,
         *,
         subtree: str,
-        keep: int | None,
+        keep: Retention | None,
+        compress: str | None,
         force: bool,
         cancel: threading.Event | None = None,
     ) -> RunResult:
@@ -144,7 +146,7 @@ class ExportProcess:
         carries its pid, and the next run in that directory removes it) and
         Abandoned is raised.
         """
-        request = {"subtree": subtree, "keep": keep, "force": force}
+        request = {"subtree": subtree, "keep": keep, "compress": compress, "force": force}
         with self._one_call:
             if not self.alive():
                 raise ExportError(

@@ -19,7 +19,7 @@ from ZODB.broken import Broken
 from ZODB.Connection import Connection
 
 from ._atomic import HashingWriter
-from ._plain_nodes import NodeCount, broken_object_error
+from ._plain_nodes import NodeCount, Prefetcher, broken_object_error
 from .errors import ExportError, UnstorableValueError
 from .tree import Counter, FlatMapping, List, Mapping
 
@@ -31,7 +31,7 @@ _WRITE_EVERY = 1 << 16
 
 def write_json(node: Any, out: HashingWriter, connection: Connection, where: str) -> int:
     """Write *node* (the subtree *where*) to *out* as one JSON document; return nodes written."""
-    writer = _JsonWriter(out, NodeCount(connection, where, "json"))
+    writer = _JsonWriter(out, NodeCount(connection, where, "json"), Prefetcher(connection))
     try:
         writer.write(node, where.rstrip("/"))
     except RecursionError:
@@ -46,8 +46,9 @@ def write_json(node: Any, out: HashingWriter, connection: Connection, where: str
 class _JsonWriter:
     """Streams a tree as JSON; *path* arguments are where a value is, for error messages."""
 
-    def __init__(self, out: HashingWriter, count: NodeCount) -> None:
+    def __init__(self, out: HashingWriter, count: NodeCount, prefetcher: Prefetcher) -> None:
         self._out = out
+        self._prefetcher = prefetcher if prefetcher.enabled else None
         self._parts: list[str] = []
         self._size = 0
         self.count = count
@@ -104,9 +105,11 @@ class _JsonWriter:
                 self.count.add(value._p_oid)
             items = value.items()
             if isinstance(value, Mapping):
-                # Small leaf mappings (the common case: a record) go through
-                # the C encoder in one call; anything else item by item.
-                items = list(items) if len(value) <= 64 else items
+                if self._prefetcher is not None:
+                    items = self._prefetcher.items(value)
+                # Small leaf mappings (the common case: a record, one bucket held
+                # inline) go through the C encoder in one call; others item by item.
+                items = list(items) if _one_bucket(value) else items
                 if isinstance(items, list) and all(
                     type(v) in _JSON_SCALARS and type(k) in _JSON_KEYS for k, v in items
                 ):
@@ -134,6 +137,8 @@ class _JsonWriter:
             if isinstance(value, Persistent):
                 self.count.add(value._p_oid)
             self._emit("[")
+            if self._prefetcher is not None and isinstance(value, List):
+                value = self._prefetcher.values(value.data)
             for index, item in enumerate(value):
                 if index:
                     self._emit(",")
@@ -147,6 +152,12 @@ class _JsonWriter:
             self._emit(self._scalar(value.value, path))
         else:
             self._emit(self._scalar(value, path))
+
+
+def _one_bucket(mapping: Mapping) -> bool:
+    """Whether *mapping* (a BTree) is small: empty, or one bucket held in its own record."""
+    state = mapping.__getstate__()
+    return state is None or len(state) == 1
 
 
 def _encodes(text: str) -> bool:

@@ -72,7 +72,7 @@ from ._pickle_writer import (
     reduce_own_class,
     subclass_reducer,
 )
-from ._plain_nodes import NodeCount
+from ._plain_nodes import NodeCount, Prefetcher
 from .tree import Counter, FlatMapping, List, Mapping, Set
 
 _PROTO = b"\x80\x05"
@@ -92,6 +92,8 @@ _BATCH = 1000
 SEAL_NODES = 100
 #: Bytes gathered before they are handed to the file.
 _WRITE_EVERY = 1 << 18
+#: Pieces of a large node whose nodes are loaded in one go on a cold export (see Prefetcher).
+_PREFETCH_PIECES = 64
 #: Below every oid: the largest oid of an entry that holds none it can vouch for.
 _NO_OID = b"\0" * 8
 
@@ -151,10 +153,19 @@ class FragmentCaches:
     (``export(..., fragments=caches)``). Tables are keyed by connection
     because their entries hold that connection's objects; a connection that
     goes away takes its table with it.
+
+    ``when_cached=True`` is for a store's own repeated ``store.export()``
+    calls, which may be one-offs: fragments are kept only once an export has
+    shown that the tree fits the connection's cache (a tree that does not is
+    loaded again on every export, and checking it saves nothing), so the
+    first export writes with the plain pickler and keeps nothing, the second
+    builds the fragments, and the ones after reuse them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, when_cached: bool = False) -> None:
         self._tables: weakref.WeakKeyDictionary[Connection, Table] = weakref.WeakKeyDictionary()
+        self._when_cached = when_cached
+        self._last_nodes: int | None = None
 
     def table(self, connection: Connection) -> Table:
         return self._tables.get(connection, {})
@@ -164,6 +175,19 @@ class FragmentCaches:
 
     def entries(self) -> int:
         return sum(len(table) for table in self._tables.values())
+
+    def wanted(self, connection: Connection) -> bool:
+        """Whether an export on *connection* should reuse (and keep) fragments."""
+        if not self._when_cached:
+            return True
+        last = self._last_nodes
+        return last is not None and last <= connection.db().getCacheSize()
+
+    def written(self, connection: Connection, nodes: int) -> None:
+        """An export on *connection* wrote *nodes* nodes; forget its table if it is too large."""
+        self._last_nodes = nodes
+        if not self.wanted(connection):
+            self._tables.pop(connection, None)
 
 
 class TooDeepForFragments(Exception):
@@ -180,7 +204,12 @@ def write_pickle_with_fragments(
     recurses in Python, a few frames a level).
     """
     count = NodeCount(connection, where, "pickle")
-    writer = FragmentWriter(out, count, caches.table(connection))
+    table = caches.table(connection)
+    # Prefetching walks the tree ahead of the writer: worth it when the table
+    # is empty and everything is to be loaded, not on a warm export that
+    # loads only what changed (a walk would cost it more than it saves).
+    prefetcher = Prefetcher(None if table else connection)
+    writer = FragmentWriter(out, count, table, prefetcher)
     with pickling_errors(where, TooDeepForFragments()):
         writer.dump(node)
     caches.keep(connection, writer.table)
@@ -266,8 +295,11 @@ def _strip(data: bytes) -> bytes:
 class FragmentWriter:
     """Writes the plain pickle of a tree, reusing the fragments of unchanged nodes."""
 
-    def __init__(self, out: HashingWriter, count: NodeCount, table: Table) -> None:
+    def __init__(
+        self, out: HashingWriter, count: NodeCount, table: Table, prefetcher: Prefetcher
+    ) -> None:
         self._out = out
+        self._prefetcher = prefetcher if prefetcher.enabled else None
         self._count = count
         self._old = table
         #: The entries this export used: the table to keep for the next one.
@@ -337,6 +369,17 @@ class FragmentWriter:
     def _write_pieces(self, pieces: list[Any], internal: bool, oid: bytes) -> None:
         if not internal:
             self._count.add(oid)
+        if self._prefetcher is None:
+            self._write_each(pieces)
+            return
+        for start in range(0, len(pieces), _PREFETCH_PIECES):
+            window = pieces[start : start + _PREFETCH_PIECES]
+            self._prefetcher.load(
+                [p[0] if type(p) is tuple else p for p in window if type(p) is not bytes]
+            )
+            self._write_each(window)
+
+    def _write_each(self, pieces: list[Any]) -> None:
         for piece in pieces:
             kind = type(piece)
             if kind is bytes:

@@ -24,7 +24,7 @@ from ZODB.broken import Broken
 from ZODB.Connection import Connection
 
 from ._atomic import HashingWriter
-from ._plain_nodes import NodeCount, broken_object_error
+from ._plain_nodes import NodeCount, Prefetcher, broken_object_error
 from .errors import ExportError
 from .tree import Counter, FlatMapping, List, Mapping, Set
 
@@ -43,7 +43,7 @@ class PlainPickler(pickle.Pickler):
     at a time, and *count* trims the cache every few thousand nodes.
     """
 
-    def __init__(self, file: Any, count: NodeCount) -> None:
+    def __init__(self, file: Any, count: NodeCount, prefetcher: Prefetcher | None = None) -> None:
         super().__init__(file, protocol=PROTOCOL)
         # No memo: with one, the pickler would hold every container and string
         # it wrote until the end (with protocol 4+ it cannot be cleared midway
@@ -53,12 +53,15 @@ class PlainPickler(pickle.Pickler):
         # cycle is an error.
         self.fast = True
         self._add = count.add
+        self._reducers = PLAIN_REDUCERS
+        if prefetcher is not None and prefetcher.enabled:
+            self._reducers = prefetching_reducers(prefetcher)
 
     def reducer_override(self, obj: Any) -> Any:
         # Exact-type dispatch first: isinstance() against these ABC-backed
         # classes costs more than the rest of this method together.
         kind = type(obj)
-        reduce = PLAIN_REDUCERS.get(kind)
+        reduce = self._reducers.get(kind)
         if reduce is None:
             if kind is type:  # dict and list, named by every node's reduction: one call in two
                 return NotImplemented
@@ -103,6 +106,26 @@ PLAIN_REDUCERS: dict[type, Callable[[Any], Any]] = {
 }
 
 
+def prefetching_reducers(prefetcher: Prefetcher) -> dict[type, Callable[[Any], Any]]:
+    """PLAIN_REDUCERS whose containers hand their items over as the prefetcher loads them.
+
+    The same plain values, pickled with other opcodes (a list's items appended
+    to an empty list rather than given whole): what loads is equal.
+    """
+
+    def mapping(obj: Any) -> Any:
+        return (dict, (), None, None, prefetcher.items(obj))
+
+    def flat(obj: Any) -> Any:
+        values = prefetcher.values(list(obj.data.values()))
+        return (dict, (), None, None, zip(obj.data, values, strict=True))
+
+    def plain_list(obj: Any) -> Any:
+        return (list, (), None, prefetcher.values(obj.data))
+
+    return {**PLAIN_REDUCERS, Mapping: mapping, FlatMapping: flat, List: plain_list}
+
+
 def subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
     """The reducer of an object whose exact type is not a snaptree node; None: not persistent."""
     for base, reduce in PLAIN_REDUCERS.items():
@@ -140,10 +163,11 @@ def write_pickle(node: Any, out: HashingWriter, connection: Connection, where: s
     fragment writer.
     """
     count = NodeCount(connection, where, "pickle")
+    prefetcher = Prefetcher(connection)
     too_deep = ExportError(
         f"{where} holds a reference cycle or is nested too deeply for the pickle writer; "
         "export it in the zodb format"
     )
     with pickling_errors(where, too_deep):
-        PlainPickler(out, count).dump(node)
+        PlainPickler(out, count, prefetcher).dump(node)
     return count.nodes

@@ -11,14 +11,15 @@ never more readable than what it copies.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ZODB.FileStorage import packed_version
 from ZODB.interfaces import IBlobStorage
 
-from .errors import ExportError
+from .errors import Error, ExportError, one_line
 
 if TYPE_CHECKING:
     from .store import Store
@@ -44,6 +45,10 @@ class StoreFiles:
     data_file: Path | None = None
     files: tuple[Path, ...] = ()
     blob_dirs: tuple[Path, ...] = ()
+    #: The storage itself when this process writes the file and chooses its
+    #: durability (``storage.durability``: commit, group, relaxed); None when
+    #: it only reads a file another process writes (an exporter process).
+    writer: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, store: Store) -> StoreFiles:
@@ -64,7 +69,8 @@ class StoreFiles:
         if data_file is None or not _is_filestorage(data_file):
             return cls(blob_dirs=blob_dirs)
         files = tuple(data_file.with_name(data_file.name + ext) for ext in _COMPANIONS)
-        return cls(data_file, files, blob_dirs)
+        writer = storage if getattr(storage, "durability", None) is not None else None
+        return cls(data_file, files, blob_dirs, writer)
 
     def dump_mode(self) -> int:
         """Permission bits for a dump: the data file's, else the owner's alone.
@@ -81,6 +87,44 @@ class StoreFiles:
             return (self.data_file.stat().st_mode & 0o666) | 0o600
         except OSError:
             return 0o600
+
+    def make_durable(self) -> float:
+        """Make every commit the dump may hold durable; return the seconds it took.
+
+        A store may make a commit visible before it is on disk (durability
+        ``group`` or ``relaxed``): a dump of such a commit, published first,
+        would outlive a machine crash that took the commit back. An export
+        calls this after its snapshot and before it renames the dump into
+        place. Where this process writes the file, the storage knows: in
+        ``commit`` mode every visible commit was fsynced inside its
+        ``tpc_finish``, and otherwise its own ``make_durable`` fsyncs only if
+        a commit is not yet on disk. A process that only reads the file (an
+        exporter process, ``snaptree export --db``) cannot know the writer's
+        mode, and fsyncs the file itself: any process may fsync a file it
+        can only read. Nothing to do without a local file.
+        """
+        if self.data_file is None:
+            return 0.0
+        durability = getattr(self.writer, "durability", None)
+        if durability == "commit":
+            return 0.0
+        started = time.perf_counter()
+        try:
+            if durability is not None:
+                self.writer.make_durable()
+            else:
+                fd = os.open(self.data_file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except (OSError, Error) as exc:
+            reason = exc.strerror or exc if isinstance(exc, OSError) else one_line(str(exc))
+            raise ExportError(
+                f"cannot make the store's data file {self.data_file} durable before publishing "
+                f"the dump: {reason}; nothing was published"
+            ) from exc
+        return time.perf_counter() - started
 
     def refuse(self, target: Path) -> None:
         """Raise ExportError if writing *target* would replace one of these files.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
-import os
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,6 +27,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64
 
 from ._atomic import HashingWriter
+from ._plain_nodes import Prefetcher
 from ._storage_facts import snapshot_load
 from ._unpickler import AllowListUnpickler, unpickling_errors
 from .errors import Error, ExportError, InputError
@@ -43,6 +44,8 @@ from .tree import SCALAR_TYPES, Counter, FlatMapping, List, Mapping, Set
 
 ZEXP_HEADER = b"ZEXP"
 _ZEXP_END = b"\xff" * 16  # ZODB.ExportImport.export_end_marker
+#: Records asked for at once ahead of the walk, through a server.
+_PREFETCH_BATCH = 1000
 
 
 def write_zexp(node: Any, out: HashingWriter, connection: Connection, where: str) -> int:
@@ -60,13 +63,23 @@ def write_zexp(node: Any, out: HashingWriter, connection: Connection, where: str
             f"{type(node).__name__}; export it as pickle or json, or export its parent"
         )
     load = snapshot_load(connection)
+    # Through a server, each load is a round trip: ask for the records next
+    # in the queue in batches ahead of the walk (see _plain_nodes.Prefetcher).
+    prefetch = connection.prefetch if Prefetcher(connection).enabled else None
     out.write(ZEXP_HEADER)
     queue: collections.deque[bytes] = collections.deque([oid])
     seen = {oid}
     count = 0
+    asked = 0  # records at the head of the queue already asked for
     references: list[bytes] = []
     while queue:
+        if prefetch is not None and asked < _PREFETCH_BATCH // 2:
+            batch = list(itertools.islice(queue, asked, asked + _PREFETCH_BATCH))
+            if batch:
+                prefetch(batch)
+                asked += len(batch)
         oid = queue.popleft()
+        asked = max(asked - 1, 0)
         data, _serial = load(oid)
         references.clear()
         referencesf(data, references)
@@ -148,7 +161,6 @@ def read_zexp(file: Any, source: str, allow: Iterable[str | type] = ()) -> tuple
     allowed = [*allow, *_RECORD_CLASSES]
     if file.read(len(ZEXP_HEADER)) != ZEXP_HEADER:
         raise InputError(f"{source}: not a ZODB export (it does not start with ZEXP)")
-    size = os.fstat(file.fileno()).st_size
     records: dict[bytes, _Record] = {}
     references: list[tuple[bytes, list[bytes]]] = []
     root = None
@@ -157,7 +169,8 @@ def read_zexp(file: Any, source: str, allow: Iterable[str | type] = ()) -> tuple
         if header == _ZEXP_END:
             break
         oid, length = header[:8], int.from_bytes(header[8:], "big")
-        if len(header) != 16 or length > size - file.tell():
+        data = _read_exactly(file, length) if len(header) == 16 else None
+        if data is None:
             raise InputError(
                 f"{source}: ends in the middle of record {len(records) + 1} (truncated)"
             )
@@ -165,9 +178,7 @@ def read_zexp(file: Any, source: str, allow: Iterable[str | type] = ()) -> tuple
         if oid in records:
             raise InputError(f"{where} appears twice; the export is damaged")
         refs: list[bytes] = []
-        unpickler = _RecordUnpickler(
-            io.BytesIO(file.read(length)), allow=allowed, source=where, refs=refs
-        )
+        unpickler = _RecordUnpickler(io.BytesIO(data), allow=allowed, source=where, refs=refs)
         with unpickling_errors(where):
             meta = unpickler.load()
             state = unpickler.load()
@@ -193,6 +204,23 @@ def read_zexp(file: Any, source: str, allow: Iterable[str | type] = ()) -> tuple
         raise InputError(f"{source}: an object in the export is nested too deeply") from None
     except Exception as exc:  # a forged or damaged state, or an allowed class refusing it
         raise InputError(f"{source}: cannot rebuild the exported tree: {exc!r}") from None
+
+
+def _read_exactly(file: Any, length: int) -> bytes | None:
+    """The next *length* bytes of *file*, or None if it ends first.
+
+    Read in blocks, so that a forged length (up to 2**64) costs no more
+    memory than the file holds; *file* may be a decompressing stream, whose
+    size is known only at its end.
+    """
+    blocks = []
+    while length > 0:
+        block = file.read(min(length, 1 << 20))
+        if not block:
+            return None
+        blocks.append(block)
+        length -= len(block)
+    return b"".join(blocks)
 
 
 def _record(meta: Any, state: Any, unpickler: AllowListUnpickler, where: str) -> _Record:

@@ -3,12 +3,17 @@
 A directory holds, per format:
 
 - ``snaptree-<UTC time of the snapshot>-<tid>.<ext>`` and its
-  ``.manifest.json``: one complete dump. Names sort in commit order.
+  ``.manifest.json``: one complete dump. Names sort in commit order. A
+  compressed dump adds ``.zst`` (``….pickle.zst``); both kinds are dumps of
+  their format, for "nothing new", ``latest`` and retention alike.
 - ``latest.<ext>``: a relative symlink to the newest complete dump,
   replaced atomically (a new link renamed over the old one), so
   ``pickle.load(open("dumps/latest.pickle", "rb"))`` always reads a whole
   dump. A symlink rather than a pointer file, because every program can
-  open it without knowing about snaptree.
+  open it without knowing about snaptree. When the newest dump is
+  compressed the link is ``latest.<ext>.zst``, and the other one is
+  removed: a ``latest.pickle`` left pointing at an older dump would be
+  read as the newest.
 - ``.<name>.<pid>.<random>.tmp``: a dump being written. A temporary left by
   a killed exporter is removed by the next run in that directory.
 - ``.snaptree-export-<format>.lock``: held by the one writer of that
@@ -27,23 +32,33 @@ import re
 from pathlib import Path
 
 from . import _atomic
+from ._compression import ZSTD_SUFFIX, compression_of
 from ._directory_lock import DirectoryLock
 from .manifest import SUFFIXES, manifest_path
 
 log = logging.getLogger(__name__)
 
 DUMP_NAME = re.compile(
-    r"^snaptree-(?P<time>\d{8}T\d{6}\.\d{6}Z)-(?P<tid>[0-9a-f]{16})(?P<suffix>\.pickle|\.json|\.zexp)$"
+    r"^snaptree-(?P<time>\d{8}T\d{6}\.\d{6}Z)-(?P<tid>[0-9a-f]{16})"
+    r"(?P<suffix>\.pickle|\.json|\.zexp)(?P<zst>\.zst)?$"
 )
 #: The names a schedule writes: dumps, manifests and latest links; their
 #: temporaries are the ones a run removes once their writer is gone.
-OWNED = re.compile(DUMP_NAME.pattern[:-1] + r"(?:\.manifest\.json)?$|^latest\.(pickle|json|zexp)$")
+OWNED = re.compile(
+    DUMP_NAME.pattern[:-1] + r"(?:\.manifest\.json)?$|^latest\.(pickle|json|zexp)(\.zst)?$"
+)
 
 
-def dump_name(format: str, committed_at: datetime.datetime, tid: str) -> str:  # noqa: A002
+def dump_name(
+    format: str,  # noqa: A002
+    committed_at: datetime.datetime,
+    tid: str,
+    compression: str | None = None,
+) -> str:
     """``snaptree-20261125T171200.123456Z-<tid>.pickle``: sorts in commit order."""
     stamp = committed_at.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"snaptree-{stamp}-{tid}{SUFFIXES[format]}"
+    zst = ZSTD_SUFFIX if compression else ""
+    return f"snaptree-{stamp}-{tid}{SUFFIXES[format]}{zst}"
 
 
 def is_dump_of(name: str, format: str) -> bool:  # noqa: A002
@@ -64,20 +79,48 @@ def complete_dumps(directory: Path, format: str) -> list[Path]:  # noqa: A002
     )
 
 
-def latest_link(directory: Path, format: str) -> Path:  # noqa: A002
-    return directory / f"latest{SUFFIXES[format]}"
+def latest_link(directory: Path, format: str, compression: str | None = None) -> Path:  # noqa: A002
+    """``latest.<ext>``, or ``latest.<ext>.zst`` for the link to a compressed dump."""
+    return directory / f"latest{SUFFIXES[format]}{ZSTD_SUFFIX if compression else ''}"
+
+
+def _links(directory: Path, format: str, dump: Path) -> tuple[Path, Path]:  # noqa: A002
+    """The ``latest`` link of *dump*'s kind (compressed or not), and the other one."""
+    compressed = compression_of(dump)
+    return (
+        latest_link(directory, format, compressed),
+        latest_link(directory, format, None if compressed else "zstd"),
+    )
 
 
 def point_latest(directory: Path, format: str, dump: Path) -> None:  # noqa: A002
-    """Make ``latest.<ext>`` point at *dump*, atomically."""
-    _atomic.replace_symlink(latest_link(directory, format), dump.name)
+    """Point ``latest.<ext>`` (``.zst`` for a compressed *dump*) at *dump*, atomically.
+
+    The link of the other kind goes: it points at an older dump.
+    """
+    link, other = _links(directory, format, dump)
+    _atomic.replace_symlink(link, dump.name)
+    if other.is_symlink():
+        _atomic.discard(other)
+        _atomic.fsync_directory(directory)
 
 
-def points_at(link: Path, dump: Path) -> bool:
+def latest_points_at(directory: Path, format: str, dump: Path) -> bool:  # noqa: A002
+    """Whether the ``latest`` link of *dump*'s kind points at it, and no other link exists."""
+    link, other = _links(directory, format, dump)
     try:
-        return os.readlink(link) == dump.name
+        return os.readlink(link) == dump.name and not other.is_symlink()
     except OSError:
         return False
+
+
+def latest_targets(directory: Path, format: str) -> set[Path]:  # noqa: A002
+    """The dumps the ``latest`` links of *format* point at (one, or none)."""
+    return {
+        directory / os.readlink(link)
+        for link in (latest_link(directory, format), latest_link(directory, format, "zstd"))
+        if link.is_symlink()
+    }
 
 
 def lock_directory(directory: str | os.PathLike[str], format: str) -> DirectoryLock:  # noqa: A002

@@ -26,14 +26,21 @@ from .dump_directory import (
     OWNED,
     complete_dumps,
     dump_name,
-    latest_link,
+    latest_points_at,
     lock_directory,
     point_latest,
-    points_at,
 )
 from .errors import ArgumentError, Error, VerifyError, one_line
 from .exports import FragmentCaches, export_snapshot
-from .manifest import ExportInfo, check_format, read_manifest, resolve_format
+from .manifest import (
+    ExportInfo,
+    check_compression,
+    check_format,
+    read_manifest,
+    resolve_compression,
+    resolve_format,
+)
+from .retention import Retention
 
 if TYPE_CHECKING:
     from .store import Store
@@ -93,7 +100,8 @@ def export_into(
     *,
     format: str = "pickle",  # noqa: A002
     subtree: str = "/",
-    keep: int | None = None,
+    keep: int | Retention | None = None,
+    compress: str | None = None,
     at: datetime.datetime | str | bytes | None = None,
     force: bool = False,
     lock: DirectoryLock | None = None,
@@ -102,18 +110,21 @@ def export_into(
     """One scheduled run: export into *directory* unless nothing changed, point latest, retain.
 
     Writes nothing, and says so in the result, when the newest complete
-    dump of this format already holds the tid the snapshot would export
-    (unless *force*); ``latest`` is then pointed at that dump if it was not.
-    The run holds the directory's lock for this format, taken here unless
-    the caller holds it for a whole schedule (*lock*). *fragments*: see
-    :func:`snaptree.exports.export`.
+    dump of this format (compressed or not) already holds the tid the
+    snapshot would export (unless *force*); ``latest`` is then pointed at
+    that dump if it was not. The run holds the directory's lock for this
+    format, taken here unless the caller holds it for a whole schedule
+    (*lock*). *keep*: N (the newest N) or a :class:`snaptree.Retention`.
+    *compress*: ``"zstd"`` names the dump ``….pickle.zst``. *fragments*:
+    see :func:`snaptree.exports.export`.
 
     *at* is refused: a past state in a schedule directory would become
     ``latest`` and count for retention, and the next run would skip as
     "nothing new". Export it to a file of its own.
     """
     check_format(format)
-    retention.check_keep(keep)
+    policy = retention.check_keep(keep)
+    check_compression(compress)
     if at is not None:
         raise ArgumentError(
             f"at={at!r}: a past state must not go into a schedule directory, where it would "
@@ -122,16 +133,17 @@ def export_into(
         )
     if lock is None:
         with lock_directory(directory, format) as held:
-            return _export_held(store, held, subtree, keep, force, fragments)
+            return _export_held(store, held, subtree, policy, compress, force, fragments)
     lock.check_covers(directory, format)
-    return _export_held(store, lock, subtree, keep, force, fragments)
+    return _export_held(store, lock, subtree, policy, compress, force, fragments)
 
 
 def _export_held(
     store: Store,
     lock: DirectoryLock,
     subtree: str,
-    keep: int | None,
+    keep: Retention | None,
+    compress: str | None,
     force: bool,
     fragments: FragmentCaches | None,
 ) -> RunResult:
@@ -142,16 +154,17 @@ def _export_held(
     last_tid = _manifest_tid(existing[-1]) if existing and not force else None
     info = export_snapshot(
         store,
-        lambda snap: folder / dump_name(fmt, snap.committed_at, snap.tid),
+        lambda snap: folder / dump_name(fmt, snap.committed_at, snap.tid, compress),
         format=fmt,
         at=None,
         subtree=subtree,
+        compress=compress,
         unless_tid=last_tid,
         fragments=fragments,
     )
     if info is None:
         # latest may lag behind (a historical export of older versions moved it back)
-        if not points_at(latest_link(folder, fmt), existing[-1]):
+        if not latest_points_at(folder, fmt, existing[-1]):
             point_latest(folder, fmt, existing[-1])
         return RunResult(None, folder, fmt, skipped_tid=last_tid)
     point_latest(folder, fmt, info.path)
@@ -165,13 +178,16 @@ def export_file(
     format: str | None = None,  # noqa: A002
     subtree: str = "/",
     at: datetime.datetime | str | bytes | None = None,
+    compress: str | None = None,
     skip_unchanged: bool = False,
     fragments: FragmentCaches | None = None,
 ) -> RunResult:
     """One run into a fixed file name; with *skip_unchanged*, nothing is written if the file's
-    manifest already holds the tid the snapshot would export. ``format=None``: from the name."""
+    manifest already holds the tid the snapshot would export. ``format=None`` (``compress``):
+    from the name."""
     target = Path(path)
     format = resolve_format(target, format)  # noqa: A001
+    compress = resolve_compression(target, compress)
     last_tid = _manifest_tid(target) if skip_unchanged and target.is_file() else None
     info = export_snapshot(
         store,
@@ -179,6 +195,7 @@ def export_file(
         format=format,
         at=at,
         subtree=subtree,
+        compress=compress,
         unless_tid=last_tid,
         fragments=fragments,
     )
@@ -198,3 +215,20 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, Error):
         return one_line(str(exc))
     return one_line(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def failure_json(
+    exc: BaseException,
+    *,
+    target: Path,
+    directory: bool,
+    format: str | None,  # noqa: A002
+) -> dict[str, Any]:
+    """The ``--json`` object of a run that failed: ``written`` false, ``failed`` true, the error."""
+    return {
+        "written": False,
+        "failed": True,
+        "error": describe_failure(exc),
+        "directory" if directory else "path": str(target),
+        "format": format,
+    }

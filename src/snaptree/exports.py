@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ZODB.Connection import Connection
 
 from . import _atomic, paths
+from ._compression import CompressingWriter
 from ._json_writer import write_json
 from ._pickle_fragments import FragmentCaches, TooDeepForFragments, write_pickle_with_fragments
 from ._pickle_writer import write_pickle
@@ -44,7 +45,15 @@ from ._store_files import StoreFiles
 from ._version import version
 from ._zexp import write_zexp
 from .errors import ArgumentError, ExportError
-from .manifest import ExportInfo, check_format, manifest_bytes, manifest_path, resolve_format
+from .manifest import (
+    ExportInfo,
+    check_compression,
+    check_format,
+    manifest_bytes,
+    manifest_path,
+    resolve_compression,
+    resolve_format,
+)
 
 if TYPE_CHECKING:
     from .store import Snapshot, Store
@@ -59,6 +68,7 @@ def export(
     format: str | None = None,  # noqa: A002 - the name users know from the CLI
     at: datetime.datetime | str | bytes | None = None,
     subtree: str = "/",
+    compress: str | None = None,
     fragments: FragmentCaches | None = None,
 ) -> ExportInfo:
     """Write one committed snapshot of the tree (or of *subtree*) to *path*, atomically.
@@ -69,7 +79,9 @@ def export(
     hex tid) exports the tree as it was then, where the storage keeps
     history. ``format`` defaults to the one the name's suffix says
     (:func:`snaptree.manifest.resolve_format`). ``subtree`` is a path in the
-    tree (``accounts/a1``; see :mod:`snaptree.paths`).
+    tree (``accounts/a1``; see :mod:`snaptree.paths`). ``compress="zstd"``
+    compresses the dump as it is written (a name ending in ``.zst``, which
+    also implies it: ``dump.pickle.zst``; see :mod:`snaptree._compression`).
 
     *path* must be a path, not an open file: the dump is written to a
     temporary file beside it, renamed over it once complete and vouched for
@@ -100,6 +112,7 @@ def export(
         format=format,
         at=at,
         subtree=subtree,
+        compress=compress,
         unless_tid=None,
         fragments=fragments,
     )
@@ -114,6 +127,7 @@ def export_snapshot(
     format: str | None,  # noqa: A002
     at: datetime.datetime | str | bytes | None,
     subtree: str,
+    compress: str | None,
     unless_tid: str | None,
     fragments: FragmentCaches | None,
 ) -> ExportInfo | None:
@@ -122,10 +136,16 @@ def export_snapshot(
     Returns None, writing nothing, when the snapshot's tid is *unless_tid*
     (nothing was committed since that export). Shared by :func:`export` and
     the schedule, whose file names depend on the snapshot taken. A *format*
-    of None is taken from the final name.
+    (*compress*) of None is taken from the final name.
+
+    Before the dump is renamed into place, the store's data file is fsynced
+    (:meth:`StoreFiles.make_durable`): a store that makes commits visible
+    before they are durable must not have a dump published that holds a
+    commit a machine crash could still take back.
     """
     if format is not None:
         check_format(format)
+    check_compression(compress)
     segments = paths.parse(subtree, what="subtree")
     where = "/" + "/".join(segments)  # the manifest's form: /accounts/a1
     if at is not None:
@@ -141,11 +161,12 @@ def export_snapshot(
         protected.refuse(final)
         protected.refuse(manifest_path(final))
         format = resolve_format(final, format)  # noqa: A001
+        compression = resolve_compression(final, compress)
         if final.is_dir():
             raise ExportError(f"cannot write {final}: it is a directory; name a file inside it")
         _atomic.existing_directory(final.parent, f"cannot write {final}")
         temp, dump, objects = _write_dump(
-            node, final, format, mode, snap.connection, where, fragments
+            node, final, format, compression, mode, snap.connection, where, fragments
         )
         tid, committed_at = snap.tid, snap.committed_at
     # The snapshot's connection is back in the pool; what is left is the manifest and renames.
@@ -163,6 +184,7 @@ def export_snapshot(
             source=store.source,
             seconds=round(time.perf_counter() - started, 6),
             snaptree_version=version(),
+            compression=compression,
         )
         # Both files are complete and fsynced before either is renamed. The
         # manifest is renamed first: a crash between the two renames leaves a
@@ -171,6 +193,7 @@ def export_snapshot(
         with _atomic.staged_file(manifest_path(final), mode=mode) as (manifest, manifest_temp):
             manifest.write(manifest_bytes(info))
         flushed = dump.flush_seconds + manifest.flush_seconds
+        flushed += protected.make_durable()
         flushed += _atomic.commit(manifest_temp, manifest_path(final))
         flushed += _atomic.commit(temp, final)
     except BaseException:
@@ -185,6 +208,7 @@ def _write_dump(
     node: Any,
     final: Path,
     format: str,  # noqa: A002
+    compression: str | None,
     mode: int,
     connection: Connection,
     where: str,
@@ -194,17 +218,36 @@ def _write_dump(
     written, nodes or records written). Nothing is renamed yet."""
     try:
         with _atomic.staged_file(final, mode=mode) as (out, temp):
-            if format == "json":
-                objects = write_json(node, out, connection, where)
-            elif format == "zodb":
-                objects = write_zexp(node, out, connection, where)
-            elif fragments is not None:
-                objects = write_pickle_with_fragments(node, out, connection, where, fragments)
-            else:
-                objects = write_pickle(node, out, connection, where)
+            objects = _write_format(node, out, format, compression, connection, where, fragments)
     except TooDeepForFragments:
         # The fragment writer recurses in Python, a few frames a level; the
         # plain writer's C pickler takes one a level. Same file, written anew.
         with _atomic.staged_file(final, mode=mode) as (out, temp):
-            objects = write_pickle(node, out, connection, where)
+            objects = _write_format(node, out, format, compression, connection, where, None)
     return temp, out, objects
+
+
+def _write_format(
+    node: Any,
+    out: _atomic.HashingWriter,
+    format: str,  # noqa: A002
+    compression: str | None,
+    connection: Connection,
+    where: str,
+    fragments: FragmentCaches | None,
+) -> int:
+    """Write *node* to *out* in *format*, through a compressor if asked; return what was written."""
+    sink: Any = out if compression is None else CompressingWriter(out)
+    if format == "json":
+        objects = write_json(node, sink, connection, where)
+    elif format == "zodb":
+        objects = write_zexp(node, sink, connection, where)
+    elif fragments is not None and fragments.wanted(connection):
+        objects = write_pickle_with_fragments(node, sink, connection, where, fragments)
+    else:
+        objects = write_pickle(node, sink, connection, where)
+    if fragments is not None and format == "pickle":
+        fragments.written(connection, objects)
+    if compression is not None:
+        sink.finish()
+    return objects

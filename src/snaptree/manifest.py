@@ -23,6 +23,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ._compression import (
+    COMPRESSIONS,
+    ZSTD_SUFFIX,
+    compression_of,
+    decompressor_error,
+    is_zstd,
+    open_for_reading,
+    uncompressed_name,
+)
 from ._unpickler import load_pickle
 from ._zexp import read_zexp
 from .errors import ArgumentError, Error, ExportError, VerifyError
@@ -49,11 +58,12 @@ def resolve_format(path: str | os.PathLike[str], format: str | None) -> str:  # 
     A suffix of another format contradicts *format* (``x.json`` written as a
     pickle would mislead every reader that trusts the name), and without
     *format* the suffix must name one: both are ArgumentErrors. A suffix
-    no format claims (``app.dump``) is fine with an explicit *format*.
+    no format claims (``app.dump``) is fine with an explicit *format*. A
+    compressed dump's ``.zst`` is looked through (``x.json.zst`` is json).
     """
     if format is not None:
         check_format(format)
-    suffix = Path(path).suffix.lower()
+    suffix = uncompressed_name(path).suffix.lower()
     implied = _SUFFIX_FORMATS.get(suffix)
     if format is None:
         if implied is None:
@@ -64,11 +74,40 @@ def resolve_format(path: str | os.PathLike[str], format: str | None) -> str:  # 
             )
         return implied
     if implied is not None and implied != format:
+        stem = uncompressed_name(path).stem
+        zst = ZSTD_SUFFIX if compression_of(path) else ""
         raise ArgumentError(
             f"{os.fspath(path)}: the name says {implied}, but the format asked for is "
-            f"{format}; name the file {Path(path).stem}{SUFFIXES[format]}, or ask for {implied}"
+            f"{format}; name the file {stem}{SUFFIXES[format]}{zst}, or ask for {implied}"
         )
     return format
+
+
+def check_compression(compress: str | None) -> str | None:
+    """A compression an export can write: ``"zstd"``, or None for none."""
+    if compress is not None and compress not in COMPRESSIONS:
+        raise ArgumentError(
+            f"unknown compression {compress!r}; choose {', '.join(COMPRESSIONS)} (or none)"
+        )
+    return compress
+
+
+def resolve_compression(path: str | os.PathLike[str], compress: str | None) -> str | None:
+    """The compression of a dump at *path*: *compress*, or ``"zstd"`` if its name ends in .zst.
+
+    Asked for, it must show in the name (``dump.pickle.zst``), for the same
+    reason as the format: a reader that trusts ``dump.pickle`` to be a
+    pickle would get zstd. An ArgumentError says which name to use.
+    """
+    check_compression(compress)
+    implied = compression_of(path)
+    if compress is not None and implied is None:
+        raise ArgumentError(
+            f"{os.fspath(path)}: a {compress} dump is named with {ZSTD_SUFFIX} after its "
+            f"format's suffix, so that readers see it is compressed; name the file "
+            f"{Path(path).name}{ZSTD_SUFFIX}"
+        )
+    return implied
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,9 @@ class ExportInfo:
     source: str = ""
     seconds: float = 0.0
     snaptree_version: str = ""
+    #: "zstd" for a compressed dump (``bytes`` and ``sha256`` are the compressed
+    #: file's), None for an uncompressed one.
+    compression: str | None = None
     #: Seconds spent waiting for the disk to make the dump and its manifest
     #: durable (fsyncs): the share of the disk an export takes from writers'
     #: commits, which the schedule uses to pace back-to-back exports. Not
@@ -156,6 +198,8 @@ def read_manifest(dump: Path) -> ExportInfo:
         )
         if not valid(data.get(name))
     ]
+    if data.get("compression") not in (None, *COMPRESSIONS):
+        problems.append(f"compression {data['compression']!r} is not one snaptree writes")
     if problems:
         raise VerifyError(
             f"{path}: damaged manifest: {'; '.join(problems)}; export the dump again, or "
@@ -173,6 +217,7 @@ def read_manifest(dump: Path) -> ExportInfo:
         source=data.get("source", ""),
         seconds=data.get("seconds", 0.0),
         snaptree_version=data.get("snaptree_version", ""),
+        compression=data.get("compression"),
     )
 
 
@@ -212,6 +257,13 @@ def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) ->
         dump = dump.with_name(dump.name[: -len(MANIFEST_SUFFIX)])
     dump = Path(os.path.realpath(dump)) if dump.is_symlink() else dump
     info = read_manifest(dump)
+    check_checksum(info)
+    return replace(info, summary=_load_dump(dump, info, allow))
+
+
+def check_checksum(info: ExportInfo) -> None:
+    """Raise VerifyError unless the dump *info* describes has the size and sha256 it records."""
+    dump = info.path
     try:
         size = dump.stat().st_size
     except FileNotFoundError:
@@ -230,7 +282,6 @@ def verify(path: str | os.PathLike[str], *, allow: Iterable[str | type] = ()) ->
             f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
             f"{info.sha256}; the file was changed after the export"
         )
-    return replace(info, summary=_load_dump(dump, info, allow))
 
 
 def describe(value: Any) -> dict[str, Any]:
@@ -248,8 +299,15 @@ def describe(value: Any) -> dict[str, Any]:
 def _load_dump(dump: Path, info: ExportInfo, allow: Iterable[str | type]) -> dict[str, Any]:
     """Load *dump* as import would, and describe it; any failure is a VerifyError."""
     source = str(dump)
+    with open(dump, "rb") as raw:
+        compressed = "zstd" if is_zstd(raw.read(4)) else None
+    if compressed != info.compression:
+        raise VerifyError(
+            f"{dump}: the manifest says {info.compression or 'uncompressed'}, but the file is "
+            f"{compressed or 'not compressed'}; the dump and its manifest do not belong together"
+        )
     try:
-        with open(dump, "rb") as file:
+        with open_for_reading(dump) as file:
             if info.format == "pickle":
                 return describe(load_pickle(file, source, allow))
             if info.format == "json":
@@ -257,6 +315,8 @@ def _load_dump(dump: Path, info: ExportInfo, allow: Iterable[str | type]) -> dic
             value, records = read_zexp(file, source, allow)
     except Error as exc:
         raise VerifyError(f"the dump does not load: {exc}") from None
+    except decompressor_error() as exc:
+        raise VerifyError(f"the dump does not load: {source}: damaged zstd data: {exc}") from None
     if records != info.objects:
         raise VerifyError(f"{dump}: {records} records, but the manifest says {info.objects}")
     return {"records": records, **describe(value)}

@@ -33,8 +33,9 @@ from ._export_process import Abandoned, ExportProcess
 from .dump_directory import lock_directory
 from .errors import ArgumentError, Error
 from .export_run import RunResult, describe_failure, export_into
-from .manifest import check_format
-from .retention import check_keep
+from .manifest import check_compression, check_format
+from .monitoring import MetricsFile
+from .retention import Retention, check_keep
 
 if TYPE_CHECKING:
     from .store import Store
@@ -144,19 +145,26 @@ def run_periodically(
     runs = 0
     last_start: float | None = None
     flushed = at_least = 0.0
+    warned = False
     while True:
         due = next_run(
             last_start, every, flushed=flushed, flush_share=flush_share, at_least=at_least
         )
         if every > 0 and flushed > every * flush_share:
-            log.info(
-                "pacing: the next export starts %.1f s after the last one, not %g s: its fsyncs "
-                "took %.3f s, more than %g%% of the interval (flush_share)",
-                flushed / flush_share,
+            # An explicit interval this schedule cannot keep: said once as a
+            # WARNING with the interval it can keep, then at INFO (-v) each time.
+            log.log(
+                logging.INFO if warned else logging.WARNING,
+                "pacing: exports every %g s were asked for, but this schedule can keep about "
+                "one every %.1f s here: the last one's fsyncs took %.3f s, and exports are "
+                "paced to keep fsyncs to %g%% of the time (flush_share), as writers' commits "
+                "on the same disk queue behind them",
                 every,
+                flushed / flush_share,
                 flushed,
                 flush_share * 100,
             )
+            warned = True
         if stop.wait(seconds_until(clock(), due)):
             return runs
         last_start = clock()
@@ -191,7 +199,8 @@ class _InProcess:
         lock: DirectoryLock,
         *,
         subtree: str,
-        keep: int | None,
+        keep: Retention | None,
+        compress: str | None,
         force: bool,
         cancel: threading.Event,  # not consulted: a run on the calling thread cannot be abandoned
     ) -> RunResult:
@@ -201,6 +210,7 @@ class _InProcess:
             format=lock.format,
             subtree=subtree,
             keep=keep,
+            compress=compress,
             force=force,
             lock=lock,
         )
@@ -227,7 +237,8 @@ class _InWorker:
         lock: DirectoryLock,
         *,
         subtree: str,
-        keep: int | None,
+        keep: Retention | None,
+        compress: str | None,
         force: bool,
         cancel: threading.Event,
     ) -> RunResult:
@@ -239,7 +250,9 @@ class _InWorker:
             process = self._process = ExportProcess(
                 self._uri, cache_size=self._cache_size, lock=lock
             )
-        return process.export_into(subtree=subtree, keep=keep, force=force, cancel=cancel)
+        return process.export_into(
+            subtree=subtree, keep=keep, compress=compress, force=force, cancel=cancel
+        )
 
     def close(self, timeout: float) -> None:
         # stop() may close while the exporting thread closes too (export_now after stop)
@@ -279,7 +292,15 @@ class Exporter:
     ``flush_share`` paces a short ``every`` (0 means back to back): the next
     export waits until the last one's fsyncs are at most that share of the
     time since it started, because writers' commits on the same disk queue
-    behind them (see FLUSH_SHARE). 1.0 turns pacing off.
+    behind them (see FLUSH_SHARE). 1.0 turns pacing off. When that
+    stretches an ``every`` you gave, a WARNING says once which interval the
+    schedule can keep.
+
+    ``keep`` is N (the newest N dumps) or a :class:`snaptree.Retention`
+    (restic's rules: last, hourly, daily, weekly, monthly, yearly, within).
+    ``compress="zstd"`` writes ``….pickle.zst`` dumps. ``metrics`` names a
+    Prometheus textfile rewritten after every run (see
+    :class:`snaptree.monitoring.MetricsFile`).
     """
 
     def __init__(
@@ -288,15 +309,17 @@ class Exporter:
         directory: str | os.PathLike[str],
         *,
         every: float = 60.0,
-        keep: int | None = None,
+        keep: int | Retention | None = None,
         format: str = "pickle",  # noqa: A002
         subtree: str = "/",
+        compress: str | None = None,
         process: bool | None = None,
         uri: str | None = None,
         cache_size: int = 200_000,
         on_export: Callable[[RunResult], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         flush_share: float = FLUSH_SHARE,
+        metrics: str | os.PathLike[str] | None = None,
     ) -> None:
         every_checked = check_every(every)
         if every_checked is None:
@@ -305,9 +328,15 @@ class Exporter:
         self.flush_share = check_flush_share(flush_share)
         self.keep = check_keep(keep)
         self.format = check_format(format)
+        self.compress = check_compression(compress)
         paths.parse(subtree, what="subtree")
         self.directory = Path(directory)
         self.subtree = subtree
+        self.metrics = (
+            None
+            if metrics is None
+            else MetricsFile(metrics, target=self.directory, format=self.format)
+        )
         self._clock = clock
         self._on_export = on_export
         if process is not False:
@@ -352,17 +381,25 @@ class Exporter:
         After stop(), it holds the directory for its own run only.
         """
         with self._lock:
+            started = time.monotonic()
             try:
                 result = self._runner.export_into(
                     self._hold_directory(),
                     subtree=self.subtree,
                     keep=self.keep,
+                    compress=self.compress,
                     force=force,
                     cancel=self._abandon,
                 )
+            except Exception as exc:
+                if self.metrics is not None and not isinstance(exc, Abandoned):
+                    self.metrics.failed(time.monotonic() - started)
+                raise
             finally:
                 if self._stopping.is_set():
                     self._let_go()
+            if self.metrics is not None:
+                self.metrics.succeeded(result, time.monotonic() - started)
             self.last_result = result
             self.runs += 1
         log.info("%s", result.log_line())

@@ -12,6 +12,7 @@ code  meaning
       a value that cannot be stored or that the export format cannot hold
 4     the store is locked by another process, or its server does not answer
 5     an export failed: a full disk, an unwritable or locked directory, ...
+6     ``status``: no complete dump, or the newest is older than ``--max-age``
 ====  =====================================================================
 """
 
@@ -41,6 +42,7 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_UNAVAILABLE = 4
 EXIT_EXPORT_FAILED = 5
+EXIT_STALE = 6
 
 #: The exit code of each kind of error; the first class that matches wins.
 EXIT_CODES: tuple[tuple[type[Error], int], ...] = (
@@ -73,7 +75,9 @@ COMMANDS = {
     "demo": "demo",
     "export": "exporting",
     "import": "importing",
+    "prune": "monitoring",
     "serve": "serving",
+    "status": "monitoring",
     "verify": "exporting",
 }
 

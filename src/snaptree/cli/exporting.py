@@ -1,8 +1,11 @@
 """``snaptree export`` and ``snaptree verify``: parse, call the library, print.
 
 ``--json`` is a contract: stdout carries only JSON (one object per run,
-one per line), logs go to stderr, readers should ignore fields they do
-not know.
+one per line, a failed run included), logs go to stderr, readers should
+ignore fields they do not know.
+
+The retention options (``--keep-last``, ``--keep-daily`` ...) and the
+durations they take are defined here once, for ``export`` and ``prune``.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,9 +26,10 @@ from .._following_reader import FollowingReader
 from .._history import parse_point
 from ..dump_directory import lock_directory
 from ..errors import Error
-from ..export_run import RunResult, describe_failure, export_file, export_into
-from ..manifest import FORMATS, verify
-from ..retention import check_keep
+from ..export_run import RunResult, describe_failure, export_file, export_into, failure_json
+from ..manifest import COMPRESSIONS, FORMATS, verify
+from ..monitoring import MetricsFile
+from ..retention import Retention, parse_duration
 from .options import allow_option, db_option
 
 
@@ -44,6 +50,87 @@ def _checked_point(ctx: click.Context, param: click.Parameter, value: str | None
         except Error as exc:
             raise click.BadParameter(str(exc)) from None
     return value
+
+
+class Duration(click.ParamType):
+    """A duration on the command line: 90s, 15m, 36h, 7d, 2w, 1d12h (see parse_duration)."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _count(rule: str) -> Any:
+    """A --keep-* count checked as the library checks it (one message for both)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is not None:
+            try:
+                Retention(**{rule: value})
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
+def retention_options(command: Any) -> Any:
+    """The --keep-* options: restic's retention rules (see snaptree.retention)."""
+    options = [
+        click.option(
+            "--keep-last",
+            "--keep",
+            "keep_last",
+            type=int,
+            callback=_count("last"),
+            metavar="N",
+            help="Keep the N newest dumps (--keep is the same).",
+        ),
+        *(
+            click.option(
+                f"--keep-{name}",
+                f"keep_{name}",
+                type=int,
+                callback=_count(name),
+                metavar="N",
+                help=f"Keep the newest dump of each of the N newest {unit}s that have one (UTC).",
+            )
+            for name, unit in (
+                ("hourly", "hour"),
+                ("daily", "day"),
+                ("weekly", "ISO week"),
+                ("monthly", "month"),
+                ("yearly", "year"),
+            )
+        ),
+        click.option(
+            "--keep-within",
+            "keep_within",
+            type=Duration(),
+            help="Keep every dump committed less than DURATION (90s, 15m, 36h, 7d, 2w) before "
+            "the newest one.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def retention_from(options: dict[str, Any]) -> Retention | None:
+    """The Retention the --keep-* options ask for (they are popped from *options*), or None."""
+    rules = {name: options.pop(f"keep_{name}") for name in _RETENTION_RULES}
+    if all(value is None for value in rules.values()):
+        return None
+    return Retention(**rules)
+
+
+_RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly", "within")
 
 
 def _emit(result: RunResult, as_json: bool) -> None:
@@ -109,12 +196,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     "is one error line and the next starts 1 s later at the soonest. "
     "SIGINT/SIGTERM stop it after the export in progress.",
 )
+@retention_options
 @click.option(
-    "--keep",
-    type=int,
-    callback=_checked(check_keep),
-    metavar="N",
-    help="With --dir: keep the newest N complete dumps of this format, delete older ones.",
+    "--compress",
+    type=click.Choice(COMPRESSIONS),
+    default=None,
+    help="Compress the dump as it is written (zstd): its name ends in .zst after the format's "
+    "(dump.pickle.zst; with -o, name the file so). verify and import read it as it is.",
 )
 @click.option(
     "--at",
@@ -136,18 +224,32 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     show_default=True,
     help="Objects kept in the ZODB cache between --every runs.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run on stdout.")
+@click.option(
+    "--metrics",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Rewrite FILE after every run as a Prometheus textfile (last success, duration, "
+    "bytes, objects, failures); name it *.prom in node_exporter's textfile directory.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object per run on stdout (a failed run too: failed true, error).",
+)
 def export_command(
     db: str | None,
     output: str | None,
     directory: str | None,
     fmt: str,
     every: float | None,
-    keep: int | None,
+    compress: str | None,
     at: str | None,
     subtree: str,
     cache_size: int,
+    metrics: str | None,
     as_json: bool,
+    **keep_options: Any,
 ) -> None:
     """Write a consistent snapshot of the tree to a file or a directory of dumps.
 
@@ -157,9 +259,11 @@ def export_command(
 
     With --dir, this command is the one writer of its format's dumps in DIR
     while it runs (an Exporter or another export of that format in DIR makes
-    it exit 5 at once, naming the holder). With --every, a failed run (a
-    full disk, a value the format cannot hold) is reported in one line and
-    the schedule goes on.
+    it exit 5 at once, naming the holder), and the --keep-* options choose
+    which dumps stay after each run, as restic's forget does (by each dump's
+    commit time, UTC; the newest is never deleted). With --every, a failed
+    run (a full disk, a value the format cannot hold) is reported in one line
+    and the schedule goes on.
 
     Example:
 
@@ -168,54 +272,79 @@ def export_command(
     \b
         snaptree export --db data/app.fs -o old.json --format json --at 040d41d07e885dbb
     \b
-        snaptree export --db data/app.fs --dir dumps --every 300 --keep 24 --json
+        snaptree export --db data/app.fs --dir dumps --every 300 --keep-last 24 \\
+            --keep-daily 7 --compress zstd --metrics /var/lib/node_exporter/snaptree.prom --json
     """
+    keep = retention_from(keep_options)
     if (output is None) == (directory is None):
         raise click.UsageError("give exactly one of -o FILE or --dir DIR")
     if keep is not None and directory is None:
-        raise click.UsageError("--keep needs --dir (it removes old dumps in that directory)")
+        raise click.UsageError(
+            "--keep needs --dir, and so does every --keep-* option: they remove old dumps "
+            "in that directory"
+        )
     if at is not None and every is not None:
         raise click.UsageError("--at exports one past state; it cannot be combined with --every")
     if at is not None and directory is not None:
         raise click.UsageError(
             "--at exports one past state: write it with -o FILE; in --dir it would become "
-            "latest and count for --keep"
+            "latest and count for retention"
         )
 
     if directory is not None and fmt is None:
         fmt = "pickle"
+    target = Path(directory if directory is not None else output)  # type: ignore[arg-type]
     with ExitStack() as held:
         # The lock before the store, which may take long to open: a second writer is
         # refused at once.
         lock = None
         if directory is not None:
             lock = held.enter_context(lock_directory(directory, fmt))
+        watch = None if metrics is None else MetricsFile(metrics, target=target, format=fmt)
         reader = FollowingReader(db, cache_size)
         held.callback(reader.close)
 
         def run_once() -> RunResult:
-            reader.catch_up()
-            if lock is not None:
-                result = export_into(
-                    reader.store,
-                    lock.directory,
-                    format=lock.format,
-                    subtree=subtree,
-                    keep=keep,
-                    lock=lock,
-                    fragments=reader.fragments,
-                )
-            else:
-                assert output is not None
-                result = export_file(
-                    reader.store,
-                    output,
-                    format=fmt,
-                    subtree=subtree,
-                    at=at,
-                    skip_unchanged=every is not None,
-                    fragments=reader.fragments,
-                )
+            started = time.monotonic()
+            try:
+                reader.catch_up()
+                # Fragments pay off from the second export on; a single run keeps none
+                # (at 1M objects, holding them until its end took 1.5 GiB against 0.2).
+                fragments = reader.fragments if every is not None else None
+                if lock is not None:
+                    result = export_into(
+                        reader.store,
+                        lock.directory,
+                        format=lock.format,
+                        subtree=subtree,
+                        keep=keep,
+                        compress=compress,
+                        lock=lock,
+                        fragments=fragments,
+                    )
+                else:
+                    assert output is not None
+                    result = export_file(
+                        reader.store,
+                        output,
+                        format=fmt,
+                        subtree=subtree,
+                        at=at,
+                        compress=compress,
+                        skip_unchanged=every is not None,
+                        fragments=fragments,
+                    )
+            except Exception as exc:
+                if watch is not None:
+                    watch.failed(time.monotonic() - started)
+                if as_json:
+                    report = failure_json(
+                        exc, target=target, directory=directory is not None, format=fmt
+                    )
+                    click.echo(json.dumps(report))
+                raise
+            if watch is not None:
+                watch.succeeded(result, time.monotonic() - started)
             _emit(result, as_json)
             return result
 
@@ -237,7 +366,12 @@ def export_command(
 @click.command("verify")
 @click.argument("dump", type=click.Path(exists=True, dir_okay=False))
 @allow_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the result as one JSON object on stdout (ok false and the error if it fails).",
+)
 def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
     """Check a dump against its manifest (size, sha256), load it and say what it holds.
 
@@ -250,7 +384,12 @@ def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
     \b
         snaptree verify dumps/latest.pickle
     """
-    info = verify(dump, allow=allow)
+    try:
+        info = verify(dump, allow=allow)
+    except Error as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "path": dump, "error": describe_failure(exc)}))
+        raise
     if as_json:
         data = info.to_json()
         data["ok"] = True
