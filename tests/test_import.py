@@ -1,4 +1,4 @@
-"""import_tree: conversion rules, paths, replace, atomicity, savepoints, retries, round trip."""
+"""import_tree: conversion rules, paths, replace, atomicity, batches, retries, round trip."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from persistent import Persistent
 
 import snaptree
+from snaptree.imports import staged_imports
+from snaptree.testing import force_conflicts
 from snaptree.tree import FlatMapping, List, Mapping
 
 
@@ -263,15 +265,13 @@ def test_import_and_assignment_share_and_refuse_alike(store: snaptree.Store) -> 
             put()
 
 
-def test_a_node_shared_across_savepoints_is_written_once_and_stays_shared(
-    store_uri: str,
-) -> None:
-    """A shared dict finished early, written at a savepoint and ghosted, is reached again later."""
+def test_a_node_shared_across_batches_is_written_once_and_stays_shared(store_uri: str) -> None:
+    """A shared dict finished early, committed in a batch and ghosted, is reached again later."""
     shared = {"n": 1, "deep": [{"m": 2}]}
     data = {f"k{i:04}": {"ref": shared, "own": [i]} for i in range(600)}
     with snaptree.open(store_uri, cache_size=10) as store:
-        result = store.import_tree(data, path="d", savepoint_every=50)
-        assert result.savepoints > 10
+        result = store.import_tree(data, path="d", commit_every=50)
+        assert result.batches > 10
         assert result.objects == 600 * 2 + 3 + 1  # each key's two, the shared three, "d"
         assert store.run(lambda root: root["d"]["k0000"]["ref"] is root["d"]["k0599"]["ref"])
         store.run(lambda root: root["d"]["k0300"]["ref"]["deep"][0].__setitem__("m", 3))
@@ -282,50 +282,61 @@ def test_a_node_shared_across_savepoints_is_written_once_and_stays_shared(
     }
 
 
-def test_large_import_takes_savepoints_and_commits_once(store: snaptree.Store) -> None:
-    """Savepoints bound memory but the import is still one committed transaction."""
+def test_large_import_commits_batches_then_links_them_in_one_commit(store: snaptree.Store) -> None:
+    """Batches bound memory; the tree changes once, at the last commit, which leaves no staging."""
     data = {f"a{i:04}": {"balance": i, "entries": [{"amount": i}]} for i in range(1000)}
     commits_before = store.stats()["commits"]
-    result = store.import_tree(data, path="accounts", savepoint_every=100)
+    result = store.import_tree(data, path="accounts", commit_every=100)
     assert result.objects == 3001
-    assert result.savepoints == 30
-    assert store.stats()["commits"] == commits_before + 1
+    assert result.batches >= 30
+    assert store.stats()["commits"] == commits_before + result.batches + 1
     assert store.run(lambda root: root["accounts"]) == data
+    assert staged_imports(store) == []
 
 
-def test_failure_after_savepoints_commits_nothing(store: snaptree.Store) -> None:
-    """An error late in a large import discards the savepoints; the store stays as it was."""
+def test_an_import_smaller_than_a_batch_is_one_commit(store: snaptree.Store) -> None:
+    """No staging for what one commit holds: a small import costs what an assignment does."""
+    commits_before = store.stats()["commits"]
+    result = store.import_tree({"a": [{"n": i} for i in range(50)]}, path="small")
+    assert (result.batches, result.attempts) == (0, 1)
+    assert store.stats()["commits"] == commits_before + 1
+
+
+def test_failure_after_batches_leaves_the_tree_as_it_was(store: snaptree.Store) -> None:
+    """An error late in a large import changes nothing readers see, and drops its staging."""
     store.import_tree({"accounts": {"a0": 0}})
-    before = committed_state(store)
+    before = store.run(lambda root: root)
     data: dict[str, Any] = {f"a{i:04}": {"entries": [i, {"x": i}]} for i in range(1, 600)}
     data["zzzz"] = {"entries": [1, Plain()]}
     with pytest.raises(snaptree.UnstorableValueError, match="accounts/new/zzzz/entries/1"):
-        store.import_tree(data, path="accounts/new", savepoint_every=50)
-    assert committed_state(store) == before
+        store.import_tree(data, path="accounts/new", commit_every=50)
+    assert store.run(lambda root: root) == before
+    assert staged_imports(store) == []
     # The store is usable afterwards, and the same import without the bad value works.
     del data["zzzz"]
-    result = store.import_tree(data, path="accounts/new", savepoint_every=50)
-    assert result.savepoints > 0
+    result = store.import_tree(data, path="accounts/new", commit_every=50)
+    assert result.batches > 0
     assert store.run(lambda root: root["accounts"]["new"]) == data
 
 
 def test_users_objects_survive_a_failed_import(store_uri: str) -> None:
-    """A failed import does not destroy the caller's own persistent objects.
+    """A failed import leaves the caller's own persistent objects unsaved and intact.
 
-    ZODB disowns objects saved in an aborted savepoint; had one been turned
-    into a ghost (a small cache makes that certain) its state would be lost.
-    Imports that carry such objects therefore take no savepoints.
+    A batch commit would give them an oid in a database they then are not
+    in; imports that carry such objects are therefore one transaction, whose
+    abort gives them back as they were (a small cache would ghost anything
+    committed early).
     """
     gadgets = [Gadget(f"g{i}") for i in range(300)]
     data = {"filler": [{"n": i} for i in range(300)], "gadgets": gadgets, "more": [[1]] * 300}
     data["zzz"] = Plain()
     with snaptree.open(store_uri, cache_size=10) as store:
         with pytest.raises(snaptree.UnstorableValueError, match=r"^zzz"):
-            store.import_tree(data, savepoint_every=10)
+            store.import_tree(data, commit_every=10)
         assert [g.name for g in gadgets] == [f"g{i}" for i in range(300)]
         assert all(g._p_jar is None for g in gadgets)
         del data["zzz"]
-        store.import_tree(data, savepoint_every=10)
+        assert store.import_tree(data, commit_every=10).batches == 0
         with store.snapshot() as snap:
             assert [g.name for g in snap.root["gadgets"]] == [f"g{i}" for i in range(300)]
 
@@ -339,73 +350,91 @@ def test_object_of_another_connection_is_refused(store: snaptree.Store) -> None:
             store.import_tree({"copy": [loaded]})
 
 
-class _WriteOnFirstRead(dict):
-    """A dict that, the first time the import reads it in a transaction, lets another writer commit.
+class _OnRead(dict):
+    """A dict that runs *hook* when the import converts it (its values are read the second time).
 
-    The import reads the data once before any transaction (to count what it
-    will create), then once per attempt: the hook runs at the second read.
+    The import reads the data once before anything is built (to count what
+    it will create), then once to convert it.
     """
 
-    def __init__(self, data: dict, on_first_read: Any) -> None:
+    def __init__(self, data: dict, hook: Any) -> None:
         super().__init__(data)
-        self._on_first_read = on_first_read
+        self._hook = hook
         self._reads = 0
 
     def values(self) -> Any:
         self._reads += 1
         if self._reads == 2:
-            self._on_first_read()
+            self._hook()
         return super().values()
 
 
-def test_conflicting_import_is_retried_as_a_whole(store: snaptree.Store) -> None:
-    """A concurrent write to the key being imported makes the import conflict and start over.
-
-    Retrying is safe because the data is only read: the second attempt
-    rebuilds everything from it and, with replace, overwrites the rival value.
-    """
+def _commit_in_another_thread(store: snaptree.Store, fn: Any) -> None:
     errors: list[BaseException] = []
 
-    def rival_commit() -> None:
-        def write() -> None:
-            try:
-                store.run(lambda root: root.__setitem__("target", "rival"))
-            except BaseException as exc:
-                errors.append(exc)
+    def write() -> None:
+        try:
+            store.run(fn)
+        except BaseException as exc:
+            errors.append(exc)
 
-        thread = threading.Thread(target=write)
-        thread.start()
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-
-    data = _WriteOnFirstRead({"a": 1}, rival_commit)
-    result = store.import_tree({"target": data}, replace=True)
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
     assert errors == []
-    assert result.attempts == 2
-    assert store.run(lambda root: root["target"]) == {"a": 1}
 
 
-def test_conflicting_import_without_replace_reports_the_new_key(store: snaptree.Store) -> None:
-    """On retry the existence check runs again and sees the rival's key: nothing is overwritten."""
+def test_a_conflict_at_the_final_commit_retries_that_commit(store: snaptree.Store) -> None:
+    """The last commit is retried like any store call; what it links is built only once."""
+    data = {"a": [{"n": i} for i in range(20)]}
+    with force_conflicts(store, times=2) as forced:
+        result = store.import_tree(data, path="target")
+    assert forced.conflicts == 2
+    assert result.attempts == 3
+    assert store.run(lambda root: root["target"]) == data
 
-    def rival_commit() -> None:
-        thread = threading.Thread(
-            target=lambda: store.run(lambda root: root.__setitem__("target", "rival"))
-        )
-        thread.start()
-        thread.join(timeout=30)
 
-    data = _WriteOnFirstRead({"a": 1}, rival_commit)
+def test_a_conflict_at_a_batch_commit_retries_that_batch_alone(store: snaptree.Store) -> None:
+    """A batch writes only new objects and its own staging: a conflict there redoes that batch."""
+    data = {f"k{i:03}": {"n": i, "list": [i]} for i in range(300)}
+    with force_conflicts(store, times=3) as forced:
+        result = store.import_tree(data, path="target", commit_every=40)
+    assert forced.conflicts == 3
+    assert result.batches > 3
+    assert result.attempts == 1
+    assert store.run(lambda root: root["target"]) == data
+    assert staged_imports(store) == []
+
+
+def test_a_key_written_meanwhile_is_never_overwritten_without_replace(
+    store: snaptree.Store,
+) -> None:
+    """The final commit checks the target again: a rival's key is reported, and kept."""
+    data = _OnRead(
+        {f"k{i}": {"n": i} for i in range(200)},
+        lambda: _commit_in_another_thread(store, lambda root: root.__setitem__("target", "rival")),
+    )
     with pytest.raises(snaptree.Error, match="target: already exists"):
-        store.import_tree({"target": data})
+        store.import_tree({"target": data}, commit_every=50)
     assert store.run(lambda root: root["target"]) == "rival"
+    assert staged_imports(store) == []
+
+
+def test_with_replace_a_key_written_meanwhile_is_replaced(store: snaptree.Store) -> None:
+    data = _OnRead(
+        {"a": 1},
+        lambda: _commit_in_another_thread(store, lambda root: root.__setitem__("target", "rival")),
+    )
+    store.import_tree({"target": data}, replace=True)
+    assert store.run(lambda root: root["target"]) == {"a": 1}
 
 
 def test_progress_bar_goes_to_stderr_only(
     store: snaptree.Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """progress=True draws a tqdm bar on stderr and writes nothing on stdout."""
-    store.import_tree({"a": [{"n": i} for i in range(50)]}, progress=True, savepoint_every=10)
+    store.import_tree({"a": [{"n": i} for i in range(50)]}, progress=True, commit_every=10)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "obj" in captured.err
@@ -430,9 +459,22 @@ def test_max_objects_must_be_a_positive_int(store: snaptree.Store, bad: Any) -> 
         store.import_tree({"a": 1}, max_objects=bad)
 
 
-def test_savepoint_every_must_be_positive(store: snaptree.Store) -> None:
-    with pytest.raises(ValueError, match="savepoint_every"):
-        store.import_tree({}, savepoint_every=0)
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_commit_every_must_be_a_positive_int(store: snaptree.Store, bad: Any) -> None:
+    with pytest.raises(ValueError, match="commit_every"):
+        store.import_tree({}, commit_every=bad)
+
+
+def test_the_old_savepoint_every_still_works_and_says_it_is_commit_every(
+    store: snaptree.Store,
+) -> None:
+    data = {f"k{i}": {"n": [i]} for i in range(50)}
+    with pytest.warns(DeprecationWarning, match="commit_every"):
+        result = store.import_tree(data, path="old", savepoint_every=10)
+    assert result.batches >= 5
+    with pytest.warns(DeprecationWarning, match="batches"):
+        assert result.savepoints == result.batches
+    assert store.run(lambda root: root["old"]) == data
 
 
 # -- round trip ---------------------------------------------------------------
@@ -469,7 +511,7 @@ def same(a: Any, b: Any) -> bool:
 def test_any_json_tree_round_trips_exactly(tree: Any) -> None:
     """Importing a JSON-compatible tree and reading it back as plain data gives it back."""
     with snaptree.open("memory://") as store:
-        store.import_tree(tree, path="model", savepoint_every=3)
+        store.import_tree(tree, path="model", commit_every=3)
         assert same(store.run(lambda root: root["model"]), tree)
 
 
@@ -478,6 +520,6 @@ def test_any_json_tree_round_trips_exactly(tree: Any) -> None:
 def test_any_json_mapping_round_trips_at_the_root(tree: dict[str, Any]) -> None:
     """At the root, too, and through snaptree.to_plain inside a transaction."""
     with snaptree.open("memory://") as store:
-        store.import_tree(tree, savepoint_every=2)
+        store.import_tree(tree, commit_every=2)
         assert same(store.run(lambda root: snaptree.to_plain(root)), tree)
         assert same(json.loads(json.dumps(tree)), tree)

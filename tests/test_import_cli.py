@@ -55,6 +55,17 @@ def test_imports_a_json_file(db: str, tmp_path: Path) -> None:
     }
 
 
+def test_savepoint_every_of_older_scripts_still_works(db: str, tmp_path: Path) -> None:
+    """The option's old name stays (hidden from --help), meaning --commit-every."""
+    source = tmp_path / "model.json"
+    source.write_text(json.dumps({"m": {f"k{i}": [i] for i in range(30)}}))
+    result = invoke(str(source), "--db", db, "--savepoint-every", "5")
+    assert result.returncode == 0, result.stderr
+    assert "--savepoint-every is now --commit-every" in result.stderr
+    assert state(db)[1]["m"] == {f"k{i}": [i] for i in range(30)}
+    assert "--savepoint-every" not in invoke("--help").stdout
+
+
 def test_path_puts_the_data_in_a_subtree(db: str, tmp_path: Path) -> None:
     source = tmp_path / "a1.json"
     source.write_text('{"balance": 7}')
@@ -185,7 +196,8 @@ def test_failure_is_one_line_on_stderr_and_success_is_quiet_off_a_terminal(tmp_p
     assert failed.returncode == 3
     assert failed.stdout == ""
     assert failed.stderr.strip().splitlines() == [
-        f"snaptree: error: {broken}: malformed JSON at line 1, column 13: Expecting value"
+        f"snaptree: error: {broken}: malformed JSON at line 1, column 13: unallowed token at "
+        "this point in JSON text"
     ]
     good = tmp_path / "good.json"
     good.write_text('{"a": [1, 2]}')
@@ -218,3 +230,24 @@ def test_max_objects_lets_intended_sharing_in(db: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "imported 3 objects" in done.stdout  # the three lists, once each
     assert state(db)[1]["s"] == [shared] * 50
+
+
+def test_a_failed_streamed_import_into_a_new_store_leaves_no_store_behind(tmp_path: Path) -> None:
+    """A typo in --db plus a bad file must not create a database (a JSON file is read once open)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"accounts": {"a1": {"balance": 1}, "a2": [1, 2,')
+    typo = tmp_path / "tpyo.fs"
+    result = run_snaptree("import", bad, "--db", typo)
+    assert result.returncode == 3
+    assert "bad.json: malformed JSON" in error_line(result)
+    assert not typo.exists()
+    assert not any(tmp_path.glob("tpyo.fs.*index")) and not (tmp_path / "tpyo.fs.tmp").exists()
+    # a store that existed before is left in place, unchanged
+    good = tmp_path / "good.json"
+    good.write_text('{"n": 1}')
+    assert run_snaptree("import", good, "--db", typo).returncode == 0
+    before = typo.read_bytes()
+    assert run_snaptree("import", bad, "--db", typo, "--path", "more").returncode == 3
+    assert typo.exists() and typo.read_bytes()[: len(before)] == before
+    with snaptree.open(str(typo)) as store:
+        assert store.run(lambda root: dict(root)) == {"n": 1}

@@ -20,8 +20,16 @@ unchanged object again later in the transaction reuses its node.
 **Iterative and bottom-up.** The conversion keeps its own stack, so any depth
 converts (only tuples and frozensets, stored inside their node's record, are
 limited to :data:`~snaptree._values.MAX_VALUE_DEPTH`). A node is made once
-all its children exist, which is what lets an import hand finished subtrees
-to ZODB at savepoints while it goes (:meth:`Converter.unattached`).
+all its children exist, which is what lets an import commit finished
+subtrees in batches while it goes (:meth:`Converter.pending`). One exception
+keeps an import's memory flat: a dict with more than :data:`WIDE` children
+whose keys are all str (or all int) gets its Mapping node early, at a
+batch, and later children go straight into it, so the thousands of finished
+children of a wide mapping are not all held until it ends.
+
+An import counts its data first (:func:`census`): which objects are reached
+twice (the only ones the converter must remember), and how many objects a
+dump would write, which is what a pickle bomb inflates.
 
 The converter knows no node class: :mod:`snaptree.tree` gives it the
 functions that make nodes (:class:`NodeTypes`), so that the nodes can
@@ -33,8 +41,10 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
 from ._connection import current_connection
@@ -72,11 +82,43 @@ _CYCLE = (
     "back to each other"
 )
 
+#: Children a dict being converted holds, at a batch, before its Mapping node is made
+#: early and filled as it goes (see :meth:`Converter.pending`).
+WIDE = 1_000
+
+
+def extend_mapping(node: Any, keys: Any, values: list[Any]) -> None:
+    """Put converted *values* under *keys* into a Mapping node made early (a BTree underneath).
+
+    BTree's own ``__setitem__``: the values are converted and the keys checked
+    already, which Mapping's would do again (BTree's ``update`` calls it too).
+    A stored node changes, so this runs inside a transaction: a batch's.
+    """
+    setitem = _bt_setitem
+    for key, value in zip(keys, values, strict=True):
+        setitem(node, key, value)
+
+
+_bt_setitem = OOBTree.__setitem__
+
 
 class _Frame:
     """A container being converted: its source, its converted children so far."""
 
-    __slots__ = ("added", "depth", "items", "kind", "out", "position", "source")
+    __slots__ = (
+        "added",
+        "base",
+        "depth",
+        "items",
+        "keys",
+        "kind",
+        "moving",
+        "node",
+        "out",
+        "position",
+        "source",
+        "wide",
+    )
 
     def __init__(self, source: Any, kind: int, position: int, depth: int) -> None:
         self.source = source
@@ -85,7 +127,14 @@ class _Frame:
         self.depth = depth  # how many tuples and frozensets it is (inside): 0 for nodes
         self.items: Iterator[Any] = iter(source.values() if kind == _DICT else source)
         self.out: list[Any] = []
-        self.added = 0  # how much of ``out`` :meth:`Converter.unattached` has handed out
+        self.added = 0  # how much of ``out`` :meth:`Converter.pending` has handed out
+        # A wide dict's Mapping, made early; ``base`` children are in it already,
+        # ``keys`` goes on from there, ``moving`` are the keys of ``out`` once taken.
+        self.node: Any = None
+        self.base = 0
+        self.keys: Iterator[Any] | None = None
+        self.moving: list[Any] | None = None
+        self.wide: bool | None = None  # whether its keys allow an early Mapping; None: not known
 
 
 class Converter:
@@ -98,7 +147,7 @@ class Converter:
     the memo to the ids of objects known to be reached more than once (an
     import counts them first, and keeps its memory flat without a memo of
     every node); None remembers every object. Every ``batch`` nodes made,
-    ``on_batch(self)`` runs (an import's savepoints).
+    ``on_batch(self)`` runs (an import's batch commits).
     """
 
     __slots__ = (
@@ -114,7 +163,6 @@ class Converter:
         "_prefix",
         "_shared",
         "_stack",
-        "holds_persistent",
         "made",
     )
 
@@ -140,9 +188,6 @@ class Converter:
         self._key: Any = _NO_KEY
         #: Nodes made so far.
         self.made = 0
-        #: Whether a persistent object not made by this conversion was met (an
-        #: import then takes no more savepoints: see snaptree.imports).
-        self.holds_persistent = False
         self._batch = batch
         self._on_batch = on_batch
         self._next_batch = batch if batch and on_batch is not None else -1
@@ -168,14 +213,57 @@ class Converter:
             raise UnstorableValueError(self._path([]), problem)
         return self.convert(value)
 
-    def unattached(self) -> Iterator[Any]:
-        """The new nodes that no node made so far holds, each once: the open frames' children."""
+    def pending(self) -> list[Any]:
+        """The new nodes no node made so far holds: what a batch must make reachable to commit.
+
+        They are the open frames' children not handed out yet, and the
+        Mapping of a wide dict, made here (its children so far move into it;
+        later ones join it at each batch, so a batch rewrites only the
+        buckets they land in). Nothing is consumed: after a failed commit
+        the same call gives the same nodes again (ZODB's abort leaves new
+        objects with their state and no jar); :meth:`settled` says the batch
+        committed.
+        """
+        found = []
         for frame in self._stack:
             out = frame.out
-            for value in itertools.islice(out, frame.added, None):
-                if isinstance(value, Persistent) and value._p_jar is None:
-                    yield value
-            frame.added = len(out)
+            if frame.kind == _DICT and (frame.node is not None or self._widens(frame)):
+                if frame.moving is None:
+                    assert frame.keys is not None
+                    frame.moving = list(itertools.islice(frame.keys, len(out)))
+                if frame.node is None:
+                    frame.node = self._nodes.mapping(frame.moving, out)
+                else:
+                    extend_mapping(frame.node, frame.moving, out)
+                if frame.node._p_jar is None:
+                    found.append(frame.node)
+                continue
+            found.extend(
+                value
+                for value in itertools.islice(out, frame.added, None)
+                if isinstance(value, Persistent) and value._p_jar is None
+            )
+        return found
+
+    def settled(self) -> None:
+        """The nodes of the last :meth:`pending` are committed: stop handing them out."""
+        for frame in self._stack:
+            if frame.moving is not None:
+                frame.base += len(frame.out)
+                frame.out.clear()
+                frame.moving = None
+            frame.added = len(frame.out)
+
+    def _widens(self, frame: _Frame) -> bool:
+        """Whether a dict frame should get its Mapping now: wide, with keys a Mapping keeps."""
+        if len(frame.out) < WIDE:
+            return False
+        if frame.wide is None:
+            kinds = {type(key) for key in frame.source}
+            frame.wide = kinds == {str} or kinds == {int}
+            if frame.wide:
+                frame.keys = iter(frame.source)
+        return frame.wide
 
     # -- the walk
 
@@ -190,15 +278,18 @@ class Converter:
             frame = stack[-1]
             out = frame.out
             append = out.append
+            base = frame.base  # children moved into an early node: positions go on from there
             for child in frame.items:
                 if type(child) in scalars:
                     append(child)
                     continue
-                done = enter(child, frame, len(out))
+                done = enter(child, frame, base + len(out))
                 if done is _PUSHED:
                     break
                 append(done)
             else:
+                if frame.node is not None:  # the rest joins its early node in a transaction
+                    self._on_batch(self)  # type: ignore[misc]
                 stack.pop()
                 self._on_path.discard(id(frame.source))
                 done = self._finish(frame)
@@ -219,7 +310,6 @@ class Converter:
                     raise UnstorableValueError(self._path(self._keys(parent, position)), problem)
             if isinstance(value, Persistent):
                 self._check_jar(value, parent, position)
-                self.holds_persistent = True
                 return value
             if isinstance(value, tuple | frozenset):
                 if all(type(item) in SCALAR_TYPES for item in value):
@@ -268,7 +358,9 @@ class Converter:
     def _finish(self, frame: _Frame) -> Any:
         """The value of a frame whose children are all converted (it is off the stack)."""
         kind, source, out = frame.kind, frame.source, frame.out
-        if kind == _DICT:
+        if frame.node is not None:  # a wide dict's Mapping, made early and filled by now
+            done = frame.node
+        elif kind == _DICT:
             try:
                 done = self._nodes.mapping(source, out)
             except UnstorableValueError as exc:  # a key: its path is the key
@@ -345,3 +437,82 @@ def _key_at(frame: _Frame, position: int) -> Any:
     if frame.kind == _DICT:
         return next(itertools.islice(iter(frame.source), position, None))
     return position
+
+
+# ---------------------------------------------------------------------------
+# Counting what data holds before converting it (an import's guard)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Census:
+    """What the data holds, counted before anything is built."""
+
+    #: Dicts, lists, tuples and sets, each counted at every place it is reached.
+    places: int
+    #: The distinct ones.
+    distinct: int
+    #: The distinct dicts, lists and sets: the nodes an import makes.
+    nodes: int
+    #: The ids of those reached from more than one place (the conversion shares them).
+    shared: set[int]
+    #: Whether the data holds persistent objects of the caller's own (see import_tree).
+    persistent: bool
+
+
+def census(data: Any) -> Census:
+    """Count what *data* holds without building anything.
+
+    One object can be reached from many places (a pickle's memo makes
+    ``[x] * 10`` nested nine deep a 225-byte file of a billion places), so
+    this counts each distinct object once and adds up its children's totals:
+    time linear in the distinct objects, however large the totals. A cycle
+    is left for the conversion to report.
+    """
+    if not _expands(data):
+        return Census(0, 0, 0, set(), isinstance(data, Persistent))
+    totals: dict[int, int] = {}
+    shared: set[int] = set()
+    nodes = 0
+    persistent = False
+    on_path = {id(data)}
+    stack: list[list[Any]] = [[data, _children(data), 1]]
+    scalars = SCALAR_TYPES
+    while stack:
+        frame = stack[-1]
+        for child in frame[1]:
+            kind = type(child)
+            if kind in scalars:
+                continue
+            if not (kind is dict or kind is list or _expands(child)):
+                persistent = persistent or isinstance(child, Persistent)
+                continue
+            ident = id(child)
+            counted = totals.get(ident)
+            if counted is not None:
+                frame[2] += counted
+                shared.add(ident)
+            elif ident not in on_path:
+                on_path.add(ident)
+                stack.append([child, iter(child.values()) if kind is dict else _children(child), 1])
+                break
+        else:
+            stack.pop()
+            source = frame[0]
+            on_path.discard(id(source))
+            totals[id(source)] = frame[2]
+            nodes += isinstance(source, dict | list | set)
+            if stack:
+                stack[-1][2] += frame[2]
+    return Census(totals[id(data)], len(totals), nodes, shared, persistent)
+
+
+def _expands(value: Any) -> bool:
+    """Whether *value* is written out in full wherever it is reached (it, and what it holds)."""
+    return isinstance(value, dict | list | tuple | set | frozenset) and not isinstance(
+        value, Persistent
+    )
+
+
+def _children(value: Any) -> Iterator[Any]:
+    return iter(value.values() if isinstance(value, dict) else value)
