@@ -23,10 +23,7 @@ import argparse
 import contextlib
 import multiprocessing
 import random
-import select
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import command_line, write_result
+from _serving import snaptree_serve
 
 import snaptree
 
@@ -159,39 +157,9 @@ def measure_export(uri: str, work: Path, repeats: int) -> dict[str, Any]:
 # -- the backends ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def zeo_backend(work: Path) -> Iterator[str]:
+def zeo_backend(work: Path) -> contextlib.AbstractContextManager[str]:
     """``snaptree serve`` on a port chosen at run time; stopped when the block ends."""
-    with (work / "zeo.log").open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "snaptree",
-                "serve",
-                "--db",
-                str(work / "zeo.fs"),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        uri = process.stdout.readline().strip() if ready else ""
-        if not uri.startswith("zeo://"):
-            raise RuntimeError(f"snaptree serve did not start: {(work / 'zeo.log').read_text()}")
-        yield uri
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(60)
+    return snaptree_serve(work / "zeo.fs", work / "zeo.log")
 
 
 @contextlib.contextmanager

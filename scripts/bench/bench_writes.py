@@ -38,9 +38,7 @@ import contextlib
 import json
 import os
 import random
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import ROOT, command_line, facts_markdown, write_result
+from _serving import snaptree_serve
 
 HERE = Path(__file__).resolve()
 
@@ -356,39 +355,12 @@ def child_zeo_writer(uri: str, seconds: float, seed: int) -> None:
     print(json.dumps({"commits": len(latencies), "latencies": latencies}))
 
 
-@contextlib.contextmanager
-def serving(path: Path, mode: str, log: Path) -> Iterator[str]:
-    with log.open("w") as errors:
-        command = [sys.executable, "-m", "snaptree", "serve", "--db", str(path)]
-        command += ["--listen", "127.0.0.1:0", "--durability", mode]
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            text=True,
-        )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        uri = process.stdout.readline().strip() if ready else ""
-        if not uri.startswith("zeo://"):
-            raise RuntimeError(f"snaptree serve did not start: {log.read_text()}")
-        yield uri
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(60)
-
-
 def measure_serve(mode: str, writers: int, seconds: float, work: Path, template: Path) -> dict:
     path = work / "served.fs"
     for suffix in ("", ".index", ".lock", ".tmp"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     shutil.copyfile(template, path)
-    with serving(path, mode, work / "serve.log") as uri:
+    with snaptree_serve(path, work / "serve.log", "--durability", mode) as uri:
         procs = [
             subprocess.Popen(
                 [sys.executable, str(HERE), "--zeo-writer", uri, str(seconds), str(i)],
