@@ -229,3 +229,56 @@ def test_run_batched_refuses_generator_functions(patient):
 
     with pytest.raises(MisuseError, match="generator function"):
         patient.run_batched(gen)
+
+
+def test_an_interrupt_while_the_batch_waits_for_the_disk_acknowledges_no_call(tmp_path):
+    """A KeyboardInterrupt in the combiner's wait for the fsync: no call may return success."""
+    store = snaptree.open(str(tmp_path / "b.fs"), durability="group")
+    store.run(lambda root: root.update(log=[], counts={}))
+    combiner = store._writes._combiner
+    real_wait = combiner._wait_durable
+    waits: list[int] = []
+
+    def interrupted_wait(flushed: int) -> None:
+        waits.append(flushed)
+        if len(waits) == 2:  # the batch of the callers below, not the holder's own
+            raise KeyboardInterrupt
+        real_wait(flushed)
+
+    combiner._wait_durable = interrupted_wait
+
+    def call(who: str) -> Callable[[], Any]:
+        def attempt() -> Any:
+            try:
+                return store.run_batched(note, who)
+            except BaseException as exc:  # the interrupt reaches the combiner's own thread
+                return exc
+
+        return attempt
+
+    try:
+        outcomes = one_batch(store, [call("a"), call("b")])
+    finally:
+        combiner._wait_durable = real_wait
+        store.close()
+    kinds = sorted(type(o).__name__ for o in outcomes)
+    assert kinds == ["DurabilityError", "KeyboardInterrupt"], outcomes
+    failed = next(o for o in outcomes if not isinstance(o, KeyboardInterrupt))
+    assert "may not be durable" in str(failed)
+
+
+def test_a_caller_interrupted_while_handed_the_next_batch_passes_the_turn_on() -> None:
+    """Interrupted while woken to combine next: the next queued call gets the turn, no hang."""
+    from snaptree._batching import BatchedCall, Combiner
+
+    combiner = Combiner(lambda batch: None, None, None, lambda oid: None)  # type: ignore[arg-type]
+    policy = RetryPolicy()
+    first, second = (BatchedCall(lambda root: None, (), {}, policy) for _ in range(2))
+    combiner._queue.extend((first, second))  # each call's wake is held until it is woken
+    combiner._combining = True
+    first.handed = True  # a combiner finished and woke it to combine next
+    combiner._abandon(first)
+    assert list(combiner._queue) == [second] and second.handed
+    assert second.wake.acquire(timeout=WAIT)  # woken: it will combine
+    combiner._abandon(second)  # interrupted too, with nobody left: the role ends
+    assert not combiner._queue and not combiner._combining

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -358,3 +359,41 @@ def test_a_registered_synchronizer_can_force_a_conflict_the_store_retries(patien
     assert patient_store.run(lambda root: root["n"]) == 2
     with pytest.raises(snaptree.ArgumentError, match="not registered"):
         patient_store.unregister_synchronizer(synchronizer)
+
+
+def test_a_node_assigned_again_after_a_conflict_in_store_is_written_not_lost(
+    tmp_path: Path,
+) -> None:
+    """A conflict raised while storing the parent must not leave the new child looking stored.
+
+    ZODB gives the child an oid while pickling the parent; FileStorage then
+    refuses the parent (its serial is stale, and a FlatMapping cannot resolve
+    conflicts). The retry assigns the same node object again: it must be
+    written in full, not as a reference to a record that never was.
+    """
+    path = str(tmp_path / "retry.fs")
+    node = snaptree.Mapping({"v": 1, "deep": {"w": 2}})
+    read, committed = threading.Event(), threading.Event()
+    attempts: list[int] = []
+
+    def put(root: Any) -> None:
+        attempts.append(1)
+        flat = root["f"]
+        len(flat)  # loaded at the snapshot the first attempt started from
+        if len(attempts) == 1:
+            read.set()
+            assert committed.wait(30)
+        flat["new"] = node
+
+    with snaptree.open(path) as store:
+        store.run(lambda root: root.__setitem__("f", {1: "a", "x": "b"}))  # mixed keys
+        writer = threading.Thread(target=store.run, args=(put,))
+        writer.start()
+        assert read.wait(30)
+        store.run(lambda root: root["f"].__setitem__("y", 1))
+        committed.set()
+        writer.join(30)
+        assert not writer.is_alive()
+    assert len(attempts) == 2
+    with snaptree.open(path) as store:
+        assert store.run(lambda root: root["f"]["new"]) == {"v": 1, "deep": {"w": 2}}

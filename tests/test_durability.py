@@ -427,3 +427,23 @@ def test_saving_the_index_can_be_left_to_close(data_file):
             store.run(lambda root, i=i: root.update(n=i))
         assert store.db.storage._index_pos == position
     assert fsIndex.load(f"{data_file}.index")["pos"] == os.path.getsize(data_file)
+
+
+@pytest.mark.parametrize("mode", ["commit", "group", "relaxed"])
+def test_opening_a_file_fsyncs_what_an_earlier_process_may_have_left_unsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A process killed between a commit and its fsync: the next open must not count it durable."""
+    path = tmp_path / "left.fs"
+    with snaptree.open(str(path), durability="relaxed") as store:
+        store.run(lambda root: root.update(n=1))
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    with snaptree.open(str(path), durability=mode):
+        assert str(path) in synced

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import Error
+from .errors import DurabilityError, Error
 from .retry import ConflictStats, Retry, RetryPolicy, describe_conflict, exhausted, give_up_reason
 
 #: Calls one transaction takes at most: a batch is one commit, and one
@@ -68,6 +68,7 @@ class BatchedCall:
         "done",
         "error",
         "fn",
+        "handed",
         "kwargs",
         "number",
         "policy",
@@ -89,6 +90,7 @@ class BatchedCall:
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.handed = False  # woken to combine next, not done
         self.wake = threading.Lock()  # released by a combiner: done, or the next combiner
         self.wake.acquire()
 
@@ -130,8 +132,12 @@ class Combiner:
             lead = not self._combining
             self._combining = True
         if not lead:
-            while not call.wake.acquire(timeout=_WAIT_STEP):
-                pass  # the combiner always releases it: when done, or when handing over
+            try:
+                while not call.wake.acquire(timeout=_WAIT_STEP):
+                    pass  # the combiner always releases it: when done, or when handing over
+            except BaseException:  # an interrupt: leave the queue without stalling it
+                self._abandon(call)
+                raise
             lead = not call.done
         if lead:
             self._combine(call)
@@ -148,20 +154,31 @@ class Combiner:
             if flushed is not None and self._wait_durable is not None:
                 try:
                     self._wait_durable(flushed)
-                except Error as exc:  # never acknowledge a commit that is not on disk
+                except BaseException as exc:  # never acknowledge a commit that is not on disk
+                    failure = exc
+                    if not isinstance(exc, Error):  # an interrupt: the others hear why
+                        failure = DurabilityError(
+                            f"the wait for this batch's commit to reach the disk was "
+                            f"interrupted ({type(exc).__name__}): it may not be durable"
+                        )
                     for call in batch:
                         if call.error is None:
                             call.result = None
-                            call.fail(exc)
+                            call.fail(failure)
+                    if failure is not exc:
+                        raise
         except BaseException as exc:  # a bug, or an interrupt: every caller must hear of it
             for call in batch:
                 if not call.done:
                     call.fail(exc)
+            if not isinstance(exc, Exception):
+                raise  # an interrupt goes on in the thread it arrived in
         finally:
             successor = None
             with self._lock:
                 if self._queue:
                     successor = self._queue[0]  # not done: woken, it combines
+                    successor.handed = True
                 else:
                     self._combining = False
             if successor is not None:
@@ -169,6 +186,28 @@ class Combiner:
             for call in batch:
                 if call is not mine:
                     call.wake.release()
+
+    def _abandon(self, call: BatchedCall) -> None:
+        """*call*'s thread was interrupted while waiting: take it out of the queue.
+
+        If a combiner took it into a batch already, that batch goes on (as a
+        ``run`` interrupted during its commit may still commit); if it was
+        handed the next turn to combine, the turn passes to the next call, so
+        that no call waits for a combiner that will never come.
+        """
+        successor = None
+        with self._lock:
+            if call not in self._queue:
+                return
+            self._queue.remove(call)
+            if call.handed:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.handed = True
+                else:
+                    self._combining = False
+        if successor is not None:
+            successor.wake.release()
 
     def _run(self, batch: list[BatchedCall]) -> int | None:
         """Commit *batch*, retrying conflicts, until each call is done; the flushed count."""

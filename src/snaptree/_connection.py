@@ -14,9 +14,12 @@ commit only when the store says it commits (:attr:`OwnedConnection.snaptree_comm
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from persistent.interfaces import UPTODATE
 from ZODB.Connection import Connection
+from ZODB.utils import z64
 
 from ._guards import misuse_error
 from .errors import MisuseError, WrongThreadError
@@ -100,6 +103,36 @@ class OwnedConnection(Connection):
                 "inside that call, or load them again in a new one"
             )
 
+    def _store_objects(self, writer: Any, transaction: Any) -> None:
+        """ZODB's store of one object and the new objects it reaches, undone whole if it fails.
+
+        ZODB gives a new object its oid and this connection while pickling
+        the object that refers to it, and adds it to what the abort undoes
+        only when its own turn to be stored comes. If storing fails before
+        then (a ConflictError from the referring object's store, a value
+        that cannot be pickled), the abort leaves the new object looking
+        stored; a retry that assigns the same object again (an import
+        linking what it built, an application assigning a node it made
+        outside its function) then writes only a reference to it, and the
+        object is lost. So here every new object not stored yet is given back
+        its ``_p_jar`` and ``_p_oid`` of None, as the abort does for the others.
+        """
+        walk = _Walk(writer)
+        try:
+            Connection._store_objects(self, walk, transaction)
+        except BaseException:
+            for obj in (walk.current, *writer._stack):
+                if (
+                    obj is not None
+                    and obj._p_jar is self
+                    and getattr(obj, "_p_serial", z64) == z64
+                    and self._cache.get(obj._p_oid) is not obj
+                ):
+                    self._creating.pop(obj._p_oid, None)
+                    del obj._p_jar
+                    del obj._p_oid
+            raise
+
     def register(self, obj: object) -> None:
         if self._snaptree_owner != _get_ident() or self._snaptree_read_only:
             try:
@@ -108,6 +141,24 @@ class OwnedConnection(Connection):
                 _discard_refused_change(obj)
                 raise
         Connection.register(self, obj)
+
+
+class _Walk:
+    """An ObjectWriter that remembers which object it handed out last (see _store_objects)."""
+
+    __slots__ = ("current", "writer")
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.current: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for obj in self.writer:
+            self.current = obj
+            yield obj
+
+    def serialize(self, obj: Any) -> bytes:
+        return self.writer.serialize(obj)  # type: ignore[no-any-return]
 
 
 def _discard_refused_change(obj: object) -> None:

@@ -160,7 +160,21 @@ class DurableFileStorage(FileStorage):
         self._stopping = False
         self._wake = threading.Condition(threading.Lock())
         self._index_wanted = False
+        created = not os.path.exists(file_name)
         super().__init__(file_name, **options)
+        # What the file holds may not be on disk yet: the last process to write
+        # it may have been killed between a commit and its fsync (group and
+        # relaxed). Everything counts as synced from here on, so fsync it now.
+        try:
+            os.fsync(self._file.fileno())
+            if created:
+                _fsync_path(os.path.dirname(os.path.abspath(file_name)))
+        except OSError as exc:
+            self.close()
+            raise DurabilityError(
+                f"cannot make {file_name} durable when opening it: fsync failed "
+                f"({exc.strerror or exc}); check the disk"
+            ) from exc
         self._synced_file = self._file  # the file object the last fsync covered
         #: Bytes at the start of the data file known to be on disk (the last fsync's reach).
         self.synced_position = self._pos
@@ -346,6 +360,12 @@ class DurableFileStorage(FileStorage):
         """ZODB's own saves (a new file, close, pack): the whole index at once, as ZODB does."""
         if self._is_read_only or self._failure is not None:
             return  # never an index that claims commits which may not be on disk
+        try:  # ZODB saves after a pack or a rescan at open, commits it did not fsync
+            os.fsync(self._file.fileno())
+        except ValueError:
+            pass  # the file is closed: close() made every commit durable before
+        except OSError:
+            return  # no index beats one that points past what is on disk
         state = [(prefix, bucket.toString()) for prefix, bucket in self._index._data.items()]
         self._write_index(self._pos, state, self.__name__ + ".index_tmp")
         self._index_generation += 1

@@ -117,6 +117,9 @@ def import_command(
     size_at_failure = None
     try:
         with open_store(db, **durability) as store:
+            if new_store is not None:  # and not one another process filled meanwhile
+                with store.snapshot() as snap:
+                    new_store = new_store if len(snap.root) == 0 else None
             try:
                 result = store.import_tree(
                     source,
