@@ -146,19 +146,17 @@ class OwnedConnection(Connection):
 class _Walk:
     """An ObjectWriter that remembers which object it handed out last (see _store_objects)."""
 
-    __slots__ = ("current", "writer")
+    __slots__ = ("current", "serialize", "writer")
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
+        self.serialize = writer.serialize  # the writer's own, called as it is
         self.current: Any = None
 
     def __iter__(self) -> Iterator[Any]:
         for obj in self.writer:
             self.current = obj
             yield obj
-
-    def serialize(self, obj: Any) -> bytes:
-        return self.writer.serialize(obj)  # type: ignore[no-any-return]
 
 
 def _discard_refused_change(obj: object) -> None:
