@@ -39,24 +39,9 @@ SCALAR_TYPES: frozenset[type] = frozenset(
     }
 )
 
-#: Key types a Mapping can keep in order (besides tuples of them).
-_ORDERED_KEY_TYPES = frozenset(
-    {
-        type(None),  # BTrees order None before everything else
-        bool,
-        int,
-        float,
-        str,
-        bytes,
-        decimal.Decimal,
-        fractions.Fraction,
-        datetime.datetime,
-        datetime.date,
-        datetime.time,
-        datetime.timedelta,
-        uuid.UUID,
-    }
-)
+#: Key types a Mapping can keep in order (besides tuples of them): the scalars
+#: but complex numbers and timezones, which do not order. BTrees order None first.
+_ORDERED_KEY_TYPES = SCALAR_TYPES - {complex, datetime.timezone}
 
 #: How deep tuples and frozensets may nest inside one another. They are
 #: stored inside their node's record, which ZODB pickles recursively (and

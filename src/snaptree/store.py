@@ -92,6 +92,7 @@ class Store:
         self._pool = ConnectionPool(db, source=source, size=pool_size, timeout=pool_timeout)
         self._stats = ConflictStats()
         self._plain_function: Any = None  # the last function run() found to be plain
+        self._export_fragments: Any = None  # export's FragmentCaches, made by the first export
         # What a write call waits for before it returns: the disk (durability
         # "commit", "group"), or nothing ("relaxed", and storages snaptree
         # does not make durable itself).
@@ -340,9 +341,9 @@ class Store:
         if "fragments" not in options:
             # Kept for the store's life; created on the first export (a Store that
             # never exports pays nothing). Two threads racing here keep one of two.
-            kept = self.__dict__.get("_export_fragments")
+            kept = self._export_fragments
             if kept is None:
-                kept = self.__dict__["_export_fragments"] = FragmentCaches(when_cached=True)
+                kept = self._export_fragments = FragmentCaches(when_cached=True)
             options["fragments"] = kept
         return export(self, path, format=format, at=at, subtree=subtree, **options)
 
