@@ -283,14 +283,21 @@ def _repeated_store_exports(
     return statistics.median(times)
 
 
+def _dumps_baseline(store: snaptree.Store, repeat: int) -> tuple[float, int]:
+    """The median time of ``pickle.dumps`` of the tree as plain data, and its object count.
+
+    The snapshot loads every object: the store's cache then holds the tree.
+    """
+    with store.snapshot() as snap:
+        plain = tree.to_plain(snap.root)
+        objects = len(snap.connection._cache)
+    return _median_time(lambda: pickle.dumps(plain, protocol=5), repeat), objects
+
+
 def export_times(db: Path, out: Path, accounts: int, repeat: int) -> dict[str, float]:
     store = snaptree.open(str(db), cache_size=10_000_000)
     try:
-        with store.snapshot() as snap:
-            plain = tree.to_plain(snap.root)
-            objects = len(snap.connection._cache)
-        dumps = _median_time(lambda: pickle.dumps(plain, protocol=5), repeat)
-        plain = None
+        dumps, objects = _dumps_baseline(store, repeat)
         store.export(out / "warm.pickle", fragments=None)  # fills the pooled connection's cache
         # No fragments kept from one export to the next: a one-off store.export().
         warm_cold_fragments = _median_time(
@@ -373,11 +380,7 @@ def one_off_times(db: Path, out: Path, accounts: int, repeat: int) -> dict[str, 
     """pickle.dumps of the plain tree, and repeated store.export() after 1% changed."""
     store = snaptree.open(str(db), cache_size=10_000_000)
     try:
-        with store.snapshot() as snap:
-            plain = tree.to_plain(snap.root)
-            objects = len(snap.connection._cache)
-        dumps = _median_time(lambda: pickle.dumps(plain, protocol=5), repeat)
-        plain = None
+        dumps, objects = _dumps_baseline(store, repeat)
         one_off = _median_time(lambda: store.export(out / "plain.pickle", fragments=None), repeat)
         flushed: list[float] = []
         repeated = _repeated_store_exports(store, out, accounts, repeat, flush_seconds=flushed)
