@@ -228,8 +228,8 @@ def test_historical_export(tmp_path):
         store.close()
 
 
-def test_unknown_format_is_refused(store, tmp_path):
-    with pytest.raises(ExportError, match="unknown format 'xml'"):
+def test_an_unknown_format_is_a_bad_argument(store, tmp_path):
+    with pytest.raises(ArgumentError, match="unknown format 'xml'"):
         store.export(tmp_path / "x.xml", format="xml")
 
 

@@ -86,7 +86,7 @@ def test_format_comes_from_the_name_or_the_first_bytes(tmp_path: Path) -> None:
     assert snaptree.load_source(write(tmp_path / "z.txt", "[3]"), format="json") == [3]
     with pytest.raises(snaptree.InputError, match="--format"):
         snaptree.load_source(write(tmp_path / "w.bin", "hello"))
-    with pytest.raises(snaptree.InputError, match="unknown format 'xml'"):
+    with pytest.raises(snaptree.ArgumentError, match="unknown format 'xml'"):
         snaptree.load_source(tmp_path / "x.data", format="xml")
 
 

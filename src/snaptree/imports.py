@@ -99,7 +99,7 @@ def source_format(name: str, format: str | None) -> str:  # noqa: A002
     """*format* checked, or the format of the file *name* from its name and first bytes."""
     if format is not None:
         if format not in FORMATS:
-            raise InputError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+            raise ArgumentError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
         return format
     try:
         with open_for_reading(name) as file:

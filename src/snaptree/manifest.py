@@ -34,7 +34,7 @@ from ._compression import (
 )
 from ._unpickler import load_pickle
 from ._zexp import read_zexp
-from .errors import ArgumentError, Error, ExportError, VerifyError
+from .errors import ArgumentError, Error, VerifyError
 
 FORMATS = ("pickle", "json", "zodb")
 #: File name suffix of each format.
@@ -47,8 +47,9 @@ _SUFFIX_FORMATS = {".json": "json", ".pickle": "pickle", ".pkl": "pickle", ".zex
 
 
 def check_format(format: str) -> str:  # noqa: A002 - the name users know from the CLI
+    """*format* if it is one snaptree writes; an unknown one is a bad argument."""
     if format not in FORMATS:
-        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise ArgumentError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     return format
 
 
