@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib
 import inspect
 import logging
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from typing import Any, NamedTuple
 
@@ -759,6 +761,41 @@ def test_generator_and_async_functions_are_refused_before_anything_runs(store):
             store.transactional(fn)
     assert store.stats()["commits"] == 1  # creating the tree; nothing since
     assert store.run(lambda root: "x" in root) is False
+
+
+def test_a_function_run_once_is_not_kept_alive_by_the_store(store):
+    """run() remembers the last function it checked, weakly: a closure's data is freed."""
+
+    class Big:
+        pass
+
+    data = Big()
+    freed = threading.Event()
+    weakref.finalize(data, freed.set)
+
+    def uses(root: Any, data: Big = data) -> None:
+        root["x"] = 1
+
+    store.run(uses)
+    del uses, data
+    gc.collect()
+    assert freed.is_set()
+    assert store.run(lambda root: root["x"]) == 1
+
+
+def test_a_callable_without_weak_references_is_checked_at_every_call(store):
+    """A callable that cannot be referred to weakly still runs, and a deferred one is refused."""
+    assert store.run(len) == 0  # a builtin: no weak reference to it
+
+    class Once:
+        __slots__ = ()  # no __weakref__
+
+        def __call__(self, root: Any) -> int:
+            root["y"] = 2
+            return 2
+
+    assert store.run(Once()) == 2
+    assert store.run(Once()) == 2
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -91,7 +92,9 @@ class Store:
         self.pool_timeout = pool_timeout
         self._pool = ConnectionPool(db, source=source, size=pool_size, timeout=pool_timeout)
         self._stats = ConflictStats()
-        self._plain_function: Any = None  # the last function run() found to be plain
+        # The last function run() found to be plain, held weakly: a closure over
+        # large data must not outlive the call that used it.
+        self._plain_function: weakref.ref[Any] | None = None
         self._export_fragments: Any = None  # export's FragmentCaches, made by the first export
         # What a write call waits for before it returns: the disk (durability
         # "commit", "group"), or nothing ("relaxed", and storages snaptree
@@ -145,9 +148,13 @@ class Store:
         the transaction. The call returns once its commit is as durable as
         the store's mode promises (:attr:`durability`).
         """
-        if fn is not self._plain_function:  # the last one checked: calls repeat themselves
+        checked = self._plain_function  # the last one checked: calls repeat themselves
+        if checked is None or checked() is not fn:
             refuse_deferred(fn)
-            self._plain_function = fn
+            try:
+                self._plain_function = weakref.ref(fn)
+            except TypeError:  # a callable without weak references is checked at every call
+                self._plain_function = None
         return self._writes.run(fn, args, kwargs, self.retry_policy)
 
     def run_batched(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
