@@ -550,6 +550,30 @@ def test_every_error_survives_pickling(kind):
     assert vars(copy) == vars(error)
 
 
+@pytest.mark.parametrize("kind", _every_error_class(), ids=lambda kind: kind.__name__)
+def test_every_error_a_zeo_server_raised_is_raised_again_in_the_client(kind):
+    """ZEO hands the client an error class it does not know as a ServerException naming it."""
+    from ZEO.Exceptions import ServerException
+
+    from snaptree.errors import raised_by_server
+
+    error = _an_instance(kind)
+    wrapped = ServerException(f"{kind.__module__}.{kind.__name__}", error.args)
+    again = raised_by_server(wrapped)
+    assert type(again) is kind and again.args == error.args
+
+
+def test_a_server_error_that_is_not_snaptrees_stays_as_zeo_gave_it():
+    from ZEO.Exceptions import ServerException
+
+    from snaptree.errors import raised_by_server
+
+    assert raised_by_server(ServerException("builtins.ValueError", ("x",))) is None
+    assert raised_by_server(ServerException("elsewhere.DurabilityError", ("x",))) is None
+    assert raised_by_server(snaptree.DurabilityError("x")) is None
+    assert raised_by_server(ValueError("snaptree.errors.DurabilityError", ("x",))) is None
+
+
 def test_every_public_name_is_importable_from_the_package():
     """``snaptree.X`` and ``from snaptree import *`` give every name of ``__all__``."""
     namespace: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from ._batching import BatchCommitFailed, BatchedCall, Combiner
 from ._guards import GlobalTransactionGuard, ThreadCalls, call_misuse, check_guards, misuse_error
 from ._pool import ConnectionPool, Pair
 from ._results import detach
-from .errors import ArgumentError, Error, MisuseError, StoreClosedError
+from .errors import ArgumentError, Error, MisuseError, StoreClosedError, raised_by_server
 from .paths import ROOT_KEY
 from .retry import ConflictStats, Retry, RetryPolicy, is_transient, run_with_retries
 
@@ -77,12 +77,16 @@ def replacement_error(
     When close() gave up waiting and closed the database under the call,
     whatever the call ran into (ZODB's closing aborts its transaction from
     the closing thread) is reported as the store being closed; when the
-    function ended the call's transaction *txn* itself, that misuse.
+    function ended the call's transaction *txn* itself, that misuse; when
+    a ZEO server raised one of snaptree's errors, that error.
     """
     if isinstance(exc, StoreClosedError):
         return None
+    served = raised_by_server(exc)
     if pool.closed:
         error: Exception = pool.closed_error()
+    elif served is not None:
+        error = served
     elif isinstance(exc, Error):
         return None
     elif pair is not None and txn is not None and call_misuse(pair.conn, pair.tm, txn):

@@ -23,6 +23,41 @@ class Error(Exception):
     """Base class of every error snaptree raises on purpose."""
 
 
+def raised_by_server(exc: BaseException) -> Error | None:
+    """The snaptree error a ZEO server raised, if *exc* is ZEO's stand-in for it.
+
+    ZEO (6.2) hands its client an error class it has no factory for as a
+    ``ServerException`` holding the class's dotted name and its arguments,
+    so a ``DurabilityError`` raised by ``snaptree serve`` would reach the
+    application as a ZEO error that ``except snaptree.Error`` misses. Every
+    snaptree error is made again from its positional arguments (see the
+    module docstring), so the client raises the server's error as it was.
+    """
+    if type(exc).__name__ != "ServerException" or type(exc).__module__ != "ZEO.Exceptions":
+        return None
+    if len(exc.args) != 2 or not isinstance(exc.args[0], str):
+        return None
+    kind = _error_classes().get(exc.args[0])
+    if kind is None:
+        return None
+    try:
+        return kind(*exc.args[1])
+    except Exception:  # arguments a later snaptree's class would not take
+        return None
+
+
+def _error_classes() -> dict[str, type[Error]]:
+    """Every snaptree error class loaded, by the dotted name ZEO gives it."""
+    found: dict[str, type[Error]] = {}
+    pending = [Error]
+    while pending:
+        kind = pending.pop()
+        if kind.__module__.startswith("snaptree."):
+            found[f"{kind.__module__}.{kind.__name__}"] = kind
+        pending.extend(kind.__subclasses__())
+    return found
+
+
 class ArgumentError(Error, ValueError):
     """An argument is out of range or contradicts another one; the message names it.
 
