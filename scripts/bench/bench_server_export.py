@@ -40,26 +40,40 @@ import snaptree
 
 HERE = Path(__file__).resolve()
 FORMATS = {"pickle": ".pickle", "json": ".json", "zodb": ".zexp"}
+#: The row of exports whose objects are all in the client's own cache already.
+CACHED = "pickle, from the client's cache"
 
 
-def cold_export(uri: str, out: Path, fmt: str) -> tuple[float, int]:
-    """Seconds of one export from a store opened just before (connected, nothing loaded)."""
+def cold_export(uri: str, out: Path, fmt: str, client_cache: bool = False) -> tuple[float, int]:
+    """Seconds of one export from a store opened just before (connected, nothing loaded).
+
+    With *client_cache*, an untimed export first fills the client's own
+    cache (ZEO's cache file, RelStorage's local cache), and the ZODB cache
+    is emptied before the timed one: every object is then unpickled again,
+    but none is asked of the server. What is left is the client's floor.
+    """
     read_only = uri.endswith(".fs")
     with snaptree.open(uri, read_only=read_only) as store:
         with store.snapshot():  # connect; the tree's root is all that is loaded
             pass
+        if client_cache:
+            store.export(out / f"fill{FORMATS[fmt]}", fragments=None)
+            store.db.cacheMinimize()
         started = time.perf_counter()
         info = store.export(out / f"cold{FORMATS[fmt]}", fragments=None)
         return time.perf_counter() - started, info.objects
 
 
 def _child(uri: str, out: str, fmt: str, prefetch: str) -> None:
-    """One cold export in this process; with prefetch "off", exports load one object at a time."""
+    """One cold export in this process; with prefetch "off", exports load one object at a time.
+
+    With prefetch "cached", the objects come from the client's own cache (see cold_export).
+    """
     if prefetch == "off":
         from snaptree import _plain_nodes
 
         _plain_nodes.is_client_of_a_server = lambda storage: False  # the bench's own switch
-    seconds, objects = cold_export(uri, Path(out), fmt)
+    seconds, objects = cold_export(uri, Path(out), fmt, client_cache=prefetch == "cached")
     print(json.dumps({"seconds": seconds, "objects": objects}))
 
 
@@ -148,6 +162,8 @@ def main() -> None:
                     servers = {"zeo": zeo_uri, "postgresql": pg_uri}
                     for backend, row in measure(servers, out, "pickle", 1, "off").items():
                         rows[(backend, off)] = row
+                for backend, row in measure(uris, out, "pickle", repeat, "cached").items():
+                    rows[(backend, CACHED)] = row
             results[size] = rows
 
     cmd = command_line(HERE, sys.argv[1:])
@@ -162,7 +178,10 @@ def main() -> None:
         "(RelStorage, history-preserving); each export from a store opened in a fresh process "
         f"just before (cold caches), median of {repeat}, the three backends taken in turn in "
         "each round. Target: through a server within 1.5x "
-        "of the file.",
+        "of the file. The last row of each size is the client's floor: every object "
+        "unpickled again, but taken from the client's own cache (ZEO's cache file, "
+        "RelStorage's local cache) filled by an untimed export just before, so the server "
+        "is asked for nothing.",
         "",
         "| objects (file / zeo / pg) | format | FileStorage | ZEO | vs file | PostgreSQL "
         "| vs file |",
@@ -171,7 +190,7 @@ def main() -> None:
     for rows in results.values():
         for (backend, fmt), row in rows.items():
             if backend != "file":
-                continue
+                continue  # the servers' figures go on the file's row
             zeo, pg = rows[("zeo", fmt)], rows[("postgresql", fmt)]
             base = row["seconds"]
             lines.append(
