@@ -341,6 +341,24 @@ def test_users_objects_survive_a_failed_import(store_uri: str) -> None:
             assert [g.name for g in snap.root["gadgets"]] == [f"g{i}" for i in range(300)]
 
 
+@pytest.mark.parametrize("in_tuple", [False, True], ids=["key", "in-a-tuple-key"])
+def test_users_objects_used_as_keys_survive_a_failed_import(
+    store: snaptree.Store, in_tuple: bool
+) -> None:
+    """A persistent key (or one inside a tuple key) makes the import one transaction too."""
+    gadget = Gadget("tag")
+    key = ("tuple", gadget) if in_tuple else gadget
+    data = {"tagged": {key: "v"}, "filler": [[i] for i in range(50)], "zzz": Plain()}
+    with pytest.raises(snaptree.UnstorableValueError, match=r"^x/zzz"):
+        store.import_tree(data, path="x", commit_every=5)
+    assert gadget._p_jar is None and gadget._p_oid is None
+    del data["zzz"]
+    assert store.import_tree(data, path="x", commit_every=5).batches == 0
+    with store.snapshot() as snap:
+        (stored,) = snap.root["x"]["tagged"].keys()
+        assert stored is not None and snap.root["x"]["tagged"][stored] == "v"
+
+
 def test_object_of_another_connection_is_refused(store: snaptree.Store) -> None:
     """A persistent object that already lives in a database cannot be imported again."""
     store.import_tree({"gadget": Gadget("lamp")})

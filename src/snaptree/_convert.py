@@ -474,7 +474,7 @@ def census(data: Any) -> Census:
     totals: dict[int, int] = {}
     shared: set[int] = set()
     nodes = 0
-    persistent = False
+    persistent = type(data) is dict and _persistent_key(data)
     on_path = {id(data)}
     stack: list[list[Any]] = [[data, _children(data), 1]]
     scalars = SCALAR_TYPES
@@ -494,6 +494,8 @@ def census(data: Any) -> Census:
                 shared.add(ident)
             elif ident not in on_path:
                 on_path.add(ident)
+                if kind is dict:
+                    persistent = persistent or _persistent_key(child)
                 stack.append([child, iter(child.values()) if kind is dict else _children(child), 1])
                 break
         else:
@@ -505,6 +507,24 @@ def census(data: Any) -> Census:
             if stack:
                 stack[-1][2] += frame[2]
     return Census(totals[id(data)], len(totals), nodes, shared, persistent)
+
+
+def _persistent_key(mapping: dict[Any, Any]) -> bool:
+    """Whether a key of *mapping* is, or holds in a tuple, a persistent object.
+
+    The census walks values; a key is stored as it is, so a persistent key
+    (hashable by identity) must send the import to one transaction as much
+    as a persistent value does.
+    """
+    scalars = SCALAR_TYPES
+    pending = [key for key in mapping if type(key) not in scalars]
+    while pending:
+        key = pending.pop()
+        if isinstance(key, Persistent):
+            return True
+        if isinstance(key, tuple | frozenset):
+            pending.extend(part for part in key if type(part) not in scalars)
+    return False
 
 
 def _expands(value: Any) -> bool:
