@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snaptree
-from snaptree import _json_stream, _staging
+from snaptree import _json_events, _staging
 from snaptree._compression import zstd
 from snaptree.imports import staged_imports
 from snaptree.tree import List, Mapping
@@ -240,7 +240,7 @@ def test_escaped_backslashes_before_u_are_text_not_surrogates(store: snaptree.St
 @pytest.mark.parametrize("shift", range(-13, 2))
 def test_a_surrogate_pair_split_between_blocks_is_seen_whole(tmp_path: Path, shift: int) -> None:
     """A pair cut by a block boundary is kept; a lone half near it is still found."""
-    pad = "x" * (_json_stream.BLOCK + shift)
+    pad = "x" * (_json_events.BLOCK + shift)
     good = write(tmp_path / "good.json", f'["{pad}\\ud83d\\ude00", "\\\\\\\\ud800"]')
     lone = write(tmp_path / "lone.json", f'["{pad}\\ud83d", 1]')
     with snaptree.open("memory://") as store:
@@ -248,6 +248,23 @@ def test_a_surrogate_pair_split_between_blocks_is_seen_whole(tmp_path: Path, shi
         assert store.run(lambda root: root["g"]) == [pad + "\U0001f600", "\\\\ud800"]
         store.import_tree(lone, path="l")  # found, so read whole by Python's parser
         assert store.run(lambda root: root["l"]) == [pad + "\ud83d", 1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["\\udc00"]',  # a lone low half in a file shorter than the check's margin
+        '{"k": "\\udfff"}',
+        '{"a": 1e9999999999999999999, "b": 1e-9999999999999999999}',  # exponents past Decimal
+    ],
+    ids=["short-low-half", "short-low-half-in-object", "huge-exponents"],
+)
+def test_what_yajl_refuses_but_python_reads_is_read_by_python(tmp_path: Path, text: str) -> None:
+    """Valid JSON the stream parser cannot take falls back to Python's parser, never an error."""
+    source = write(tmp_path / "s.json", text)
+    with snaptree.open("memory://") as store:
+        store.import_tree(source, path="s")
+        assert store.run(lambda root: root["s"]) == json.loads(text)
 
 
 def test_a_json_value_that_is_not_an_object_cannot_go_to_the_root(tmp_path: Path) -> None:

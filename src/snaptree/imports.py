@@ -5,7 +5,8 @@ Two jobs live here, each with its own half of the module:
 * **Reading a source** (:func:`load_source`). JSON is parsed with the
   standard library and its errors are reported with file, line and column;
   an import of a JSON *file* reads it as a stream instead
-  (:mod:`snaptree._json_stream`), so its size is not bounded by memory.
+  (:mod:`snaptree._json_events`, :mod:`snaptree._json_stream`), so its
+  size is not bounded by memory.
   Pickles are read with the allow-list unpickler of :mod:`snaptree._unpickler`:
   a pickle is a program, and the standard unpickler runs whatever callable
   the file names; ours resolves only builtin containers and scalars, datetime
@@ -46,8 +47,9 @@ from typing import Any
 from . import paths
 from ._compression import ZSTD_SUFFIX, open_for_reading
 from ._convert import Census, Converter, census
-from ._json_stream import JsonBuilder, NotStreamableError, load_json
-from ._json_stream import events as json_events
+from ._json_events import NotStreamableError, load_json
+from ._json_events import events as json_events
+from ._json_stream import JsonBuilder
 from ._staging import StagedImport, Staging, list_staged, remove_abandoned
 from ._unpickler import load_pickle
 from ._zexp import ZEXP_HEADER, read_zexp
