@@ -324,6 +324,31 @@ class Tag(Persistent):
         return hash(self.name)
 
 
+@pytest.mark.parametrize("scalars", [499, 500, 501, 999, 1000, 1001])
+def test_a_large_flat_mapping_with_long_runs_of_plain_items_loads(tmp_path, warm, scalars):
+    """A mapping of mixed key types too large to seal is written in parts; every part loads.
+
+    Its plain items are pickled in runs: a run of more than a thousand values
+    (pickle's batch) once carried a list's APPENDS into the dict's SETITEMS,
+    a dump that verified its checksum and that no unpickler could load.
+    """
+    store = snaptree.open("memory://")
+    try:
+
+        def fill(root: Any) -> None:
+            flat: dict[Any, Any] = {"big": {f"k{i}": {"v": i} for i in range(150)}}
+            flat.update((i, i) for i in range(scalars))  # int and str keys: a FlatMapping
+            root["m"] = flat
+
+        store.run(fill)
+        for name in ("cold.pickle", "warm.pickle"):
+            info = store.export(tmp_path / name, fragments=warm)
+            assert _loaded(info.path) == _expected(store, info.tid)
+        assert warm.entries() > 0
+    finally:
+        store.close()
+
+
 def test_a_set_of_many_objects_of_yours_is_written_in_parts(tmp_path, warm):
     """More objects of yours than one fragment holds: the set is written item by item."""
     store = snaptree.open("memory://")

@@ -565,14 +565,24 @@ class FragmentWriter:
         return pieces
 
     def _run(self, values: list[Any]) -> bytes:
-        """The opcodes that push *values*, cut out of the pickle of a list of them."""
-        fragment, found, _serials, _volatile, _largest = self._pickle(values, None)
-        if found:
-            # A user object, or a node inside a tuple: this node's own serial
-            # does not cover it, so the node is pickled again next time.
-            self._volatile = True
-        # ']' item 'a' for one value, ']' '(' items 'e' for several.
-        return fragment[1:-1] if len(values) == 1 else fragment[2:-1]
+        """The opcodes that push *values*, cut out of the pickles of lists of them.
+
+        A list is pickled a batch of at most _BATCH items at a time: ']' item
+        'a' for one value, ']' '(' items 'e' for several. A longer list would
+        carry an APPENDS and a MARK between its batches, which inside a
+        dict's SETITEMS would make a dump that no unpickler loads; so each
+        list pickled here holds one batch at most.
+        """
+        pieces = []
+        for start in range(0, len(values), _BATCH):
+            batch = values[start : start + _BATCH]
+            fragment, found, _serials, _volatile, _largest = self._pickle(batch, None)
+            if found:
+                # A user object, or a node inside a tuple: this node's own serial
+                # does not cover it, so the node is pickled again next time.
+                self._volatile = True
+            pieces.append(fragment[1:-1] if len(batch) == 1 else fragment[2:-1])
+        return b"".join(pieces)
 
 
 def _span_first(span: Span) -> int:
