@@ -16,7 +16,7 @@ import pytest
 
 import snaptree
 from snaptree import dump_directory, retention, schedule
-from snaptree.export_run import export_into
+from snaptree.export_run import export_file, export_into
 
 WAIT = 60.0
 
@@ -209,6 +209,24 @@ def test_directory_mode_names_latest_keep_and_skips_unchanged(store, tmp_path):
     line = results[-1].log_line()
     for part in (str(results[-1].info.path), results[-1].info.tid, "objects", "bytes", " s"):
         assert part in line
+
+
+def test_a_run_of_another_subtree_is_not_skipped_as_unchanged(store, tmp_path):
+    """Nothing committed since the newest dump, but that dump holds another part of the tree."""
+    store.run(lambda root: root.update(accounts={"a": 1}, settings={"x": 2}))
+    out = tmp_path / "dumps"
+    out.mkdir()
+    part = export_into(store, out, subtree="/accounts")
+    whole = export_into(store, out, subtree="/")
+    assert not whole.skipped and whole.info.subtree == "/"
+    with open(out / "latest.pickle", "rb") as f:
+        assert pickle.load(f) == {"accounts": {"a": 1}, "settings": {"x": 2}}
+    assert export_into(store, out, subtree="/").skipped
+    fixed = tmp_path / "fixed.pickle"
+    export_file(store, fixed, subtree="accounts", skip_unchanged=True)
+    again = export_file(store, fixed, subtree="/accounts/", skip_unchanged=True)
+    assert again.info is None and again.skipped_tid == part.info.tid  # the same part, spelt so
+    assert export_file(store, fixed, skip_unchanged=True).info.subtree == "/"
 
 
 def test_formats_have_their_own_latest_and_retention(store, tmp_path):

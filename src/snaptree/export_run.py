@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _atomic, retention
+from . import _atomic, paths, retention
 from ._directory_lock import DirectoryLock
 from .dump_directory import (
     OWNED,
@@ -151,7 +151,7 @@ def _export_held(
     _atomic.existing_directory(folder, f"cannot export {fmt} dumps")  # still there?
     _atomic.remove_stale_temporaries(folder, owned=OWNED)
     existing = complete_dumps(folder, fmt)
-    last_tid = _manifest_tid(existing[-1]) if existing and not force else None
+    last_tid = _unchanged_tid(existing[-1], subtree) if existing and not force else None
     info = export_snapshot(
         store,
         lambda snap: folder / dump_name(fmt, snap.committed_at, snap.tid, compress),
@@ -188,7 +188,7 @@ def export_file(
     target = Path(path)
     format = resolve_format(target, format)  # noqa: A001
     compress = resolve_compression(target, compress)
-    last_tid = _manifest_tid(target) if skip_unchanged and target.is_file() else None
+    last_tid = _unchanged_tid(target, subtree) if skip_unchanged and target.is_file() else None
     info = export_snapshot(
         store,
         lambda snap: target,
@@ -202,12 +202,20 @@ def export_file(
     return RunResult(info, target.parent, format, skipped_tid=None if info else last_tid)
 
 
-def _manifest_tid(dump: Path) -> str | None:
-    """The tid *dump*'s manifest vouches for; None if it cannot be trusted (export anew)."""
+def _unchanged_tid(dump: Path, subtree: str) -> str | None:
+    """The tid *dump*'s manifest vouches for, if *dump* is of *subtree*; else None (export anew).
+
+    A run skips when the snapshot it would write holds this tid: nothing
+    was committed since. A dump of another part of the tree, or one whose
+    manifest cannot be trusted, is not what the run would write.
+    """
     try:
-        return read_manifest(dump).tid
+        info = read_manifest(dump)
     except VerifyError:
         return None
+    if info.subtree != "/" + "/".join(paths.parse(subtree, what="subtree")):
+        return None
+    return info.tid
 
 
 def describe_failure(exc: BaseException) -> str:
