@@ -48,6 +48,17 @@ def test_keep_last_keeps_exactly_the_newest_n():
     assert kept(Retention(last=3), times) == set(times[:3])
 
 
+def test_of_dumps_committed_in_the_same_microsecond_the_last_given_is_the_newest():
+    """Tids closer than a microsecond share a commit time; name order (time, tid) decides."""
+    dumps = [Dated(name, T0) for name in ("tid-1", "tid-2", "tid-3")]  # oldest first, as named
+    decisions = decide(dumps, Retention(last=1))
+    assert [(d.dump, d.keep) for d in decisions] == [
+        ("tid-3", True),
+        ("tid-2", False),
+        ("tid-1", False),
+    ]
+
+
 def test_keep_daily_keeps_the_newest_dump_of_each_of_the_newest_days_that_have_one():
     """Days without a dump do not count: daily 3 over dumps every other day spans 5 days."""
     day = datetime.timedelta(days=1)

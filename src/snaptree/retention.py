@@ -221,14 +221,22 @@ class Decision:
 def decide(dumps: Sequence[Dated], policy: Retention) -> list[Decision]:
     """Which of *dumps* *policy* keeps, newest first, with the reasons (restic's algorithm).
 
-    Pure: times come from the arguments, never from a clock. Dumps with the
-    same commit time keep the order they were given in (oldest first).
+    Pure: times come from the arguments, never from a clock. Of two dumps
+    with the same commit time (ZODB's tids can be closer than a microsecond
+    when the clock was stepped back), the one given later is taken as the
+    newer: :func:`plan` gives them oldest first, by name (time, then tid).
     """
-    ordered = sorted(
-        ((entry, entry.committed_at.astimezone(datetime.UTC)) for entry in dumps),
-        key=lambda pair: pair[1],
-        reverse=True,
-    )
+    ordered = [
+        (entry, when)
+        for _, when, entry in sorted(
+            (
+                (index, entry.committed_at.astimezone(datetime.UTC), entry)
+                for index, entry in enumerate(dumps)
+            ),
+            key=lambda item: (item[1], item[0]),
+            reverse=True,
+        )
+    ]
     if not ordered:
         return []
     newest = ordered[0][1]
