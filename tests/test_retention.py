@@ -248,6 +248,18 @@ def test_prune_deletes_what_no_rule_keeps_and_nothing_else(tmp_path, weeks_of_du
     assert [p for p, _ in result.ignored] == [damaged]
 
 
+def test_a_damaged_newest_dump_never_leaves_it_the_only_one_kept(tmp_path):
+    """The newest dump whose checksum holds is kept too, whatever the policy says."""
+    oldest, good, newer, newest = (fabricate(tmp_path, T0 - hours(h)) for h in (3, 2, 1, 0))
+    for damaged in (newer, newest):
+        damaged.write_bytes(damaged.read_bytes().upper())  # same size, another sha256
+    [result] = snaptree.prune(tmp_path, Retention(last=1))
+    assert set(result.deleted) == {newer, oldest}  # a damaged dump that is not the newest goes
+    [why] = next(d.reasons for d in result.decisions if d.dump.path == good)
+    assert "newest dump whose checksum holds" in why
+    assert good.exists() and newest.exists()
+
+
 def test_the_dump_latest_points_at_is_kept_whatever_the_policy(tmp_path):
     older = fabricate(tmp_path, T0 - hours(48))
     newer = fabricate(tmp_path, T0)

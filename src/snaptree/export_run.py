@@ -168,7 +168,7 @@ def _export_held(
             point_latest(folder, fmt, existing[-1])
         return RunResult(None, folder, fmt, skipped_tid=last_tid)
     point_latest(folder, fmt, info.path)
-    return RunResult(info, folder, fmt, deleted=retention.retain(folder, fmt, keep))
+    return RunResult(info, folder, fmt, deleted=retention.retain(folder, fmt, keep, info.path))
 
 
 def export_file(

@@ -19,7 +19,8 @@ A dump is kept if any rule keeps it, and a dump kept by one rule still
 counts for the others (restic; borg would let each dump count for one rule
 only). Times are each dump's commit time as its manifest records it, in
 UTC. Whatever the rules, the newest complete dump is never deleted, nor the
-one ``latest`` points at.
+newest whose checksum holds (if newer ones are damaged), nor the one
+``latest`` points at.
 
 The policy is a pure function of the dumps' commit times (:func:`decide`),
 tested without files. :func:`retain` applies it in a directory under the
@@ -43,7 +44,14 @@ from typing import Any, NamedTuple
 from . import _atomic
 from .dump_directory import complete_dumps, is_dump_of, latest_targets, lock_directory
 from .errors import ArgumentError, VerifyError
-from .manifest import FORMATS, MANIFEST_SUFFIX, check_format, manifest_path, read_manifest
+from .manifest import (
+    FORMATS,
+    MANIFEST_SUFFIX,
+    check_checksum,
+    check_format,
+    manifest_path,
+    read_manifest,
+)
 
 #: Most dumps (or periods) one rule may keep.
 MAX_KEEP = 100_000
@@ -329,10 +337,19 @@ class Pruned:
         }
 
 
-def plan(directory: Path, format: str, policy: Retention) -> Pruned:  # noqa: A002
+def plan(
+    directory: Path,
+    format: str,  # noqa: A002
+    policy: Retention,
+    *,
+    intact: Path | None = None,
+) -> Pruned:
     """What *policy* keeps and deletes among the complete dumps of *format* in *directory*.
 
-    Deletes nothing. The dump ``latest`` points at is kept whatever the policy.
+    Deletes nothing. The dump ``latest`` points at is kept whatever the policy,
+    and so is the newest dump whose checksum holds (*intact*: one known to,
+    the dump a run has just written): a damaged newest dump must not be the
+    only one left.
     """
     dated, ignored = [], []
     for dump in complete_dumps(directory, format):
@@ -349,15 +366,46 @@ def plan(directory: Path, format: str, policy: Retention) -> Pruned:  # noqa: A0
         else Decision(d.dump, d.committed_at, True, ("latest points at it",))
         for d in decide(dated, policy)
     ]
+    if not all(d.keep for d in decisions):
+        _keep_newest_intact(decisions, intact)
     return Pruned(directory, format, policy, decisions, ignored, deleted=[], dry_run=True)
 
 
-def apply(directory: Path, format: str, policy: Retention) -> Pruned:  # noqa: A002
+def _keep_newest_intact(decisions: list[Decision], intact: Path | None) -> None:
+    """Keep the newest dump whose size and checksum match its manifest (*decisions*: newest first).
+
+    Usually that is the newest dump, kept anyway, and one read of it (none
+    after a run, which knows what it wrote) settles it. If the newest are
+    damaged, the policy alone would keep them and delete every good one.
+    """
+    for index, decision in enumerate(decisions):
+        if decision.dump.path != intact:
+            try:
+                check_checksum(decision.dump)
+            except VerifyError:
+                continue
+        if not decision.keep:
+            decisions[index] = Decision(
+                decision.dump,
+                decision.committed_at,
+                True,
+                ("the newest dump whose checksum holds (newer ones are damaged)",),
+            )
+        return
+
+
+def apply(
+    directory: Path,
+    format: str,  # noqa: A002
+    policy: Retention,
+    *,
+    intact: Path | None = None,
+) -> Pruned:
     """Delete the complete dumps of *format* that *policy* does not keep; say what it did.
 
-    Runs under the directory's lock.
+    Runs under the directory's lock. *intact*: as for :func:`plan`.
     """
-    planned = plan(directory, format, policy)
+    planned = plan(directory, format, policy, intact=intact)
     deleted = []
     for decision in planned.decisions:
         if decision.keep:
@@ -371,13 +419,18 @@ def apply(directory: Path, format: str, policy: Retention) -> Pruned:  # noqa: A
     return replace(planned, deleted=deleted, dry_run=False)
 
 
-def retain(directory: Path, format: str, keep: Retention | None) -> list[Path]:  # noqa: A002
-    """After a scheduled run: apply *keep* (if any) and return the dumps deleted.
+def retain(
+    directory: Path,
+    format: str,  # noqa: A002
+    keep: Retention | None,
+    written: Path | None = None,
+) -> list[Path]:
+    """After a scheduled run that wrote *written*: apply *keep* (if any); the dumps deleted.
 
     Also removes manifests left without their dump (a crash between the two
     renames of an export, or between the two deletions of :func:`apply`).
     """
-    deleted = [] if keep is None else apply(directory, format, keep).deleted
+    deleted = [] if keep is None else apply(directory, format, keep, intact=written).deleted
     for entry in directory.iterdir():
         if not entry.name.endswith(MANIFEST_SUFFIX):
             continue
