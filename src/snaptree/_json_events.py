@@ -341,41 +341,43 @@ def _failing_byte(path: str, block_at: int) -> int:
 _NUMBER_BYTES = frozenset(bytes([b]) for b in b"0123456789+-.eE")
 
 
+def _blocks_before(path: str, limit: int) -> Iterator[bytes]:
+    """The JSON text of *path* (after a BOM), a block at a time, up to byte *limit*."""
+    done = 0
+    with open_json(path) as stream:
+        while done < limit:
+            block = stream.read(min(BLOCK, limit - done))
+            if not block:
+                return
+            done += len(block)
+            yield block
+
+
 def _first_not_utf8(path: str, limit: int) -> tuple[int, str] | None:
     """The offset of the first byte before *limit* that is not UTF-8, and why; None if none."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open_json(path) as stream:
-        while offset < limit:
-            block = stream.read(min(BLOCK, limit - offset))
-            if not block:
-                break
-            pending = len(decoder.getstate()[0])
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                return offset - pending + exc.start, exc.reason
-            offset += len(block)
+    for block in _blocks_before(path, limit):
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(block)
+        except UnicodeDecodeError as exc:
+            return offset - pending + exc.start, exc.reason
+        offset += len(block)
     return None
 
 
 def position(path: str, offset: int) -> str:
     """ "line L, column C" of the byte at *offset* (columns in characters, from 1)."""
     line, column = 1, 0
-    done = 0
-    with open_json(path) as stream:
-        while done < offset:
-            block = stream.read(min(BLOCK, offset - done))
-            if not block:
-                break
-            done += len(block)
-            newlines = block.count(b"\n")
-            if newlines:
-                line += newlines
-                block = block[block.rindex(b"\n") + 1 :]
-                column = 0
-            # characters: every byte but UTF-8 continuation bytes starts one
-            column += len(block) - len(block.translate(None, delete=_ASCII_AND_LEADS))
+    for block in _blocks_before(path, offset):
+        newlines = block.count(b"\n")
+        if newlines:
+            line += newlines
+            block = block[block.rindex(b"\n") + 1 :]
+            column = 0
+        # characters: every byte but UTF-8 continuation bytes starts one
+        column += len(block) - len(block.translate(None, delete=_ASCII_AND_LEADS))
     return f"line {line}, column {column + 1}"
 
 
