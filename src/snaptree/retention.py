@@ -347,9 +347,9 @@ def plan(
     """What *policy* keeps and deletes among the complete dumps of *format* in *directory*.
 
     Deletes nothing. The dump ``latest`` points at is kept whatever the policy,
-    and so is the newest dump whose checksum holds (*intact*: one known to,
-    the dump a run has just written): a damaged newest dump must not be the
-    only one left.
+    and so is the newest dump whose checksum holds (*intact* names one known
+    to hold: the dump a run has just written), so that a damaged newest dump
+    is never the only one left.
     """
     dated, ignored = [], []
     for dump in complete_dumps(directory, format):
