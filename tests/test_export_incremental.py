@@ -254,6 +254,9 @@ _EDIT = st.one_of(
     st.tuples(st.just("inner"), _KEYS, _VALUES),
     st.tuples(st.just("move"), _KEYS, _KEYS),
     st.tuples(st.just("count"), st.integers(-5, 5), st.none()),
+    # a run of plain items in a large mapping of mixed key types (written in parts),
+    # up to past pickle's batch of 1,000 values
+    st.tuples(st.just("bulk"), _KEYS, st.integers(0, 700)),
 )
 
 
@@ -275,6 +278,8 @@ def _apply(root: Any, op: str, a: Any, b: Any) -> None:
         if a in table and a != b:
             table[b] = table[a]
             del table[a]
+    elif op == "bulk":
+        root["f"].update({(a, i): i for i in range(b)})
     else:
         root["c"].add(a)
 
@@ -289,9 +294,15 @@ def test_random_edits_never_leave_a_stale_dump(tmp_path, edits):
     """Any sequence of commits, each followed by a warm export, gives exact dumps."""
     store = snaptree.open("memory://")
     try:
+        flat: dict[Any, Any] = {f"n{i}": {"v": i} for i in range(_pickle_fragments.SEAL_NODES)}
+        flat[0] = "int and str keys: a FlatMapping"
         store.run(
             lambda root: root.update(
-                {"t": {i: {"v": i, "l": [i]} for i in range(0, 80, 2)}, "c": snaptree.Counter()}
+                {
+                    "t": {i: {"v": i, "l": [i]} for i in range(0, 80, 2)},
+                    "c": snaptree.Counter(),
+                    "f": flat,
+                }
             )
         )
         fragments = FragmentCaches()
