@@ -225,3 +225,33 @@ def test_paths_with_at_signs_are_not_taken_for_passwords(tmp_path: Path) -> None
         assert store.source == str(folder / "Data.fs")
     assert uris.redact(f"file://{folder}/Data.fs") == f"file://{folder}/Data.fs"
     assert uris.redact("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
+
+
+def test_a_file_uri_names_the_file_percent_decoded_and_a_path_names_it_as_written(
+    tmp_path: Path,
+) -> None:
+    """Path.as_uri() writes a space as %20; a plain path holding '%20' is that very name."""
+    spaced = tmp_path / "my store.fs"
+    with snaptree.open(str(spaced)) as store:
+        store.run(lambda root: root.__setitem__("k", 1))
+    with snaptree.open(spaced.as_uri()) as store:
+        assert store.run(lambda root: root["k"]) == 1
+    literal = tmp_path / "a%20b.fs"
+    with snaptree.open(str(literal)) as store:
+        store.run(lambda root: root.__setitem__("k", 2))
+    with snaptree.open(literal.as_uri()) as store:  # the % itself encoded as %25
+        assert store.run(lambda root: root["k"]) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.fs")) == ["a%20b.fs", "my store.fs"]
+
+
+def test_create_in_a_file_uri_is_refused_and_the_store_kept(tmp_path: Path) -> None:
+    """ZODB's create=1 empties an existing file: refused, whatever the file holds."""
+    data = tmp_path / "Data.fs"
+    with snaptree.open(str(data)) as store:
+        store.run(lambda root: root.__setitem__("k", 1))
+    size = data.stat().st_size
+    with pytest.raises(snaptree.OpenError, match=r"create=1 empties the file .* leave the option"):
+        snaptree.open(f"file://{data}?create=1")
+    assert data.stat().st_size == size
+    with snaptree.open(f"file://{data}?create=0") as store:
+        assert store.run(lambda root: root["k"]) == 1

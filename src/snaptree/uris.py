@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import zodburi
 from zodburi.datatypes import convert_bytesize
@@ -143,7 +143,18 @@ class Resolved:
 
 
 def _file_uri(path: str) -> str:
-    return "file://" + os.path.abspath(os.path.expanduser(path))
+    """The file:// URI of a path, percent-encoded as ``Path.as_uri()`` has it."""
+    return "file://" + quote(os.path.abspath(os.path.expanduser(path)))
+
+
+def _file_parts(uri: str) -> tuple[str, str]:
+    """The path (percent-decoded) and the query of a file:// URI.
+
+    ``Path("my store.fs").as_uri()`` writes the space as %20: read without
+    decoding, that URI would name another, new file beside the store.
+    """
+    path, _, query = uri[len("file://") :].partition("?")
+    return unquote(path), query
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,7 @@ def resolve(
             "synchronous_commit"
         )
     if scheme == "file":
-        file_path = Path(uri[len("file://") :].split("?", 1)[0])
+        file_path = Path(_file_parts(uri)[0])
         if not file_path.parent.is_dir():
             raise OpenError(
                 f"cannot open {display}: directory {file_path.parent} does not exist; "
@@ -234,7 +245,7 @@ def resolve(
 
 
 #: The FileStorage options a file:// URI may carry besides the durability settings.
-_FILE_OPTIONS = "create, read_only, quota, blobstorage_dir, blobstorage_layout"
+_FILE_OPTIONS = "read_only, quota, blobstorage_dir, blobstorage_layout"
 _FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False}
 _FLAGS.update({"false": False, "no": False, "": False})
 
@@ -255,7 +266,7 @@ def _resolve_file(
         check_durability,
     )
 
-    path, _, query = uri[len("file://") :].partition("?")
+    path, query = _file_parts(uri)
     options = dict(parse_qsl(query, keep_blank_values=True))
 
     def flag(name: str) -> bool:
@@ -274,7 +285,12 @@ def _resolve_file(
             raise OpenError(f"cannot open {display}: {name}={value!r} is not a number") from None
 
     read_only = flag("read_only") or read_only
-    storage_kw: dict[str, Any] = {"create": flag("create")}
+    if flag("create"):
+        raise OpenError(
+            f"cannot open {display}: create=1 empties the file if it holds a store (ZODB's "
+            "meaning); snaptree creates a missing store by itself: leave the option out"
+        )
+    storage_kw: dict[str, Any] = {}
     quota = number("quota", convert_bytesize, None)
     if quota is not None:
         storage_kw["quota"] = quota
