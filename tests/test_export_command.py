@@ -7,6 +7,7 @@ and stderr as a user sees them.
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import subprocess
@@ -45,6 +46,37 @@ def test_export_command_json_output_is_only_json(db_file, tmp_path):
     assert data["written"] and data["path"] == str(out) and data["format"] == "json"
     assert "exported" in result.stderr
     assert json.loads(out.read_text()) == {"v": 42}
+
+
+@pytest.mark.parametrize(
+    ("what", "args", "code"),
+    [
+        ("no-store", ("--db", "{tmp}/nosuch.fs", "-o", "{tmp}/x.json"), 2),
+        ("no-directory", ("--db", "{db}", "--dir", "{tmp}/nodir"), 5),
+        ("unknown-suffix", ("--db", "{db}", "-o", "{tmp}/x.bin"), 2),
+    ],
+)
+def test_a_failure_before_the_run_is_one_json_object_too(db_file, tmp_path, what, args, code):
+    """--json: stdout holds the failed run's object whatever stage failed; exit non-zero."""
+    argv = [a.format(tmp=tmp_path, db=db_file) for a in args]
+    result = run_snaptree("export", *argv, "--json", "--metrics", tmp_path / "m.prom")
+    assert result.returncode == code, result.stderr
+    data = json.loads(result.stdout)
+    assert data["written"] is False and data["failed"] is True and data["error"]
+    assert re.search(
+        r"(?m)^snaptree_export_failures_total\{.*\} 1$", (tmp_path / "m.prom").read_text()
+    )
+    assert not (tmp_path / "nosuch.fs").exists()
+
+
+def test_verify_json_reports_a_missing_dump_as_one_object(tmp_path):
+    result = run_snaptree("verify", tmp_path / "gone.pickle", "--json")
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "path": str(tmp_path / "gone.pickle"),
+        "error": f"{tmp_path / 'gone.pickle'} does not exist",
+    }
 
 
 def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path):

@@ -11,6 +11,7 @@ durations they take are defined here once, for ``export`` and ``prune``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -294,77 +295,90 @@ def export_command(
     if directory is not None and fmt is None:
         fmt = "pickle"
     target = Path(directory if directory is not None else output)  # type: ignore[arg-type]
-    with ExitStack() as held:
-        # The lock before the store, which may take long to open: a second writer is
-        # refused at once.
-        lock = None
-        if directory is not None:
-            lock = held.enter_context(lock_directory(directory, fmt))
-        watch = None if metrics is None else MetricsFile(metrics, target=target, format=fmt)
-        reader = FollowingReader(db, cache_size)
-        held.callback(reader.close)
+    watch = None if metrics is None else MetricsFile(metrics, target=target, format=fmt)
+    reported: list[BaseException] = []  # the failure a run has already reported
+    try:
+        with ExitStack() as held:
+            # The lock before the store, which may take long to open: a second writer is
+            # refused at once.
+            lock = None
+            if directory is not None:
+                lock = held.enter_context(lock_directory(directory, fmt))
+            reader = FollowingReader(db, cache_size)
+            held.callback(reader.close)
 
-        def run_once() -> RunResult:
-            started = time.monotonic()
-            try:
-                reader.catch_up()
-                # Fragments pay off from the second export on; a single run keeps none
-                # (at 1M objects, holding them until its end took 1.5 GiB against 0.2).
-                fragments = reader.fragments if every is not None else None
-                if lock is not None:
-                    result = export_into(
-                        reader.store,
-                        lock.directory,
-                        format=lock.format,
-                        subtree=subtree,
-                        keep=keep,
-                        compress=compress,
-                        lock=lock,
-                        fragments=fragments,
-                    )
-                else:
-                    assert output is not None
-                    result = export_file(
-                        reader.store,
-                        output,
-                        format=fmt,
-                        subtree=subtree,
-                        at=at,
-                        compress=compress,
-                        skip_unchanged=every is not None,
-                        fragments=fragments,
-                    )
-            except Exception as exc:
+            def run_once() -> RunResult:
+                started = time.monotonic()
+                try:
+                    reader.catch_up()
+                    # Fragments pay off from the second export on; a single run keeps none
+                    # (at 1M objects, holding them until its end took 1.5 GiB against 0.2).
+                    fragments = reader.fragments if every is not None else None
+                    if lock is not None:
+                        result = export_into(
+                            reader.store,
+                            lock.directory,
+                            format=lock.format,
+                            subtree=subtree,
+                            keep=keep,
+                            compress=compress,
+                            lock=lock,
+                            fragments=fragments,
+                        )
+                    else:
+                        assert output is not None
+                        result = export_file(
+                            reader.store,
+                            output,
+                            format=fmt,
+                            subtree=subtree,
+                            at=at,
+                            compress=compress,
+                            skip_unchanged=every is not None,
+                            fragments=fragments,
+                        )
+                except Exception as exc:
+                    if watch is not None:
+                        watch.failed(time.monotonic() - started)
+                    if as_json:
+                        _print_failure(exc, target, directory is not None, fmt)
+                    reported[:] = [exc]  # the last one: a schedule may fail for years
+                    raise
                 if watch is not None:
-                    watch.failed(time.monotonic() - started)
-                if as_json:
-                    report = failure_json(
-                        exc, target=target, directory=directory is not None, format=fmt
-                    )
-                    click.echo(json.dumps(report))
-                raise
-            if watch is not None:
-                watch.succeeded(result, time.monotonic() - started)
-            _emit(result, as_json)
-            return result
+                    watch.succeeded(result, time.monotonic() - started)
+                _emit(result, as_json)
+                return result
 
-        if every is None:
-            run_once()
-            return
-        stop = threading.Event()
-        with _stop_on_signals(stop):
-            try:
-                schedule.run_periodically(
-                    run_once, every=every, stop=stop, on_error=_report_failure
-                )
-            except KeyboardInterrupt:
-                click.echo(
-                    "snaptree: export abandoned; no file written under a final name", err=True
-                )
+            if every is None:
+                run_once()
+                return
+            stop = threading.Event()
+            with _stop_on_signals(stop):
+                try:
+                    schedule.run_periodically(
+                        run_once, every=every, stop=stop, on_error=_report_failure
+                    )
+                except KeyboardInterrupt:
+                    click.echo(
+                        "snaptree: export abandoned; no file written under a final name", err=True
+                    )
+    except Exception as exc:
+        # Failing before any run (the store, the directory, the lock): reported as a run is.
+        if not any(exc is seen for seen in reported):
+            if watch is not None:
+                watch.failed(0.0)
+            if as_json:
+                _print_failure(exc, target, directory is not None, fmt)
+        raise
+
+
+def _print_failure(exc: BaseException, target: Path, directory: bool, fmt: str | None) -> None:
+    """The ``--json`` object of a failed run, on stdout."""
+    click.echo(json.dumps(failure_json(exc, target=target, directory=directory, format=fmt)))
 
 
 @click.command("verify")
-@click.argument("dump", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dump", type=click.Path(dir_okay=False))
 @allow_option
 @click.option(
     "--json",
@@ -384,11 +398,18 @@ def verify_command(dump: str, allow: tuple[str, ...], as_json: bool) -> None:
     \b
         snaptree verify dumps/latest.pickle
     """
+
+    def failed(error: str) -> None:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "path": dump, "error": error}))
+
+    if not os.path.lexists(dump):  # checked here, not by click: --json reports it too
+        failed(f"{dump} does not exist")
+        raise click.BadParameter(f"File {dump!r} does not exist.", param_hint="'DUMP'")
     try:
         info = verify(dump, allow=allow)
     except Error as exc:
-        if as_json:
-            click.echo(json.dumps({"ok": False, "path": dump, "error": describe_failure(exc)}))
+        failed(describe_failure(exc))
         raise
     if as_json:
         data = info.to_json()
