@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,27 @@ def test_a_served_commit_whose_fsync_failed_is_never_reported_as_committed(
             monkeypatch.undo()
     finally:
         server.stop()
+
+
+def test_serve_on_a_file_that_is_not_a_filestorage_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "notes.fs"
+    data.write_text("hello")
+    result = run_snaptree("serve", "--db", data, "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "is not a FileStorage file" in error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.fs"]
+    assert data.read_text() == "hello"
+
+
+def test_a_server_that_cannot_listen_leaves_no_new_store_behind(tmp_path: Path) -> None:
+    """The store is opened before the socket: a failed bind removes the files it made."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(str(tmp_path / "new.fs"), f"127.0.0.1:{port}")
+        with pytest.raises(snaptree.OpenError, match=f"cannot listen on 127.0.0.1:{port}"):
+            server.start()
+    assert list(tmp_path.iterdir()) == []

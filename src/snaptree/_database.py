@@ -55,18 +55,15 @@ def open_database(
     """
     resolved = uris.resolve(uri, read_only=read_only, durability=durability or uris.Durability())
     factory = resolved.factory
-    companions = _absent_companions(resolved.file_path)
+    created = created_by_opening(resolved.file_path)
     try:
         # A live file's index is stale on every read-only open (docs/export.md).
         quiet = _file_follower.expected_stale_index() if read_only else contextlib.nullcontext()
         with quiet:
             storage = factory()
     except FileStorageFormatError:
-        _remove(companions)
-        raise OpenError(
-            f"cannot open {resolved.display}: it is not a FileStorage file (ZODB's "
-            "header is missing); name a Data.fs written by ZODB, or a new file"
-        ) from None
+        remove_created(created)
+        raise not_a_filestorage(resolved.display) from None
     except zc.lockfile.LockError:
         raise StoreUnavailableError(
             f"cannot open {resolved.display}: another process has it open (FileStorage "
@@ -116,18 +113,22 @@ def _is_driver_connection_error(exc: BaseException) -> bool:
     return type(exc).__name__ == "OperationalError" and type(exc).__module__.startswith("psycopg")
 
 
-def _absent_companions(path: Path | None) -> list[Path]:
-    """The files FileStorage creates beside *path* that do not exist yet."""
+def created_by_opening(path: Path | None) -> list[Path]:
+    """The files opening the FileStorage *path* would create: it and its companions, if absent."""
     if path is None:
         return []
-    return [
-        companion
-        for companion in (path.with_name(path.name + ext) for ext in (".lock", ".tmp", ".index"))
-        if not companion.exists()
-    ]
+    files = [path, *(path.with_name(path.name + ext) for ext in (".lock", ".tmp", ".index"))]
+    return [file for file in files if not file.exists()]
 
 
-def _remove(paths: list[Path]) -> None:
+def remove_created(paths: list[Path]) -> None:
     """Remove files a failed open created, so that it leaves the directory as it was."""
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+def not_a_filestorage(display: str) -> OpenError:
+    return OpenError(
+        f"cannot open {display}: it is not a FileStorage file (ZODB's header is missing); "
+        "name a Data.fs written by ZODB, or a new file"
+    )

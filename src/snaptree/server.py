@@ -26,8 +26,10 @@ from types import FrameType, SimpleNamespace
 from typing import Any
 
 import zc.lockfile
+from ZODB.FileStorage.FileStorage import FileStorageFormatError
 
 from . import uris
+from ._database import created_by_opening, not_a_filestorage, remove_created
 from .errors import ArgumentError, Error, OpenError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -171,16 +173,20 @@ class Server:
                 host,
                 port,
             )
-        storage = self._open_storage()
+        # A server that cannot start leaves no new store behind for the next open to find.
+        created = created_by_opening(self.path)
+        storage = self._open_storage(created)
         try:
             self._zeo = StorageServer(
                 (host, port), {STORAGE_NAME: storage}, read_only=self._read_only, ssl=context
             )
         except OSError as exc:
             storage.close()
+            remove_created(created)
             raise OpenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         except BaseException:
             storage.close()
+            remove_created(created)
             raise
         # ZEO 6.2 reports the bound port in .addr when the host is not empty.
         self.address = (self._zeo.addr[0], self._zeo.addr[1])
@@ -197,7 +203,7 @@ class Server:
         )
         return self.address
 
-    def _open_storage(self) -> Any:
+    def _open_storage(self, created: list[Path]) -> Any:
         try:
             storage = uris.resolve(
                 self.path, read_only=self._read_only, durability=self._durability
@@ -205,6 +211,9 @@ class Server:
             if not self._read_only:
                 _skip_oids_handed_out_before(storage)
             return storage
+        except FileStorageFormatError:
+            remove_created(created)
+            raise not_a_filestorage(str(self.path)) from None
         except zc.lockfile.LockError:
             raise StoreUnavailableError(
                 f"cannot serve {self.path}: another process has it open (a FileStorage "
