@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 import snaptree
-from _servers import check_books, open_bank, postgres_database, postgres_uri, run_bank_workload
+from _servers import (
+    check_books,
+    open_bank,
+    postgres_database,
+    postgres_uri,
+    require_postgres,
+    run_bank_workload,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -133,3 +140,14 @@ def test_password_in_a_postgresql_uri_is_never_shown(
     shown.append(caplog.text)
     assert all(secret not in text for text in shown), [t for t in shown if secret in t]
     assert "postgres:***@" in store.source
+
+
+def test_a_database_name_with_a_typo_is_a_usage_error_not_unavailable(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The server answers that the database does not exist: exit 2, not 4 (try later)."""
+    require_postgres(request)
+    uri = postgres_uri("snaptree_no_such_database_typo")
+    with pytest.raises(snaptree.OpenError, match="does not exist") as caught:
+        snaptree.open(uri)
+    assert not isinstance(caught.value, snaptree.StoreUnavailableError)

@@ -78,7 +78,9 @@ def open_database(
         # Scrubbed before it is made one line: joining strips the lines, and a
         # password at a line's edge would no longer match.
         reason = one_line(uris.scrub(str(exc), str(uri)))
-        unreachable = isinstance(exc, ConnectionError) or _is_driver_connection_error(exc)
+        unreachable = (
+            isinstance(exc, ConnectionError) or _is_driver_connection_error(exc)
+        ) and not any(wrong in reason for wrong in _WRONG_URI)
         kind = StoreUnavailableError if unreachable else OpenError
         raise kind(f"cannot open {resolved.display}: {reason}") from exc
     db_kwargs = dict(resolved.db_kwargs)
@@ -106,6 +108,11 @@ def open_database(
         raise
     shareable = str(uri) if is_client_of_a_server(storage) else None
     return Database(db, resolved.display, shareable)
+
+
+#: What PostgreSQL answers when the URI itself is wrong (a database or user name with a
+#: typo, a bad password): trying again later will not help, so not "unavailable".
+_WRONG_URI = ("does not exist", "authentication failed", "no pg_hba.conf entry")
 
 
 def _is_driver_connection_error(exc: BaseException) -> bool:
