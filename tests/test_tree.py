@@ -979,3 +979,51 @@ def test_every_node_is_stored_under_its_class_path_in_snaptree_tree(tmp_path: Pa
         storage.close()
     for name in ("Mapping", "FlatMapping", "List", "Set", "Counter"):
         assert ("snaptree.tree", name) in stored, (name, stored)
+
+
+# -- a change that fails midway ---------------------------------------------------------
+
+
+def _sort(node: Any) -> None:
+    node.sort()
+
+
+def _difference_update(node: Any) -> None:
+    node.difference_update([1], 5)  # removes 1, then finds 5 is not iterable
+
+
+@pytest.mark.parametrize(
+    ("start", "fail"),
+    [([1, 3, 2, None], _sort), ({1, 2, 3}, _difference_update)],
+    ids=["list-sort", "set-difference-update"],
+)
+def test_a_change_that_fails_midway_is_undone_with_its_call_and_kept_if_caught(
+    store: snaptree.Store, start: Any, fail: Any
+) -> None:
+    """Plain list.sort and set.difference_update leave a half-done change when they raise.
+
+    Uncaught, the call is aborted and the node is as before, also for the next call of the
+    same thread (whose connection cached it); caught, the call commits what plain Python holds.
+    """
+    store.run(lambda root: root.__setitem__("n", start))
+    with pytest.raises(TypeError):
+        store.run(lambda root: fail(root["n"]))
+    assert store.run(lambda root: root["n"]) == start
+    store.run(lambda root: root.__setitem__("other", 1))  # an unrelated commit, same thread
+    with store.snapshot() as snap:
+        assert to_plain(snap.root["n"]) == start
+
+    plain = copy.copy(start)
+    with pytest.raises(TypeError):
+        fail(plain)
+    assert plain != start  # plain Python is left half-changed
+
+    def caught(root: Any) -> None:
+        try:
+            fail(root["n"])
+        except TypeError:
+            pass
+
+    store.run(caught)
+    with store.snapshot() as snap:
+        assert to_plain(snap.root["n"]) == plain

@@ -113,8 +113,15 @@ class ListMethods(NodeBase):
 
     def sort(self, *args: Any, **kwargs: Any) -> None:
         check_writable(self)
-        self.data.sort(*args, **kwargs)
-        self._p_changed = True
+        try:
+            self.data.sort(*args, **kwargs)
+        finally:
+            # A sort that fails midway (a key that raises, values that do not
+            # compare) leaves the list partly sorted, as a plain list is left:
+            # marked changed all the same, so that an abort undoes it and a
+            # caught error commits what plain Python would hold, never an
+            # unmarked change that a later call of this thread would commit.
+            self._p_changed = True
 
     def clear(self) -> None:
         check_writable(self)

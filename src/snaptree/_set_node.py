@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc as abc
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ._connection import check_writable
@@ -69,6 +70,22 @@ class SetMethods(NodeBase):
         if len(self.data) != before:
             self._p_changed = True
 
+    @contextmanager
+    def _changing(self) -> Iterator[set[Any]]:
+        """The data, to change in place; marked changed afterwards if its size moved.
+
+        Even when the change fails midway (``difference_update([1], 5)``
+        removes 1, then finds 5 not iterable), as a plain set is left
+        changed: an unmarked change would stay in the connection's cache
+        after the abort, and a later call of this thread would commit it.
+        """
+        data = self.data
+        before = len(data)
+        try:
+            yield data
+        finally:
+            self._changed(before)
+
     # -- changing
 
     def add(self, element: Any) -> None:
@@ -107,24 +124,18 @@ class SetMethods(NodeBase):
     def update(self, *others: Iterable[Any]) -> None:
         check_writable(self)
         incoming = [self._incoming(other) for other in others]
-        data = self.data
-        before = len(data)
-        data.update(*incoming)
-        self._changed(before)
+        with self._changing() as data:
+            data.update(*incoming)
 
     def difference_update(self, *others: Iterable[Any]) -> None:
         check_writable(self)
-        data = self.data
-        before = len(data)
-        data.difference_update(*map(_iterable_data, others))
-        self._changed(before)
+        with self._changing() as data:
+            data.difference_update(*map(_iterable_data, others))
 
     def intersection_update(self, *others: Iterable[Any]) -> None:
         check_writable(self)
-        data = self.data
-        before = len(data)
-        data.intersection_update(*map(_iterable_data, others))
-        self._changed(before)
+        with self._changing() as data:
+            data.intersection_update(*map(_iterable_data, others))
 
     def symmetric_difference_update(self, other: Iterable[Any]) -> None:
         check_writable(self)
