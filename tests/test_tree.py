@@ -1027,3 +1027,69 @@ def test_a_change_that_fails_midway_is_undone_with_its_call_and_kept_if_caught(
     store.run(caught)
     with store.snapshot() as snap:
         assert to_plain(snap.root["n"]) == plain
+
+
+# -- concurrent changes to one set ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", ["remove", "add"])
+def test_two_threads_never_both_claim_one_element_of_a_set(store: snaptree.Store, claim: str):
+    """Both read the set, both change the same element, then both commit: one is retried.
+
+    Changes to different elements merge; removing (or adding) the same element twice
+    conflicts, so a set used as a queue or a claim list never hands one element out twice.
+    """
+    store.run(lambda root: root.__setitem__("s", {"job1", "job2"} if claim == "remove" else set()))
+    both_read = threading.Barrier(2, timeout=10)
+    attempts: collections.Counter[str] = collections.Counter()
+    results: dict[str, str] = {}
+
+    def take(root: Any, who: str) -> str:
+        attempts[who] += 1
+        elements = root["s"]
+        if claim == "remove":
+            got = "job1" in elements
+            elements.discard("job1")
+        else:
+            got = "token" not in elements
+            elements.add("token")
+        if attempts[who] == 1:
+            both_read.wait()  # neither commits before both have changed the set
+        return "claimed" if got else "taken"
+
+    def worker(who: str) -> None:
+        results[who] = store.run(take, who)
+
+    threads = [threading.Thread(target=worker, args=(who,)) for who in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results.values()) == ["claimed", "taken"]
+    assert sum(attempts.values()) == 3  # the later commit conflicted and ran again
+    expected = {"job2"} if claim == "remove" else {"token"}
+    assert store.run(lambda root: root["s"]) == expected
+
+
+def test_changes_to_different_elements_of_a_set_still_merge(store: snaptree.Store) -> None:
+    store.run(lambda root: root.__setitem__("s", {"a", "b"}))
+    both_read = threading.Barrier(2, timeout=10)
+    attempts: collections.Counter[str] = collections.Counter()
+
+    def change(root: Any, remove: str, add: str) -> None:
+        attempts[remove] += 1
+        root["s"].discard(remove)
+        root["s"].add(add)
+        if attempts[remove] == 1:
+            both_read.wait()
+
+    threads = [
+        threading.Thread(target=store.run, args=(change, remove, add))
+        for remove, add in (("a", "x"), ("b", "y"))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert store.run(lambda root: root["s"]) == {"x", "y"}
+    assert sum(attempts.values()) == 2  # merged: no retry

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ZODB.POSException import ConflictError
+
 from ._connection import check_writable
 from ._node_base import NodeBase
 from ._values import SCALAR_TYPES
@@ -248,8 +250,17 @@ class SetMethods(NodeBase):
         return NotImplemented if data is None else self.data > data
 
     def _p_resolveConflict(self, old: Any, committed: Any, new: Any) -> Any:  # noqa: N802
-        """Merge two transactions' changes: the elements each added, minus those each removed."""
+        """Merge two transactions' changes: the elements each added, minus those each removed.
+
+        Only when they touched different elements, as BTrees merge changes to
+        different keys. Two removals of one element (two ``pop()`` calls
+        handing out the same job) or two additions of one (two callers that
+        each found it absent and claimed it) conflict, so that the later
+        call is tried again and sees the other's change, as under a lock.
+        """
         before, theirs, ours = (state["data"] for state in (old, committed, new))
+        if (before - theirs) & (before - ours) or (theirs - before) & (ours - before):
+            raise ConflictError("both transactions removed, or both added, the same element")
         merged = dict(committed)
         merged["data"] = (theirs - (before - ours)) | (ours - before)
         return merged
