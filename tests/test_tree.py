@@ -1093,3 +1093,19 @@ def test_changes_to_different_elements_of_a_set_still_merge(store: snaptree.Stor
         thread.join(30)
     assert store.run(lambda root: root["s"]) == {"x", "y"}
     assert sum(attempts.values()) == 2  # merged: no retry
+
+
+def test_a_dict_with_tuple_keys_that_do_not_order_keeps_every_key_findable(store):
+    """Tuples holding frozensets sort without an error, by subset, which is no order."""
+    keys = [(frozenset({i % 3, i % 5}), i % 2) for i in range(10)]
+    data = {key: n for n, key in enumerate(keys)}
+    store.run(lambda root: root.__setitem__("d", data))
+
+    def look(root: Any) -> tuple[str, list[bool], list[Any]]:
+        node = root["d"]
+        return type(node).__name__, [key in node for key in keys], [node.get(k) for k in keys]
+
+    kind, found, values = store.run(look)
+    assert kind == "FlatMapping"
+    assert all(found) and values == [data[key] for key in keys]
+    assert store.run(lambda root: root["d"]) == data

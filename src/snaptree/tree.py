@@ -65,7 +65,7 @@ from ._list_node import ListMethods
 from ._node_base import NodeBase
 from ._plain import PlainCopier
 from ._set_node import SetMethods
-from ._values import SCALAR_TYPES, hashable_problem
+from ._values import SCALAR_TYPES, hashable_problem, mapping_key_problem
 from .errors import UnstorableValueError
 from .paths import ROOT_KEY, join
 
@@ -178,6 +178,11 @@ def dict_node(keys: Any, values: list[Any], path: str = "") -> Mapping | FlatMap
                 raise UnstorableValueError(join([path, key] if path else [key]), problem)
     if len(types) == 1:
         orderable = types <= _MAPPING_KEY_TYPES
+        if orderable and tuple in types:
+            # Tuples sort by their items, which may sort without an error and
+            # still not order (frozensets compare as subsets): the BTree would
+            # then miss keys it holds. Each tuple's items must be of key types.
+            orderable = not any(mapping_key_problem(key) for key in keys)
     else:
         # BTrees cannot order str against int; bool keys collide with 0 and 1.
         orderable = not types or types <= _NUMBER_KEY_TYPES
