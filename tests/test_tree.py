@@ -1109,3 +1109,28 @@ def test_a_dict_with_tuple_keys_that_do_not_order_keeps_every_key_findable(store
     assert kind == "FlatMapping"
     assert all(found) and values == [data[key] for key in keys]
     assert store.run(lambda root: root["d"]) == data
+
+
+def test_an_unhashable_key_is_a_type_error_in_every_lookup_as_in_a_dict(store):
+    """A key of another type is absent; an unhashable one is a TypeError, as a dict says."""
+    store.run(lambda root: root.__setitem__("m", {"a": 1, "b": 2}))
+
+    def lookups(root: Any) -> list[str]:
+        node, outcomes = root["m"], []
+        for look in (
+            lambda: node[[1]],
+            lambda: node.get([1]),
+            lambda: [1] in node,
+            lambda: node.pop([1], None),
+            lambda: node.__delitem__([1]),
+        ):
+            try:
+                look()
+                outcomes.append("ok")
+            except TypeError:
+                outcomes.append("TypeError")
+        assert node.get(5) is None and 5 not in node  # another type: simply absent
+        return outcomes
+
+    assert store.run(lookups) == ["TypeError"] * 5
+    assert store.run(lambda root: root["m"]) == {"a": 1, "b": 2}

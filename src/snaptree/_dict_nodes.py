@@ -163,18 +163,21 @@ class MappingMethods(GuardedIteration, DictOperators):
         try:
             return _bt_getitem(self, key)
         except TypeError:  # a key of another type: not here, as a dict would say
+            hash(key)  # but an unhashable one is a TypeError, as a dict says too
             raise KeyError(key) from None
 
     def get(self, key: Any, default: Any = None) -> Any:
         try:
             return _bt_get(self, key, default)
         except TypeError:
+            hash(key)
             return default
 
     def __contains__(self, key: Any) -> bool:
         try:
             return _bt_contains(self, key)
         except TypeError:
+            hash(key)
             return False
 
     def __iter__(self) -> Iterator[Any]:
@@ -252,6 +255,7 @@ class MappingMethods(GuardedIteration, DictOperators):
         try:
             _bt_delitem(self, key)
         except TypeError:
+            hash(key)
             raise KeyError(key) from None
         if watches:
             keys_changed(self)
