@@ -1134,3 +1134,12 @@ def test_an_unhashable_key_is_a_type_error_in_every_lookup_as_in_a_dict(store):
 
     assert store.run(lookups) == ["TypeError"] * 5
     assert store.run(lambda root: root["m"]) == {"a": 1, "b": 2}
+
+
+def test_init_again_on_a_stored_mapping_updates_it_as_a_dicts_does(store):
+    store.run(lambda root: root.update(m={"a": 1}, f={"a": 1, 2: "x"}))
+    plain = {"a": 1, 2: "x"}
+    plain.__init__({"b": 2})  # type: ignore[misc]
+    store.run(lambda root: (root["m"].__init__({"b": 2}), root["f"].__init__({"b": 2})))
+    assert store.run(lambda root: root["f"]) == plain
+    assert store.run(lambda root: root["m"]) == {"a": 1, "b": 2}

@@ -374,7 +374,14 @@ class FlatMappingMethods(DictOperators):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_writable(self)
         pairs = self._incoming(dict_pairs(args, kwargs, "FlatMapping")) if args or kwargs else ()
-        self.data = dict(pairs)
+        self._p_activate()  # a ghost's state is loaded before its __dict__ is read
+        data = self.__dict__.get("data")
+        if data is None:
+            self.data = dict(pairs)
+            return
+        if pairs:  # __init__ again on a stored mapping updates it, as dict's does
+            data.update(pairs)
+            self._p_changed = True
 
     def _incoming(self, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         for key, _ in pairs:
