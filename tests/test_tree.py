@@ -428,6 +428,37 @@ def test_a_change_to_a_dict_after_appending_it_fails_the_commit(store):
     assert store.run(lambda root: list(root["log"])) == []
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(1, True), (0.0, -0.0), (decimal.Decimal("1.0"), decimal.Decimal("1.00")), (1, 1.0)],
+    ids=["int-to-bool", "zero-sign", "decimal-digits", "int-to-float"],
+)
+def test_a_change_to_an_equal_value_of_another_kind_fails_the_commit(store, before, after):
+    """1 == True, but a dump of the tree would say 1: the change would be lost all the same."""
+
+    def assign_then_change(root: Any) -> None:
+        row = {"v": before}
+        values = [before]
+        root["row"] = row
+        root["values"] = values
+        row["v"] = after
+        values[0] = after
+
+    with pytest.raises(MisuseError, match=r"^(row|values): the (dict|list) stored there"):
+        store.run(assign_then_change)
+    assert store.run(lambda root: "row" in root) is False
+
+
+def test_an_equal_value_assigned_again_through_the_original_loses_nothing(store):
+    def reassign(root: Any) -> None:
+        row = {"name": "ann", "n": [1]}
+        root["row"] = row
+        row["name"] = "".join(["a", "nn"])  # another str object, the same value
+
+    store.run(reassign)
+    assert store.run(lambda root: root["row"]) == {"name": "ann", "n": [1]}
+
+
 def test_a_change_through_the_original_in_a_transaction_block_commits_nothing(store):
     store.run(lambda root: root.update(items={}))
     with pytest.raises(MisuseError), store.transaction() as root:

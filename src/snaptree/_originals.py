@@ -8,9 +8,10 @@ contents and a weak reference to its node, and a before-commit hook compares
 each original whose node still exists with its copy: a difference fails the
 commit with the node's path. A node that no longer exists was never stored.
 
-The comparison is ``==``: an equal value assigned again loses nothing, and
-nested containers, being shallow-copied, compare by identity first, so an
-unchanged tree costs one C-level pass over each container.
+The comparison is by identity first, so an unchanged tree costs one C-level
+pass over each container; then ``==``, with each value's type (and a
+float's or Decimal's text) the same: an equal value assigned again loses
+nothing, but ``1`` changed to ``True``, which compares equal, is a change.
 
 The same record lets a later conversion in the transaction reuse the node of
 an original that is still unchanged: ``d["a"] = x; d["b"] = x`` then shares
@@ -19,6 +20,8 @@ one node where Python shares one object.
 
 from __future__ import annotations
 
+import decimal
+import operator
 import reprlib
 import weakref
 from typing import Any
@@ -96,10 +99,43 @@ def _where(node: Any, anchor_ref: Any, key: Any) -> str:
 
 
 def _unchanged(original: Any, shadow: Any) -> bool:
+    """Whether *original* still holds what its copy *shadow* holds: the same values.
+
+    First the same objects, in one C-level pass (the common case). Otherwise
+    ``==``, and then each value of the same type and, for floats and
+    Decimals, the same text: ``1`` replaced by ``True``, ``0.0`` by ``-0.0``
+    or ``Decimal("1.0")`` by ``Decimal("1.00")`` compare equal, but the tree
+    would keep the old one and the dump would say so.
+    """
     try:
-        return bool(original == shadow)
+        if isinstance(original, dict):
+            if (
+                len(original) == len(shadow)
+                and all(map(operator.is_, original.keys(), shadow.keys()))
+                and all(map(operator.is_, original.values(), shadow.values()))
+            ):
+                return True
+            return original == shadow and all(
+                _same_value(value, shadow[key]) for key, value in original.items()
+            )
+        if isinstance(original, list):
+            if len(original) == len(shadow) and all(map(operator.is_, original, shadow)):
+                return True
+            return original == shadow and all(map(_same_value, original, shadow))
+        return bool(original == shadow)  # a set: equal elements are one element
     except Exception:  # a value whose == fails cannot be shown unchanged
         return False
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    kind = type(a)
+    return kind is type(b) and (kind not in _TEXT_MATTERS or repr(a) == repr(b))
+
+
+#: Types whose equal values can still differ in what a dump holds.
+_TEXT_MATTERS = frozenset({float, decimal.Decimal, complex})
 
 
 def originals_for(anchor: Any) -> Originals | None:
