@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from typing import Any, NamedTuple
@@ -820,6 +822,54 @@ def test_a_callable_without_weak_references_is_checked_at_every_call(store):
 
     assert store.run(Once()) == 2
     assert store.run(Once()) == 2
+
+
+def test_an_object_of_another_type_holding_a_node_is_refused_not_returned_live(store):
+    """snaptree copies nodes inside dicts, lists, tuples, sets and dataclasses only."""
+    store.run(make_accounts)
+    for make in (
+        lambda node: types.SimpleNamespace(accounts=node),
+        lambda node: collections.ChainMap({"accounts": node}),
+        lambda node: functools.partial(print, node),
+    ):
+        with pytest.raises(MisuseError, match=r"holds a tree node"):
+            store.run(lambda root, make=make: make(root["accounts"]))
+    assert store.run(lambda root: types.SimpleNamespace(n=len(root["accounts"]))).n == 20
+
+
+def test_an_object_holding_the_store_is_returned_as_it_is(store):
+    """Only what the object refers to directly is looked at: the store's cache is not data."""
+
+    class Service:
+        def __init__(self) -> None:
+            self.store = store
+
+    service = Service()
+    store.run(make_accounts)
+    assert store.run(lambda root: (root["accounts"]["a001"]["balance"], service))[1] is service
+
+
+class Insufficient(Exception):
+    def __init__(self, account: Any) -> None:
+        super().__init__(account)
+        self.account = account
+
+
+def test_an_exception_raised_with_a_node_carries_a_plain_copy_of_what_the_call_saw(store):
+    store.run(make_accounts)
+
+    def withdraw(root: Any) -> None:
+        account = root["accounts"]["a001"]
+        account["balance"] -= 1  # seen by the exception, then aborted with the call
+        raise Insufficient(account)
+
+    with pytest.raises(Insufficient) as caught:
+        store.run(withdraw)
+    store.run(lambda root: root["accounts"]["a001"].update(balance=500))
+    assert caught.value.account == caught.value.args[0]
+    assert type(caught.value.account) is dict
+    assert caught.value.account["balance"] == 99
+    assert store.run(lambda root: root["accounts"]["a001"]["balance"]) == 500
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import collections
 import copy
 import dataclasses
 import datetime
+import gc
 import inspect
 import io
 import itertools
@@ -85,29 +86,71 @@ def _is_lazy(value: Any) -> bool:
     return isinstance(value, Iterator) and not isinstance(value, io.IOBase)
 
 
-def _needs_copy(value: Any) -> bool:
-    """Whether *value* holds anything :func:`detach` must copy, read ahead or refuse."""
-    stack, seen = [value], set()
+def _needs_copy(value: Any, *, inside_objects: bool = True) -> bool:
+    """Whether *value* holds anything :func:`detach` must copy, read ahead or refuse.
+
+    With *inside_objects*, the objects of other types met on the way are
+    looked into one level (what they refer to directly: a SimpleNamespace's
+    attributes, a partial's arguments), not further: an object that holds the
+    store or a service holding it is not a node returned.
+    """
+    stack, seen = [(value, inside_objects)], set()
     while stack:
-        item = stack.pop()
+        item, look_inside = stack.pop()
         if type(item) in _ATOMS or id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, Persistent) or _is_lazy(item):
             return True
         if isinstance(item, _DICTS):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            stack.extend((part, look_inside) for part in item)
+            stack.extend((part, look_inside) for part in item.values())
         elif isinstance(item, _SEQUENCES):
-            stack.extend(item)
+            stack.extend((part, look_inside) for part in item)
         elif isinstance(item, MappingView):
             mapping = _view_mapping(item)
             if mapping is None:
                 return True
-            stack.append(mapping)
+            stack.append((mapping, look_inside))
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+            stack.extend((getattr(item, f.name), look_inside) for f in dataclasses.fields(item))
+        elif look_inside:
+            stack.extend((part, False) for part in _referents(item))
     return False
+
+
+#: What an object of another type may refer to that is never data of the tree.
+_NOT_DATA = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.CodeType,
+)
+
+
+def _referents(item: Any) -> list[Any]:
+    """What *item* refers to directly, its class and code left out."""
+    return [part for part in gc.get_referents(item) if not isinstance(part, _NOT_DATA)]
+
+
+def detach_error(error: BaseException) -> None:
+    """Replace the tree nodes an exception carries (its args, its attributes) by plain copies.
+
+    ``raise InsufficientFunds(account)`` hands the caller the node, which
+    would show whatever later calls of this thread load into it. Done before
+    the call's transaction is aborted, so the copies hold what the function
+    saw. Best effort: a value that cannot be copied is left as it is.
+    """
+    try:
+        if _needs_copy(error.args, inside_objects=False):
+            error.args = detach(error.args)
+        for name, value in list(getattr(error, "__dict__", {}).items()):
+            if type(value) not in _ATOMS and _needs_copy(value, inside_objects=False):
+                setattr(error, name, detach(value))
+    except Exception:  # the error the caller gets matters more than its copies
+        pass
 
 
 def detach(result: Any) -> Any:
@@ -222,6 +265,13 @@ def _copy(value: Any, memo: dict[int, Any]) -> Generator[Any, Any, Any]:
                     "would outlive its transaction: put snaptree.to_plain(...) or "
                     "list(...) of it in the field instead"
                 )
+    elif any(_needs_copy(part, inside_objects=False) for part in _referents(value)):
+        raise MisuseError(
+            f"the function returned a {type(value).__qualname__} that holds a tree node, "
+            "or a view or iterator over one; snaptree copies nodes only inside dicts, "
+            "lists, tuples, sets and dataclasses, and this one would outlive its "
+            "transaction and show later changes: put snaptree.to_plain(...) of it there"
+        )
     return value
 
 

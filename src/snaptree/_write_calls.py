@@ -32,7 +32,7 @@ from transaction.interfaces import TransientError
 from ._batching import BatchCommitFailed, BatchedCall, Combiner
 from ._guards import GlobalTransactionGuard, ThreadCalls, call_misuse, check_guards, misuse_error
 from ._pool import ConnectionPool, Pair
-from ._results import detach
+from ._results import detach, detach_error
 from .errors import ArgumentError, Error, MisuseError, StoreClosedError, raised_by_server
 from .paths import ROOT_KEY
 from .retry import ConflictStats, Retry, RetryPolicy, is_transient, run_with_retries
@@ -232,6 +232,7 @@ class WriteCalls:
                     check_guards(calls, conn, tm, txn)
             flushed = self._commit(pair)
         except Exception as exc:
+            detach_error(exc)  # before the abort: the copies hold what the function saw
             error = self._end_attempt(pair, exc, txn)
             if error is exc:
                 raise
@@ -318,6 +319,7 @@ class WriteCalls:
             current = None
             flushed = self._commit(pair)
         except Exception as exc:
+            detach_error(exc)
             error = self._end_attempt(pair, exc, txn)
             if isinstance(error, Retry):
                 raise error from exc
