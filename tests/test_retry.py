@@ -43,6 +43,7 @@ def test_backoff_is_exponential_with_a_cap_and_full_jitter():
     half = RetryPolicy(base_delay=0.01, max_delay=0.05, rand=lambda: 0.5)
     assert half.backoff(2) == pytest.approx(0.01)
     assert RetryPolicy(rand=lambda: 0.0).backoff(7) == 0.0
+    assert top.backoff(1025) == top.backoff(10_000) == pytest.approx(0.05)  # no OverflowError
 
 
 def test_attempts_are_bounded_and_exhaustion_names_the_conflict():

@@ -363,6 +363,20 @@ def test_race_fails_with_the_tid_the_message_and_the_seed(racing_bank_store, cap
     assert "seed 8" in capsys.readouterr().out
 
 
+def test_an_invariant_that_returns_false_fails_the_race_too(racing_bank_store):
+    """A predicate written instead of an assert is not a silent pass."""
+    racing_bank_store.run(bank.transfer, "a", "c", 50)
+    with pytest.raises(AssertionError, match=r"invariant .*<lambda> violated .* returned False"):
+        race(
+            racing_bank_store,
+            [bank.random_transfer, bank.charge_fee_lossy],
+            lambda root: bank.total(root) == 150,
+            threads=2,
+            seconds=0.5,
+            seed=8,
+        )
+
+
 def test_race_chooses_the_same_operations_for_the_same_seed(bank_store):
     """One worker's sequence of operations and their numbers is a function of the seed."""
 

@@ -69,7 +69,9 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number *attempt* (1-based)."""
-        cap = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        # The exponent is capped: 2.0 ** 1024 overflows a float, and past 2 ** 64
+        # every delay is max_delay anyway.
+        cap = min(self.max_delay, self.base_delay * 2.0 ** min(attempt - 1, 64))
         return cap * self.rand()
 
 

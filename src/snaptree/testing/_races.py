@@ -142,7 +142,7 @@ def race(
     calling thread opens snapshot after snapshot and calls
     ``invariant(root)`` on each, and once more on the final state. The
     invariant reports a violation by raising ``AssertionError`` (an
-    ``assert``). The first violation, or the first error of an operation,
+    ``assert``) or by returning ``False``. The first violation, or the first error of an operation,
     stops the race and fails it with the snapshot's tid, the message and
     the seed.
 
@@ -199,7 +199,9 @@ def race(
     def check(when: str) -> bool:
         with store.snapshot() as snap:
             try:
-                invariant(snap.root)
+                if invariant(snap.root) is False:
+                    # A predicate written instead of an assert: False is a violation too.
+                    raise AssertionError("it returned False")
             except Exception as exc:
                 kind = "" if isinstance(exc, AssertionError) else f"{type(exc).__name__}: "
                 fail(
