@@ -11,6 +11,7 @@ import functools
 import sys
 import sysconfig
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,20 @@ def test_assert_retry_safe_catches_a_closure_counter_and_its_return_value(bank_s
 def test_assert_retry_safe_catches_reading_the_clock(bank_store):
     with pytest.raises(AssertionError, match=r"committed tree at ledger/0/at: "):
         assert_retry_safe(bank_store, bank.transfer_stamped, "a", "b", 5)
+
+
+def test_a_transactional_function_is_checked_on_the_copies_not_in_its_store(bank_store):
+    """The decorated function would commit to its own store (and its args shift by one)."""
+
+    @bank_store.transactional
+    def stamp(root: Any, note: Any = None) -> None:
+        root.setdefault("log", []).append(time.time())
+
+    tid = bank_store.last_tid()
+    not_safe = r"(?s)stamp is not retry-safe.*committed tree at log/0"
+    with pytest.raises(AssertionError, match=not_safe):
+        assert_retry_safe(bank_store, stamp)
+    assert bank_store.last_tid() == tid
 
 
 def test_assert_retry_safe_catches_an_unseeded_random_number(bank_store):

@@ -66,6 +66,24 @@ class Snapshot:
     connection: Connection
 
 
+#: The functions ``Store.transactional`` made, each with the function it calls.
+_transactional: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def transactional_function(fn: Any) -> Callable[..., Any] | None:
+    """The function a ``@store.transactional`` wrapper *fn* calls in its store; None otherwise.
+
+    ``snaptree.testing`` checks that function on copies of the tree, where the
+    wrapper would run it in its own store instead.
+    """
+    try:
+        return _transactional.get(fn)
+    except TypeError:  # not weakly referable: not one of ours
+        return None
+
+
 class Store:
     """A shared tree in a ZODB database. Safe to use from many threads at once.
 
@@ -205,6 +223,7 @@ class Store:
             def wrapper(*args: Any, **kwargs: Any) -> R:
                 return call(func, args, kwargs, policy)
 
+            _transactional[wrapper] = func
             return wrapper
 
         return decorate(fn) if fn is not None else decorate

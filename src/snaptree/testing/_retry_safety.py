@@ -13,7 +13,7 @@ from typing import Any
 from persistent import Persistent
 
 from ..errors import ArgumentError
-from ..store import Store
+from ..store import Store, transactional_function
 from ..store import open as open_store
 from ..tree import ROOT_KEY, to_plain
 from ._conflicts import force_conflicts, in_control, unwrapped
@@ -72,6 +72,7 @@ def assert_retry_safe(
             f"conflicts={conflicts} would exhaust the store's retry policy "
             f"({policy.attempts} attempts): ask for at most {policy.attempts - 1}"
         )
+    fn = transactional_function(fn) or fn  # run on the copies, not in the wrapper's store
     name = getattr(fn, "__qualname__", None) or repr(fn)
     with watching_application(unwrapped(fn)):
         return _check_retry_safety(store, fn, args, kwargs, conflicts, policy, name)
