@@ -8,6 +8,7 @@ store's own retry path; races are deterministic given their seed.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import sysconfig
 import threading
@@ -16,6 +17,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from ZODB.POSException import ConflictError
@@ -96,6 +98,69 @@ def test_assert_retry_safe_catches_a_closure_counter_and_its_return_value(bank_s
     assert "made (a variable counting_transfers.<locals>.transfer_counted closes over)" in message
     assert "left it 1, and the run with 2 conflict(s) changed it again, to 4" in message
     assert "outcome: without conflicts it returned 1; with 2 conflict(s) it returned 4" in message
+
+
+class _Audit:
+    """Keeps its entries in a class attribute, reached only through self or cls."""
+
+    entries: list[Any] = []
+    sent = 0
+
+    def log(self, entry: Any) -> None:
+        self.entries.append(entry)
+
+    @classmethod
+    def notify(cls) -> None:
+        cls.sent += 1
+
+
+def _deposit(root: Any) -> None:
+    root["accounts"]["a"]["balance"] += 1
+
+
+def _logs_through_self(root: Any) -> None:
+    _Audit().log("deposit")
+    _deposit(root)
+
+
+def _notifies_through_cls(root: Any) -> None:
+    _Audit.notify()
+    _deposit(root)
+
+
+def _sends_through_a_default(root: Any, send: Any = bank.OUTBOX.append) -> None:
+    send("mail")
+    _deposit(root)
+
+
+def _counts_on_itself(root: Any) -> None:
+    _counts_on_itself.calls = getattr(_counts_on_itself, "calls", 0) + 1  # type: ignore[attr-defined]
+    _deposit(root)
+
+
+_MAILER = mock.Mock()
+
+
+def _mails_a_mock(root: Any) -> None:
+    _MAILER.send("mail")
+    _deposit(root)
+
+
+@pytest.mark.parametrize(
+    ("fn", "place"),
+    [
+        (_logs_through_self, "_Audit.entries"),
+        (_notifies_through_cls, "_Audit.sent"),
+        (_sends_through_a_default, "the object of list.append"),
+        (_counts_on_itself, "the attributes of"),
+        (_mails_a_mock, "_MAILER"),
+    ],
+    ids=["class-attribute-via-self", "via-cls", "function-default", "function-attribute", "mock"],
+)
+def test_assert_retry_safe_follows_methods_defaults_and_test_doubles(bank_store, fn, place):
+    """State reached through self, cls, a default that is code, the function, or a Mock."""
+    with pytest.raises(AssertionError, match=rf"outside the tree, {re.escape(place)}"):
+        assert_retry_safe(bank_store, fn)
 
 
 def test_assert_retry_safe_catches_reading_the_clock(bank_store):

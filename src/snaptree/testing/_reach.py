@@ -109,6 +109,9 @@ class _Reach:
         self.places: dict[str, Callable[[], Any]] = {}
         self._seen: set[int] = set()
         self._kept: list[Any] = []  # what _seen names stays alive, so no id is reused
+        #: Per module or class, the attribute names looked at so far: code met
+        #: later (a helper, a method) may name others of the same namespace.
+        self._looked_at: dict[int, set[str]] = {}
 
     def add(self, label: str, getter: Callable[[], Any]) -> None:
         self.places.setdefault(label, getter)
@@ -130,6 +133,10 @@ class _Reach:
         elif isinstance(fn, types.FunctionType):
             if _is_user_code(fn):
                 self.function(fn)
+        elif isinstance(fn, types.BuiltinMethodType) and not isinstance(
+            fn.__self__, types.ModuleType | type(None)
+        ):  # outbox.append: what it changes is its object
+            self.value(f"the object of {name_of(fn)}", lambda fn=fn: fn.__self__, names)
         elif getattr(fn, "__wrapped__", None) is not None:  # lru_cache and the like
             self.callable(fn.__wrapped__, names)
         elif callable(fn) and _is_user_code(type(fn)):  # an object with __call__
@@ -139,14 +146,17 @@ class _Reach:
     def function(self, fn: types.FunctionType) -> None:
         code, name = fn.__code__, name_of(fn)
         names = _names(code)
+        # Attributes set on the function (send.calls += 1), even before it sets the first.
+        self.add(f"the attributes of {name}", lambda fn=fn: fn.__dict__)
         for var, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
             self.value(f"{var} (a variable {name} closes over)", lambda c=cell: _cell(c), names)
+        # Defaults: data is watched, code (send=mailer.send) is followed.
         for i, default in enumerate(fn.__defaults__ or ()):
             if not isinstance(default, _IMMUTABLE):
-                self.add(f"default {i + 1} of {name}", lambda d=default: d)
+                self.value(f"default {i + 1} of {name}", lambda d=default: d, names)
         for key, default in (fn.__kwdefaults__ or {}).items():
             if not isinstance(default, _IMMUTABLE):
-                self.add(f"default {key}= of {name}", lambda d=default: d)
+                self.value(f"default {key}= of {name}", lambda d=default: d, names)
         namespace = fn.__globals__
         for global_name in sorted(names & namespace.keys()):
             self.value(
@@ -161,7 +171,9 @@ class _Reach:
             value = getter()
         except Exception:
             return
-        if isinstance(value, types.ModuleType | type):
+        if _mock_calls(value) is not None:  # a test double: data (its calls), not code
+            self.add(label, getter)
+        elif isinstance(value, types.ModuleType | type):
             self.namespace(value, names)
         elif callable(value) and not _is_user_code(type(value)):
             self.callable(value, names)  # a function, a method, a partial, a builtin
@@ -173,13 +185,17 @@ class _Reach:
                     self.callable(value, names)
 
     def namespace(self, owner: types.ModuleType | type, names: set[str]) -> None:
-        """The attributes of a module or class that the code names."""
-        if id(owner) in self._seen:
-            return
-        self._seen.add(id(owner))
-        self._kept.append(owner)
+        """The attributes of a module or class that the code names (those not looked at yet)."""
+        looked_at = self._looked_at.get(id(owner))
+        if looked_at is None:
+            if len(self._looked_at) > 1000:
+                return
+            looked_at = self._looked_at[id(owner)] = set()
+            self._kept.append(owner)
+        new = names - looked_at
+        looked_at |= new
         user = _is_user_code(owner)
-        for attribute in sorted(names):
+        for attribute in sorted(new):
             try:
                 value = inspect.getattr_static(owner, attribute)
             except AttributeError:
@@ -189,6 +205,9 @@ class _Reach:
             label = f"{getattr(owner, '__name__', owner)}.{attribute}"
             if user:
                 self.value(label, lambda o=owner, a=attribute: getattr(o, a), names)
+                if isinstance(owner, type) and isinstance(value, types.FunctionType):
+                    # A method reaches its class's attributes through self or cls.
+                    self.namespace(owner, _names(value.__code__))
             else:
                 self.generator_behind(label, getattr(owner, attribute, None))
 
@@ -205,6 +224,18 @@ class _Reach:
 
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset, range)
+
+
+def _mock_calls(value: Any) -> int | None:
+    """How many calls a ``unittest.mock`` double has recorded; None for anything else.
+
+    A Mock is callable, so it would be taken for code and followed (there is
+    nothing to follow); what a retry repeats is in the calls it records.
+    """
+    mock = sys.modules.get("unittest.mock")
+    if mock is not None and isinstance(value, mock.NonCallableMock):
+        return len(value.mock_calls)
+    return None
 
 
 _EMPTY_CELL = object()
@@ -278,6 +309,9 @@ def fingerprint(value: Any, *, copies: bool = False) -> Any:
 
     def shape(item: Any) -> Any:
         kind = type(item).__qualname__
+        calls = _mock_calls(item)
+        if calls is not None:  # deep copies of one double are equal if equally called
+            return ("mock", calls) if copies else ("mock", id(item), calls)
         if isinstance(item, dict):
             return (kind, frozenset((walk(k), walk(v)) for k, v in item.items()))
         if isinstance(item, list | tuple | collections.deque):
