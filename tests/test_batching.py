@@ -282,3 +282,18 @@ def test_a_caller_interrupted_while_handed_the_next_batch_passes_the_turn_on() -
     assert second.wake.acquire(timeout=WAIT)  # woken: it will combine
     combiner._abandon(second)  # interrupted too, with nobody left: the role ends
     assert not combiner._queue and not combiner._combining
+
+
+def test_conflicts_aimed_at_one_function_reach_a_batch_that_mixes_it_with_others(patient):
+    """force_conflicts(where=fn): a batch matches if any of its calls runs fn."""
+
+    def other(root: Any) -> None:
+        root["log"].append("other")
+
+    with force_conflicts(patient, times=1, where=note) as forced:
+        results = one_batch(
+            patient, [lambda: patient.run_batched(note, "a"), lambda: patient.run_batched(other)]
+        )
+    assert results == ["a ok", None]
+    assert forced.conflicts == 1
+    assert patient.run(lambda root: sorted(root["log"])) == ["a", "other"]

@@ -51,21 +51,24 @@ class CallAttempt:
     know which function the commit belongs to and whether a retry is left:
     how ``snaptree.testing`` forces conflicts on chosen calls only. For a
     batch of ``run_batched`` calls, ``function`` is the calls' function if
-    they all run the same one (else None), ``number`` the highest attempt
-    number among them and ``attempts`` the fewest any of their policies allows.
+    they all run the same one (else None), ``functions`` every call's
+    function in the batch, ``number`` the highest attempt number among them
+    and ``attempts`` the fewest any of their policies allows.
     """
 
     function: Callable[..., Any] | None
     number: int  # 1 for the first attempt
     attempts: int  # attempts the call's retry policy allows in all
+    functions: tuple[Callable[..., Any], ...] = ()  # the batch's; for one call, its own
 
 
 def _batch_attempt(batch: list[BatchedCall]) -> CallAttempt:
-    functions = {id(call.fn) for call in batch}
+    functions = tuple(call.fn for call in batch)
     return CallAttempt(
-        batch[0].fn if len(functions) == 1 else None,
+        functions[0] if len({id(fn) for fn in functions}) == 1 else None,
         max(call.number for call in batch),
         min(call.policy.attempts for call in batch),
+        functions,
     )
 
 
@@ -220,7 +223,7 @@ class WriteCalls:
             # begin pings a server that may be restarting.
             txn = tm.begin()
             if self._synchronizers:  # what they may want to know about the commit
-                txn.set_data(CallAttempt, CallAttempt(fn, number, policy.attempts))
+                txn.set_data(CallAttempt, CallAttempt(fn, number, policy.attempts, (fn,)))
             root = conn.root()
             result = fn(root if root_key is None else root[root_key], *args, **kwargs)
             # tm.get() raises NoTransaction if the function aborted: a misuse, below

@@ -142,8 +142,10 @@ class ForcedConflicts:
         self._after: dict[str, Any] | None = None
 
     def _take(self, store: Store, attempt: CallAttempt) -> str | None:
-        if self.where is not None and unwrapped(attempt.function) != unwrapped(self.where):
-            return None
+        if self.where is not None:
+            aimed = unwrapped(self.where)
+            if not any(unwrapped(fn) == aimed for fn in attempt.functions):
+                return None  # a batch matches if any of its calls runs *where*
         with self._lock:
             if self._forced >= self.times:
                 return None
