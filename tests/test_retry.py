@@ -7,6 +7,7 @@ import pickle
 import pytest
 from ZODB.POSException import ConflictError
 
+import snaptree
 from snaptree import ArgumentError, RetriesExhausted, RetryPolicy
 from snaptree.retry import ConflictStats, Retry, run_with_retries
 
@@ -156,3 +157,9 @@ def test_retries_exhausted_survives_pickling():
         "a/b",
     )
     assert str(copy) == str(err)
+
+
+def test_exhaustion_by_a_conflict_that_names_no_object_still_reads_as_a_sentence():
+    """Forced conflicts (snaptree.testing) carry no oid."""
+    message = str(snaptree.RetriesExhausted(3, None, None))
+    assert "gave up after 3 attempt(s): the last conflict named no object;" in message

@@ -119,8 +119,9 @@ class RetriesExhausted(Error):
             where = f" at {path or '/'}{where}"
         why = f" ({reason})" if reason else ""
         super().__init__(attempts, oid, class_name, reason, path)
+        last = f"the last conflict was{where}" if where else "the last conflict named no object"
         self._message = (
-            f"gave up after {attempts} attempt(s){why}: the last conflict was{where}; "
+            f"gave up after {attempts} attempt(s){why}: {last}; "
             "many threads writing the same object is a hot spot: spread the writes "
             "(snaptree mappings, Counter) or raise retries"
         )
