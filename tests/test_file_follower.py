@@ -115,3 +115,54 @@ def test_opened_read_only_during_a_commit_the_store_starts_at_the_last_committed
             assert _seen(reader) == (committed, 1)
         finally:
             reader.close()
+
+
+def test_a_file_written_over_in_place_is_opened_again_not_followed_from_the_old_place(
+    tmp_path: Path,
+) -> None:
+    """A backup copied onto the live file keeps its inode; the follower must notice."""
+    path = tmp_path / "Data.fs"
+    with snaptree.open(str(path)) as store:
+        store.run(lambda root: root.__setitem__("n", 1))
+    backup = path.read_bytes()
+    with snaptree.open(str(path)) as store:
+        for n in range(2, 6):
+            store.run(lambda root, n=n: root.__setitem__("n", n))
+    reader = FollowingReader(str(path), cache_size=1000)
+    try:
+        assert _seen(reader.store)[1] == 5
+        with open(path, "r+b") as file:  # what `cp backup.fs Data.fs` does: same inode
+            file.write(backup)
+            file.truncate()
+        with snaptree.open(str(path)) as store:  # the application restarts on the backup
+            # and writes past where the reader had read, in records of other sizes
+            store.run(lambda root: root.__setitem__("note", "x" * 5000))
+            for n in range(100, 130):
+                store.run(lambda root, n=n: root.__setitem__("n", n))
+            tid = store.last_tid()
+        reader.catch_up()
+        assert _seen(reader.store) == (tid, 129)
+        assert reader.store.run(lambda root: len(root["note"])) == 5000
+    finally:
+        reader.close()
+
+
+def test_a_reopen_that_fails_is_tried_again_at_the_next_catch_up(tmp_path: Path) -> None:
+    """The file missing for a moment (between a pack's renames, a restore) is not for good."""
+    path = tmp_path / "Data.fs"
+    with snaptree.open(str(path)) as store:
+        store.run(lambda root: root.__setitem__("n", 1))
+    reader = FollowingReader(str(path), cache_size=1000)
+    try:
+        aside = tmp_path / "aside.fs"
+        path.rename(aside)
+        with pytest.raises(snaptree.OpenError, match="No such file"):
+            reader.catch_up()
+        aside.rename(path)
+        with snaptree.open(str(path)) as store:
+            store.run(lambda root: root.__setitem__("n", 2))
+            tid = store.last_tid()
+        reader.catch_up()
+        assert _seen(reader.store) == (tid, 2)
+    finally:
+        reader.close()

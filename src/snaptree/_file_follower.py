@@ -128,6 +128,10 @@ def refresh(db: DB) -> int:
             raise FileReplaced(name)
         if current.st_size < storage._pos:
             raise FileReplaced(name)
+        # Written over in place (a backup copied onto it: same inode, any
+        # length): the last transaction followed is no longer where it was.
+        if storage._pos > 4 and _tid_ending_at(raw.fileno(), storage._pos, name) != storage._ltid:
+            raise FileReplaced(name)
         if current.st_size == storage._pos:
             return 0
         pos, maxoid, _ = read_index(
@@ -161,7 +165,8 @@ def refresh(db: DB) -> int:
 def _tid_ending_at(fd: int, end: int, name: str) -> bytes:
     """The tid of the transaction record that ends at *end* (its length closes it)."""
     length = os.pread(fd, 8, end - 8)
-    tid = os.pread(fd, 8, end - 8 - u64(length)) if len(length) == 8 else b""
+    start = end - 8 - u64(length) if len(length) == 8 else -1
+    tid = os.pread(fd, 8, start) if start >= 4 else b""  # 4: the file's magic number
     if len(tid) != 8:
         raise FileReplaced(name)  # not a transaction's end: the file changed under us
     return tid

@@ -18,6 +18,7 @@ import logging
 
 from . import _file_follower
 from ._pickle_fragments import FragmentCaches
+from .errors import StoreClosedError
 from .store import Store
 from .store import open as open_store
 
@@ -30,19 +31,39 @@ class FollowingReader:
     def __init__(self, uri: str | None, cache_size: int) -> None:
         self.uri = uri
         self.cache_size = cache_size
-        self.store = self._open()
+        self._store: Store | None = self._open()
         self.fragments = FragmentCaches()
+
+    @property
+    def store(self) -> Store:
+        """The store as of the last :meth:`catch_up` (which opens it again if it must)."""
+        if self._store is None:
+            raise StoreClosedError(
+                "the store could not be opened again after it was replaced; the next "
+                "catch_up() tries again"
+            )
+        return self._store
 
     def _open(self) -> Store:
         return open_store(self.uri, read_only=True, cache_size=self.cache_size, pool_size=2)
 
     def catch_up(self) -> None:
-        """Read what was committed since the last call; open the store again after a pack."""
-        if not _file_follower.catch_up(self.store):
-            log.info("%s was packed or replaced; opening it again", self.store.source)
-            self.store.close()
-            self.store = self._open()
+        """Read what was committed since the last call; open the store again after a pack.
+
+        If opening it again fails (the file is missing for a moment: between
+        a pack's two renames, or while it is restored), the error is raised
+        and the next call tries again, rather than every later export
+        failing on the closed store.
+        """
+        if self._store is not None and _file_follower.catch_up(self._store):
+            return
+        if self._store is not None:
+            log.info("%s was packed or replaced; opening it again", self._store.source)
+            self._store.close()
+            self._store = None
             self.fragments = FragmentCaches()
+        self._store = self._open()
 
     def close(self) -> None:
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
