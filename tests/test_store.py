@@ -131,6 +131,43 @@ def test_snapshot_at_a_past_tid_or_time_shows_that_state(store):
         assert now.root["version"] == 2
 
 
+def test_at_each_commit_time_shows_that_commit_and_a_microsecond_before_the_one_before(store):
+    """Commit times are truncated to the microsecond, as `at` reads them: none is off by one."""
+    commits = []
+    for n in range(40):
+        store.run(lambda root, n=n: root.update(n=n))
+        with store.snapshot() as snap:
+            commits.append((snap.committed_at, n))
+    for when, n in commits[1:]:
+        with store.snapshot(at=when) as at:
+            assert at.root["n"] == n
+        with store.snapshot(at=when - datetime.timedelta(microseconds=1)) as before:
+            assert before.root["n"] == n - 1
+
+
+@pytest.mark.parametrize("text", ["2026-11-30T10:30", "2026-11-30", "2026-11-30 10:30:00.5"])
+def test_a_time_without_a_timezone_is_refused_not_read_as_utc(store, text):
+    store.run(lambda root: root.update(n=1))
+    with pytest.raises(snaptree.ArgumentError, match=r"give a timezone, such as .*Z for UTC"):
+        store.snapshot(at=text).__enter__()
+
+
+def test_a_past_moment_after_the_newest_commit_is_the_newest_state_and_a_future_one_refused(
+    store,
+):
+    store.run(lambda root: root.update(n=1))
+    with store.snapshot() as now:
+        tid, when = now.tid, now.committed_at
+    later = when + datetime.timedelta(milliseconds=1)
+    while datetime.datetime.now(datetime.UTC) <= later:  # that moment has passed
+        time.sleep(0.001)
+    with store.snapshot(at=later) as then:
+        assert (then.tid, then.root["n"]) == (tid, 1)
+    future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    with pytest.raises(snaptree.ArgumentError, match="ask for a time up to"):
+        store.snapshot(at=future).__enter__()
+
+
 def test_snapshot_is_read_only(store):
     store.run(lambda root: root.update(box={"n": 1}))
     with pytest.raises(MisuseError, match="read-only"), store.snapshot() as snap:

@@ -19,9 +19,31 @@ from .errors import ArgumentError
 Point = datetime.datetime | str | bytes
 
 
+#: A tid's low 32 bits count the seconds of its minute in steps of 60 / 2**32 s.
+_TICKS_PER_MINUTE = 1 << 32
+_MICROSECONDS_PER_MINUTE = 60_000_000
+
+
 def tid_time(tid: bytes) -> datetime.datetime:
-    """The commit time a tid encodes, as an aware UTC datetime."""
-    return datetime.datetime.fromtimestamp(TimeStamp(tid).timeTime(), datetime.UTC)
+    """The commit time a tid encodes, as an aware UTC datetime, truncated to the microsecond.
+
+    Computed in integers, not through ``TimeStamp.timeTime()``'s float, which
+    rounds: a time a microsecond late would make ``at=committed_at - 1 µs``
+    still include that commit.
+    """
+    stamp = TimeStamp(tid)
+    micro = (u64(tid) & (_TICKS_PER_MINUTE - 1)) * _MICROSECONDS_PER_MINUTE // _TICKS_PER_MINUTE
+    second, micro = divmod(micro, 1_000_000)
+    return datetime.datetime(
+        stamp.year(),
+        stamp.month(),
+        stamp.day(),
+        stamp.hour(),
+        stamp.minute(),
+        second,
+        micro,
+        tzinfo=datetime.UTC,
+    )
 
 
 def parse_point(at: Point) -> bytes:
@@ -35,11 +57,13 @@ def parse_point(at: Point) -> bytes:
             )
         # A datetime has microseconds, a tid finer steps: "at" a datetime means
         # up to the end of that microsecond, so a commit time read back from a
-        # tid (and so truncated) still includes that commit.
+        # tid (truncated, by tid_time) still includes that commit. In integers:
+        # the first tick of the next microsecond, less one.
         end = at.astimezone(datetime.UTC) + datetime.timedelta(microseconds=1)
-        seconds = end.second + end.microsecond / 1e6
-        stamp = TimeStamp(end.year, end.month, end.day, end.hour, end.minute, seconds)
-        return p64(u64(stamp.raw()) - 1)
+        minute = TimeStamp(end.year, end.month, end.day, end.hour, end.minute, 0.0).raw()
+        micro = end.second * 1_000_000 + end.microsecond
+        ticks = -(-micro * _TICKS_PER_MINUTE // _MICROSECONDS_PER_MINUTE)  # rounded up
+        return p64((u64(minute) & ~(_TICKS_PER_MINUTE - 1)) + ticks - 1)
     if isinstance(at, str):
         text = at.strip()
         if len(text) == 16:
@@ -54,8 +78,11 @@ def parse_point(at: Point) -> bytes:
                 f"{at!r} is neither a tid (16 hex digits) nor an ISO 8601 time "
                 "such as 2026-11-25T17:00:00+00:00"
             ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.UTC)
+        if when.tzinfo is None:  # read as UTC, it would silently be another moment
+            raise ArgumentError(
+                f"{at!r}: give a timezone, such as {text}+00:00 or {text}Z for UTC "
+                "(a time without one would be read in some zone without saying which)"
+            )
         return parse_point(when)
     raise ArgumentError(f"{at!r}: expected a datetime, a hex tid or 8 tid bytes")
 

@@ -262,9 +262,11 @@ class Store:
 
         With ``at`` (an aware datetime, a hex tid or tid bytes) the view is the
         state as of that moment, where the storage keeps history; ``tid`` is
-        then that moment, not necessarily the tid of a transaction. A moment
-        before the tree existed, or before the oldest history kept, is an
-        ArgumentError that says how far back the history goes.
+        then that moment, not necessarily the tid of a transaction (opening
+        the store at it again gives the same state). A past moment after the
+        newest commit is the newest state, with its tid. A moment before the
+        tree existed, or before the oldest history kept, is an ArgumentError
+        that says how far back the history goes; so is one still to come.
         """
         point = None if at is None else parse_point(at)
         self._pool.check_open()
@@ -272,6 +274,12 @@ class Store:
             raise ArgumentError(
                 f"{self.source} keeps no history; a snapshot at a past time needs one"
             )
+        if point is not None:
+            last = self.db.lastTransaction()
+            if point > last and tid_time(point) <= datetime.datetime.now(datetime.UTC):
+                # A past moment after the newest commit: the state then is the newest
+                # (ZODB would call any moment past its last transaction "the future").
+                point = last
         missing = False
         with self._pool.lease(at=point, read_only=True) as (conn, tm):
             tm.begin()
