@@ -168,6 +168,19 @@ def test_a_past_moment_after_the_newest_commit_is_the_newest_state_and_a_future_
         store.snapshot(at=future).__enter__()
 
 
+def test_snapshots_at_many_moments_do_not_keep_a_connection_each(store):
+    """ZODB would keep an idle historical connection per moment for 300 s (PostgreSQL: a
+    server connection each); the store drops them at the next open."""
+    tids = []
+    for n in range(20):
+        store.run(lambda root, n=n: root.update(n=n))
+        tids.append(store.last_tid())
+    for n, tid in enumerate(tids):
+        with store.snapshot(at=tid) as then:
+            assert then.root["n"] == n
+    assert sum(1 for _ in store.db.historical_pool) <= 2
+
+
 def test_snapshot_is_read_only(store):
     store.run(lambda root: root.update(box={"n": 1}))
     with pytest.raises(MisuseError, match="read-only"), store.snapshot() as snap:

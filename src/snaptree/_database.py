@@ -84,7 +84,10 @@ def open_database(
         kind = StoreUnavailableError if unreachable else OpenError
         raise kind(f"cannot open {resolved.display}: {reason}") from exc
     db_kwargs = dict(resolved.db_kwargs)
-    db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size)
+    # ZODB bounds historical connections per moment asked for, and keeps an idle
+    # one 300 s: each snapshot at another moment would hold a connection (on
+    # PostgreSQL a server connection) for that long. Dropped at the next open.
+    db_kwargs.update(pool_size=pool_size, historical_pool_size=pool_size, historical_timeout=0)
     if cache_size is not None:
         db_kwargs["cache_size"] = cache_size
     db_kwargs.setdefault("cache_size", default_cache_size)
