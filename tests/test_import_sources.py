@@ -309,3 +309,15 @@ def test_inst_and_extension_opcodes_go_through_the_allow_list(tmp_path: Path, ca
     with pytest.raises(snaptree.InputError, match="not a valid pickle"):
         snaptree.load_source(write(tmp_path / "ext.pickle", ext))
     assert not canary.exists()
+
+
+def test_only_classes_can_be_allowed_so_an_allowed_function_is_never_called(
+    tmp_path: Path,
+) -> None:
+    """--allow os:system would let the file run a shell command with its own argument."""
+    marker = tmp_path / "ran"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    source = write(tmp_path / "evil.pickle", payload)
+    with pytest.raises(snaptree.InputError, match=r"os\.system is allowed .* not a class"):
+        snaptree.load_source(source, allow=["os:system"])
+    assert not marker.exists()

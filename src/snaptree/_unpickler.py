@@ -144,11 +144,19 @@ class AllowListUnpickler(pickle.Unpickler):
         )
         if mapped in self._allowed:
             try:
-                return _resolve(*mapped)
+                allowed = _resolve(*mapped)
             except (ImportError, AttributeError) as exc:
                 raise InputError(
                     f"{self._source}: cannot load {module}.{name}, allowed with --allow: {exc}"
                 ) from None
+            if not isinstance(allowed, type):
+                # --allow os:system would let the file call it with its own arguments.
+                raise InputError(
+                    f"{self._source}: {module}.{name} is allowed with --allow but is a "
+                    f"{type(allowed).__name__}, not a class: only classes can be allowed; "
+                    "no code from the file was run"
+                )
+            return allowed
         if mapped in _SAFE_GLOBALS:
             safe = _SAFE_GLOBALS[mapped]
             return safe if safe is not None else _resolve(*mapped)
