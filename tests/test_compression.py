@@ -198,3 +198,23 @@ def test_export_command_compresses_into_a_directory(tmp_path):
     assert data["compression"] == "zstd" and data["path"].endswith(".pickle.zst")
     checked = run_snaptree("verify", dumps / "latest.pickle.zst")
     assert checked.returncode == 0 and checked.stdout.startswith("ok: ")
+
+
+@pytest.mark.parametrize("damage", ["cut short", "garbage after a good frame", "magic only"])
+@pytest.mark.parametrize("suffix", [".pickle.zst", ".zexp", ""])
+def test_a_damaged_zstd_source_is_bad_input_for_import_not_an_unexpected_error(
+    tmp_path, damage, suffix
+):
+    good = zstd.compress(pickle.dumps({"a": [1, 2, 3]} if suffix != ".zexp" else b"ZEXP"))
+    data = {
+        "cut short": good[: len(good) // 2],
+        "garbage after a good frame": good + ZSTD_MAGIC + b"\xff" * 16,
+        "magic only": ZSTD_MAGIC,
+    }[damage]
+    source = tmp_path / f"model{suffix}"
+    source.write_bytes(data)
+    with pytest.raises(snaptree.InputError, match="the zstd compression is damaged"):
+        snaptree.load_source(source)
+    result = run_snaptree("import", source, "--db", tmp_path / "db.fs", "--path", "m")
+    assert result.returncode == 3
+    assert "the zstd compression is damaged" in error_line(result)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import paths
-from ._compression import ZSTD_SUFFIX, open_for_reading
+from ._compression import ZSTD_SUFFIX, decompressor_error, open_for_reading
 from ._convert import Census, Converter, census
 from ._json_events import NotStreamableError, load_json
 from ._json_events import events as json_events
@@ -108,6 +108,12 @@ def source_format(name: str, format: str | None) -> str:  # noqa: A002
             return _guess_format(name, file.read(64))
     except OSError as exc:
         raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except decompressor_error() as exc:
+        raise _damaged_zstd(name, exc) from None
+
+
+def _damaged_zstd(name: str, exc: Exception) -> InputError:
+    return InputError(f"{name}: the zstd compression is damaged: {exc}")
 
 
 def load_source(
@@ -145,6 +151,8 @@ def load_source(
             raw = file.read()
     except OSError as exc:
         raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except decompressor_error() as exc:
+        raise _damaged_zstd(name, exc) from None
     return load_json(raw, name)
 
 
