@@ -440,3 +440,25 @@ def test_a_bucket_shared_by_two_btrees_is_refused(zexp: Path) -> None:
         snaptree.InputError, match=rf"0x{bucket_oid.hex()} is part of .* two BTrees"
     ):
         snaptree.load_source(zexp)
+
+
+def _zexp_record(number: int, data: bytes) -> bytes:
+    return number.to_bytes(8, "big") + len(data).to_bytes(8, "big") + data
+
+
+def test_a_persistent_object_built_inside_a_zexp_state_is_refused(tmp_path: Path) -> None:
+    """ZODB refers to persistent objects by oid; one built inline would be stored unchecked.
+
+    Here an OOBTree whose state lists its keys out of order: stored as it is, it would
+    answer that keys it holds are absent.
+    """
+    proto = b"\x80\x03"
+    mapping_class = proto + b"cpersistent.mapping\nPersistentMapping\nN\x86."
+    unsorted = (  # OOBTree(), then BUILD with its state ((("b", 1, "a", 2),),)
+        b"cBTrees.OOBTree\nOOBTree\n)R(X\x01\x00\x00\x00bK\x01X\x01\x00\x00\x00aK\x02t\x85\x85\x85b"
+    )
+    state = proto + b"}X\x04\x00\x00\x00data}X\x01\x00\x00\x00x" + unsorted + b"ss."
+    forged = tmp_path / "forged.zexp"
+    forged.write_bytes(b"ZEXP" + _zexp_record(1, mapping_class + state) + b"\xff" * 16)
+    with pytest.raises(snaptree.InputError, match=r"OOBTree built inside a record's state"):
+        snaptree.load_source(forged)

@@ -20,6 +20,7 @@ from typing import Any
 
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree, OOBucket
+from persistent import Persistent
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
 from ZODB.Connection import Connection
@@ -318,6 +319,15 @@ class _Rebuild:
             return value
         if kind in (dict, list, tuple, set, frozenset):
             return self.by_id.get(id(raw), _PENDING)
+        if isinstance(raw, Persistent):
+            # ZODB writes every persistent object as a record of its own and refers
+            # to it by oid; one built inside a state would be stored unchecked
+            # (a BTree with its keys out of order, a node holding a bytearray).
+            raise InputError(
+                f"{self.source}: a {type(raw).__qualname__} built inside a record's state "
+                "instead of referred to by its oid, which ZODB never writes; the export "
+                "is forged or damaged"
+            )
         return raw  # a datetime, a Decimal, an instance of an allowed class
 
     def _counter(self, oid: bytes) -> int:
