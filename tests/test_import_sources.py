@@ -321,3 +321,23 @@ def test_only_classes_can_be_allowed_so_an_allowed_function_is_never_called(
     with pytest.raises(snaptree.InputError, match=r"os\.system is allowed .* not a class"):
         snaptree.load_source(source, allow=["os:system"])
     assert not marker.exists()
+
+
+class Allowed:
+    """A class a test allows; a pickle must not change it for the rest of the process."""
+
+    limit = 100
+
+
+def test_a_pickle_that_changes_an_allowed_class_itself_is_refused_and_the_class_put_back(
+    tmp_path: Path,
+) -> None:
+    """BUILD applied to the class GLOBAL returned, not to an instance of it."""
+    here = f"{__name__}\nAllowed\n"
+    payload = (  # GLOBAL Allowed; BUILD (None, {"limit": 0, "extra": 1}); STOP
+        b"\x80\x04c" + here.encode() + b"N}(\x8c\x05limitK\x00\x8c\x05extraK\x01u\x86b."
+    )
+    source = write(tmp_path / "poison.pickle", payload)
+    with pytest.raises(snaptree.InputError, match=r"changed Allowed itself .* put back"):
+        snaptree.load_source(source, allow=[Allowed])
+    assert Allowed.limit == 100 and not hasattr(Allowed, "extra")

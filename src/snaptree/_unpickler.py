@@ -119,6 +119,9 @@ def _parse_allow(allow: Iterable[str | type]) -> set[tuple[str, str]]:
     return pairs
 
 
+_MISSING = object()
+
+
 class AllowListUnpickler(pickle.Unpickler):
     """An unpickler that loads only allow-listed globals and refuses the rest by name.
 
@@ -136,8 +139,53 @@ class AllowListUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._allowed = _parse_allow(allow)
         self._source = source
+        #: Each class or function handed to the pickle, with its attributes then.
+        self._handed: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+    def load(self) -> Any:
+        """Load one pickle; a class or function it changed is put back, and the file refused.
+
+        BUILD can be applied to what GLOBAL returned, not only to instances:
+        a file could set attributes of an allowed class (or of a guard
+        below) for the rest of the process.
+        """
+        try:
+            value = super().load()
+        except BaseException:
+            self._put_back()
+            raise
+        changed = self._put_back()
+        if changed:
+            raise InputError(
+                f"{self._source}: the pickle changed {changed} itself (not an instance of "
+                "it); it was put back, and the file refused"
+            )
+        return value
+
+    def _put_back(self) -> str | None:
+        """Undo changes to what find_class handed out; the name of the first one changed."""
+        changed = None
+        for handed, before in self._handed.values():
+            after = vars(handed)
+            if after.keys() == before.keys() and all(after[k] is v for k, v in before.items()):
+                continue
+            changed = changed or getattr(handed, "__qualname__", repr(handed))
+            for key in after.keys() - before.keys():
+                delattr(handed, key)
+            for key, value in before.items():
+                if after.get(key, _MISSING) is not value:
+                    setattr(handed, key, value)
+        return changed
+
+    def _hand(self, found: Any) -> Any:
+        if id(found) not in self._handed and hasattr(found, "__dict__"):
+            self._handed[id(found)] = (found, dict(vars(found)))
+        return found
 
     def find_class(self, module: str, name: str) -> Any:
+        return self._hand(self._find_class(module, name))
+
+    def _find_class(self, module: str, name: str) -> Any:
         # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
         mapped = _compat_pickle.NAME_MAPPING.get(
             (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
