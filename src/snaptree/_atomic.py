@@ -84,13 +84,19 @@ def existing_directory(directory: str | os.PathLike[str], doing: str) -> Path:
     raise ExportError(f"{doing}: directory {folder} does not exist; create it first")
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside *directory* durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Fsync a file, or a directory (which makes the renames inside it durable), by name."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside *directory* durable."""
+    fsync_path(directory, directory=True)
 
 
 @contextmanager

@@ -72,6 +72,7 @@ from ZODB._compat import Pickler, _protocol
 from ZODB.FileStorage import FileStorage
 from ZODB.fsIndex import num2str
 
+from ._atomic import fsync_path
 from .errors import ArgumentError, DurabilityError
 
 log = logging.getLogger("snaptree.store")
@@ -114,15 +115,6 @@ def check_durability(durability: str, sync_every: float, save_index_every: int) 
             "save_index_every must be a number of bytes of 0 or more (0: only when the "
             f"file is closed or packed), not {save_index_every!r}"
         )
-
-
-def _fsync_path(path: str) -> None:
-    """Fsync a file or a directory by name."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DurableFileStorage(FileStorage):
@@ -168,7 +160,7 @@ class DurableFileStorage(FileStorage):
         try:
             os.fsync(self._file.fileno())
             if created:
-                _fsync_path(os.path.dirname(os.path.abspath(file_name)))
+                fsync_path(os.path.dirname(os.path.abspath(file_name)))
         except OSError as exc:
             self.close()
             raise DurabilityError(
@@ -304,7 +296,7 @@ class DurableFileStorage(FileStorage):
     def _sync_directory_after_a_swap(self, current: Any) -> None:
         """After a pack renamed a new file into place, make the rename durable before using it."""
         if current is not self._synced_file:
-            _fsync_path(os.path.dirname(self._file_name))
+            fsync_path(os.path.dirname(self._file_name))
             self._synced_file = current
 
     def _fail(self, exc: OSError) -> None:
@@ -335,7 +327,7 @@ class DurableFileStorage(FileStorage):
         """
         result = FileStorage.packer(storage, referencesf, stop, gc)
         if result is not None:
-            _fsync_path(storage._file_name + ".pack")
+            fsync_path(storage._file_name + ".pack")
         return result
 
     def pack(self, t: float, referencesf: Any, gc: bool | None = None) -> None:

@@ -213,7 +213,7 @@ def _unchanged_tid(dump: Path, subtree: str) -> str | None:
         info = read_manifest(dump)
     except VerifyError:
         return None
-    if info.subtree != "/" + "/".join(paths.parse(subtree, what="subtree")):
+    if info.subtree != paths.absolute(paths.parse(subtree, what="subtree")):
         return None
     return info.tid
 

@@ -147,7 +147,7 @@ def export_snapshot(
         check_format(format)
     check_compression(compress)
     segments = paths.parse(subtree, what="subtree")
-    where = "/" + "/".join(segments)  # the manifest's form: /accounts/a1
+    where = paths.absolute(segments)
     if at is not None:
         fragments = None  # a past state's fragments would serve no later export
     started = time.perf_counter()

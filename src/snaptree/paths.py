@@ -61,6 +61,11 @@ def parse(text: str, *, what: str = "path") -> tuple[str, ...]:
     return segments
 
 
+def absolute(segments: Iterable[str]) -> str:
+    """Parsed *segments* as a manifest writes a subtree: ``/`` or ``/accounts/a1``."""
+    return "/" + "/".join(segments)
+
+
 def join(keys: Iterable[Any]) -> str:
     """The path of *keys* (``accounts/a1/entries/0``); ``/`` for none."""
     return "/".join(str(key) for key in keys) or ROOT
