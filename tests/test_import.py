@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from persistent import Persistent
 
 import snaptree
+from _strategies import json_trees
 from snaptree.imports import staged_imports
 from snaptree.testing import force_conflicts
 from snaptree.tree import FlatMapping, List, Mapping
@@ -496,21 +497,6 @@ def test_the_old_savepoint_every_still_works_and_says_it_is_commit_every(
 
 
 # -- round trip ---------------------------------------------------------------
-
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8)
-)
-json_trees = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5)
-    ),
-    max_leaves=25,
-)
 
 
 def same(a: Any, b: Any) -> bool:

@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snaptree
+from _strategies import json_trees
 from snaptree import _json_events, _staging
 from snaptree._compression import zstd
 from snaptree.imports import staged_imports
@@ -52,22 +53,6 @@ def write(path: Path, content: bytes | str) -> Path:
 
 
 # -- the same result as json.load -----------------------------------------------
-
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.integers(min_value=2**63, max_value=2**200)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8)
-)
-json_trees = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5)
-    ),
-    max_leaves=30,
-)
 
 
 @settings(max_examples=30)
