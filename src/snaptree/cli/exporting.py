@@ -296,7 +296,7 @@ def export_command(
         fmt = "pickle"
     target = Path(directory if directory is not None else output)  # type: ignore[arg-type]
     watch = None if metrics is None else MetricsFile(metrics, target=target, format=fmt)
-    reported: list[BaseException] = []  # the failure a run has already reported
+    reported: BaseException | None = None  # the last failure a run reported itself
     try:
         with ExitStack() as held:
             # The lock before the store, which may take long to open: a second writer is
@@ -308,6 +308,7 @@ def export_command(
             held.callback(reader.close)
 
             def run_once() -> RunResult:
+                nonlocal reported
                 started = time.monotonic()
                 try:
                     reader.catch_up()
@@ -342,7 +343,7 @@ def export_command(
                         watch.failed(time.monotonic() - started)
                     if as_json:
                         _print_failure(exc, target, directory is not None, fmt)
-                    reported[:] = [exc]  # the last one: a schedule may fail for years
+                    reported = exc
                     raise
                 if watch is not None:
                     watch.succeeded(result, time.monotonic() - started)
@@ -364,7 +365,7 @@ def export_command(
                     )
     except Exception as exc:
         # Failing before any run (the store, the directory, the lock): reported as a run is.
-        if not any(exc is seen for seen in reported):
+        if exc is not reported:
             if watch is not None:
                 watch.failed(0.0)
             if as_json:
