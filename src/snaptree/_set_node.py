@@ -68,10 +68,6 @@ class SetMethods(NodeBase):
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (set, (list(self.data),))
 
-    def _changed(self, before: int) -> None:
-        if len(self.data) != before:
-            self._p_changed = True
-
     @contextmanager
     def _changing(self) -> Iterator[set[Any]]:
         """The data, to change in place; marked changed afterwards if its size moved.
@@ -86,7 +82,8 @@ class SetMethods(NodeBase):
         try:
             yield data
         finally:
-            self._changed(before)
+            if len(data) != before:
+                self._p_changed = True
 
     # -- changing
 
