@@ -188,6 +188,79 @@ def test_snapshot_is_read_only(store):
     assert store.run(lambda root: root["box"]["n"]) == 1
 
 
+def test_a_snapshot_after_a_call_reads_what_the_call_committed_without_loading_it(store):
+    """A thread's snapshot between its calls borrows the connection the calls kept:
+    its cache holds what they committed, where any other connection's copy was
+    invalidated by that commit and would be loaded again (an export after a write)."""
+    store.run(lambda root: root.update(box={"n": 1}, other={"n": 0}))
+    with store.snapshot() as snap:
+        assert snap.root["box"]["n"] == 1
+    store.run(lambda root: root["box"].update(n=2))
+    with store.snapshot() as snap:
+        snap.connection.getTransferCounts(clear=True)
+        assert snap.root["box"]["n"] == 2
+        assert snap.connection.getTransferCounts() == (0, 0)
+        jar = id(snap.connection)
+    assert store.run(_jar) == jar
+    stats = store.stats()
+    assert (stats["connections_open"], stats["connections_kept"]) == (0, 1)
+
+
+def test_a_call_inside_a_snapshot_commits_without_changing_what_the_snapshot_shows(store):
+    store.run(lambda root: root.update(n=1))
+    with store.snapshot() as snap:
+        store.run(lambda root: root.update(n=2))
+        assert snap.root["n"] == 1
+        with store.snapshot() as inner:
+            assert inner.root["n"] == 2
+        assert snap.root["n"] == 1
+    with store.snapshot() as snap:
+        assert snap.root["n"] == 2
+    assert store.stats()["connections_open"] == 0
+
+
+def test_a_change_refused_in_a_snapshot_is_not_committed_by_the_threads_next_call(store):
+    """The refused snapshot borrowed the thread's kept connection; the change it
+    refused must not ride along with the next call committed on that thread."""
+    store.run(lambda root: root.update(box={"n": 1}, other=0))
+    with pytest.raises(MisuseError, match="read-only"), store.snapshot() as snap:
+        snap.root["box"]["n"] = 2
+    store.run(lambda root: root.update(other=1))
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(store.run(lambda r: r["box"]["n"])))
+    thread.start()
+    thread.join(BARRIER_TIMEOUT)
+    assert seen == [1]
+
+
+def test_a_snapshot_between_calls_is_not_shown_to_the_stores_synchronizers(store):
+    """Synchronizers (the testing kit's conflict forcing) watch write calls: a snapshot
+    on the connection the calls kept must not look like one of their transactions."""
+    events: list[str] = []
+
+    class Recorder:
+        def newTransaction(self, txn: Any) -> None:
+            events.append("begin")
+
+        def beforeCompletion(self, txn: Any) -> None:
+            events.append("before")
+
+        def afterCompletion(self, txn: Any) -> None:
+            events.append("after")
+
+    recorder = Recorder()
+    store.register_synchronizer(recorder)
+    store.run(lambda root: root.update(n=1))
+    seen = len(events)
+    assert seen > 0
+    with store.snapshot() as snap:
+        assert snap.root["n"] == 1
+    assert len(events) == seen
+    store.run(lambda root: root.update(n=2))
+    assert len(events) > seen
+    store.unregister_synchronizer(recorder)
+
+
 # -- connections ---------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ A thread that finds no free slot takes the pair another thread has left
 idle longest (a pair is not tied to a thread: its manager is explicit), or
 waits (boundedly) for one. When a thread ends, its pair is the first one
 given to a thread that needs one (see :meth:`ConnectionPool._orphan`).
+A snapshot of the newest state taken by a thread between its calls
+borrows that thread's idle pair rather than a slot of its own.
 
 The pool also owns the end of the database's life: ``close`` refuses new
 calls, lets the calls holding a connection finish, and never closes the
@@ -249,7 +251,16 @@ class ConnectionPool:
         A thread that cannot get one within the pool's timeout (or *wait*)
         gets an error instead of waiting forever, and one waiting when the
         store closes gets StoreClosedError at once.
+
+        A read of the newest state from a thread between its write calls
+        borrows the thread's own kept pair instead (see :meth:`_lend_own`).
         """
+        if at is None and read_only:
+            own = self._own_idle_pair()
+            if own is not None:
+                with self._lend_own(own) as lent:
+                    yield lent
+                return
         holder = self._holder()
         with self._lock:
             self._wait_for_slot(self.timeout if wait is None else wait)
@@ -290,6 +301,46 @@ class ConnectionPool:
                     self._in_use -= 1
                     self._free += 1
                     self._wake_one()
+
+    def _own_idle_pair(self) -> Pair | None:
+        """The calling thread's kept pair, taken out of the idle ones; None if it has none idle."""
+        holder = getattr(self._local, "holder", None)
+        pair = holder.pair if holder is not None else None
+        if pair is None:
+            return None
+        with self._lock:
+            if self.closing:
+                raise self.closed_error()
+            if self._idle.pop(pair, True) is not None:  # in a call, or taken by another thread
+                return None
+            self._in_use += 1
+            holder.leases += 1
+        return pair
+
+    @contextmanager
+    def _lend_own(self, pair: Pair) -> Iterator[tuple[Any, Any]]:
+        """Lend the thread's own idle *pair* for one read-only block, then keep it again.
+
+        Why: its cache already holds what the thread's calls committed (no
+        other connection's cache does: ZODB invalidated it there), so an
+        export right after a write reloads nothing, and the objects are
+        cached once, not once per connection. The store's synchronizers are
+        taken off first: they watch write calls, not reads.
+        """
+        holder = self._holder()
+        if pair.synchronizers:
+            pair.use_synchronizers(())
+        misused = False
+        pair.conn.claim(read_only=True)
+        try:
+            yield pair.conn, pair.tm
+        except MisuseError:
+            misused = True
+            raise
+        finally:
+            pair.conn.release()
+            holder.leases -= 1
+            self.release(pair, failed=True, misused=misused)
 
     def _give_back(self, conn: Any, tm: Any, misused: bool) -> None:
         """End a lent connection's transaction and return it to ZODB's pool."""

@@ -136,8 +136,17 @@ class StoreFiles:
         """
         real = Path(os.path.realpath(target))
         where = f"cannot write {target}"
+        target_stat = _stat(target)
+        # The companions share the data file's directory: resolve it once, and
+        # a companion itself only where it is a symlink (one lstat each).
+        folder = Path(os.path.realpath(self.data_file.parent)) if self.data_file else None
         for path in self.files:
-            if real == Path(os.path.realpath(path)) or _same_file(target, path):
+            real_path = (
+                Path(os.path.realpath(path))
+                if folder is None or os.path.islink(path)
+                else folder / path.name
+            )
+            if real == real_path or _same_file(target_stat, path):
                 raise ExportError(
                     f"{where}: it is one of the store's own files ({path}); a dump written "
                     "there would destroy the database. Write the dump to another name"
@@ -164,8 +173,16 @@ def _is_filestorage(path: Path) -> bool:
         return False
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # either does not exist
+        return os.stat(path)
+    except OSError:  # absent, or a dangling symlink
+        return None
+
+
+def _same_file(target: os.stat_result | None, path: Path) -> bool:
+    """Whether *path* is the file whose stat is *target* (a hard link, another mount)."""
+    if target is None:
         return False
+    other = _stat(path)
+    return other is not None and os.path.samestat(target, other)
