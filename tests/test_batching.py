@@ -297,3 +297,39 @@ def test_conflicts_aimed_at_one_function_reach_a_batch_that_mixes_it_with_others
     assert results == ["a ok", None]
     assert forced.conflicts == 1
     assert patient.run(lambda root: sorted(root["log"])) == ["a", "other"]
+
+
+def _jar_and_loads(root: Any) -> tuple[int, int]:
+    """The call's connection, and the objects it has loaded since the last look."""
+    return id(root._p_jar), root._p_jar.getTransferCounts(clear=True)[0]
+
+
+def test_batches_run_on_the_connection_of_the_last_batch_whichever_thread_combines(patient):
+    """Another thread's connection would load again what the last batch committed (ZODB
+    invalidated it there); the connection the last batch ran on has it current."""
+    patient.run(lambda root: root.update(box={"n": 0}))
+    mine, _ = patient.run(_jar_and_loads)
+    ready, done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def other_thread() -> None:
+        seen.append(patient.run(_jar_and_loads)[0])  # this thread's own connection
+        ready.set()
+        assert done.wait(WAIT)
+
+        def bump(root: Any) -> tuple[int, int]:
+            root["box"]["n"] += 1
+            return _jar_and_loads(root)
+
+        seen.append(patient.run_batched(bump))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert ready.wait(WAIT)
+    patient.run_batched(lambda root: root["box"].update(n=5))  # this thread combines
+    done.set()
+    thread.join(WAIT)
+    own, (batched, loads) = seen
+    assert own != mine
+    assert (batched, loads) == (mine, 0)
+    assert patient.run(lambda root: root["box"]["n"]) == 6

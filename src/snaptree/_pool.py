@@ -136,8 +136,19 @@ class ConnectionPool:
 
     # -- writes: the thread's own pair --------------------------------------------
 
-    def acquire(self) -> Pair:
-        """The calling thread's pair for one write call (give it back with :meth:`release`)."""
+    def acquire(self, prefer: Pair | None = None) -> Pair:
+        """The calling thread's pair for one write call (give it back with :meth:`release`).
+
+        *prefer*, when it is idle, is taken instead: batched calls run on
+        the pair the last batch ran on, whichever thread combines them.
+        """
+        if prefer is not None:
+            with self._lock:
+                if self.closing:
+                    raise self.closed_error()
+                if self._idle.pop(prefer, True) is None:
+                    self._in_use += 1
+                    return prefer
         try:
             pair = self._local.holder.pair
         except AttributeError:  # the thread's first call

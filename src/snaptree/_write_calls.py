@@ -124,6 +124,7 @@ class WriteCalls:
         # Replaced, never changed in place: a pair compares it by identity.
         self._synchronizers: tuple[Any, ...] = ()
         self._synchronizers_lock = threading.Lock()
+        self._batch_pair: Pair | None = None  # the pair the last batch ran on
         self._combiner = Combiner(
             self._attempt_batch,
             durable.wait_durable if durable is not None else None,
@@ -150,9 +151,9 @@ class WriteCalls:
 
     # -- one attempt -----------------------------------------------------------------
 
-    def _take_pair(self) -> Pair:
-        """The calling thread's connection pair, claimed, with the store's synchronizers."""
-        pair = self._pool.acquire()
+    def _take_pair(self, prefer: Pair | None = None) -> Pair:
+        """The calling thread's connection pair (or *prefer*), claimed, with the synchronizers."""
+        pair = self._pool.acquire(prefer)
         if pair.synchronizers is not self._synchronizers:
             pair.use_synchronizers(self._synchronizers)
         pair.conn.claim()
@@ -303,7 +304,11 @@ class WriteCalls:
         transient failure anywhere raises ``Retry``; any other failure at
         commit raises BatchCommitFailed, which no single call can be blamed for.
         """
-        pair = self._take_pair()
+        # Every batch runs on the connection the last one ran on, whichever
+        # thread combines it: the objects the last batch committed are current
+        # in its cache, where another thread's connection would load them
+        # again (ZODB invalidated them there).
+        pair = self._batch_pair = self._take_pair(self._batch_pair)
         conn, tm = pair.conn, pair.tm
         calls = self._calls.current()
         txn = None
