@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._pickle_scan import ScanningReader
 from .errors import Error, InputError
 
 
@@ -133,10 +134,18 @@ class AllowListUnpickler(pickle.Unpickler):
     running. Allowed builtins whose constructor could be abused (``bytes(n)``
     allocating n bytes, ``_codecs.encode`` with a decompressing codec) are
     replaced by guarded functions. Persistent ids are refused (the default).
+    What data alone could do to the C unpickler (a huge memo, tuples nested
+    deep enough to crash a hash) is refused by :mod:`snaptree._pickle_scan`
+    before the unpickler reads it.
     """
 
-    def __init__(self, file: Any, *, allow: Iterable[str | type] = (), source: str = "") -> None:
-        super().__init__(file)
+    def __init__(
+        self, file: Any, *, allow: Iterable[str | type] = (), source: str = "", pickles: int = 1
+    ) -> None:
+        # The C unpickler reads only what the scan has checked (see _pickle_scan):
+        # the first *pickles* pickles of the file; what follows is the caller's.
+        self.reader = ScanningReader(file, source, pickles)
+        super().__init__(self.reader)
         self._allowed = _parse_allow(allow)
         self._source = source
         #: Each class or function handed to the pickle, with its attributes then.
@@ -242,8 +251,9 @@ def unpickling_errors(source: str) -> Iterator[None]:
 def load_pickle(file: Any, source: str, allow: Iterable[str | type] = ()) -> Any:
     """The one pickle in *file*, read with the allow-list; InputError naming *source* otherwise."""
     with unpickling_errors(source):
-        value = AllowListUnpickler(file, allow=allow, source=source).load()
-    if file.read(1):
+        unpickler = AllowListUnpickler(file, allow=allow, source=source)
+        value = unpickler.load()
+    if unpickler.reader.read(1):
         # A second pickle, or garbage: loading only the first would drop the rest silently.
         raise InputError(
             f"{source}: bytes after the end of the pickle (a second pickle in the same "

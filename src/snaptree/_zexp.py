@@ -131,7 +131,7 @@ class _RecordUnpickler(AllowListUnpickler):
     """The allow-list unpickler with ZODB's persistent references read as :class:`_Ref`."""
 
     def __init__(self, file: Any, *, allow: Any, source: str, refs: list[bytes]) -> None:
-        super().__init__(file, allow=allow, source=source)
+        super().__init__(file, allow=allow, source=source, pickles=2)  # its class, its state
         self._refs = refs
 
     def persistent_load(self, pid: Any) -> Any:

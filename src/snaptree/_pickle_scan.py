@@ -1,0 +1,404 @@
+"""Reading an untrusted pickle's opcodes before the C unpickler runs them.
+
+``find_class`` keeps a pickle from calling code (see :mod:`snaptree._unpickler`),
+but two things the C unpickler does with plain data can take a process
+down, whatever the allow-list says:
+
+- a memo index far past anything stored (``LONG_BINPUT 2**27``: 9 bytes of
+  file) makes it allocate and zero a memo table of twice that many
+  pointers, 2 GB; near 2**32 the machine runs out of memory;
+- a tuple nested a million deep, used as a dict key or set element, is
+  hashed recursively in C, with no recursion check: the process dies with
+  a segmentation fault.
+
+So the unpickler reads through :class:`ScanningReader`, which hands it no
+byte that :class:`OpcodeScan` has not checked first: the scan follows the
+pickle machine's stack (the *hash depth* of each value on it: how deep a
+hash of it can recurse) and its memo, and refuses a memo index beyond
+what the pickle has built so far, or a value whose hash would recurse
+more than :data:`MAX_HASH_DEPTH` levels. Lists, dicts and sets cannot be
+hashed, so they stop the count: a tree of dicts may be as deep as it
+likes. Every legitimate pickler numbers its memo from 0 and cannot pickle
+a tuple nested that deep (it recurses itself), so no real file is refused.
+
+The scan costs a pass over the opcodes in Python, about a microsecond
+each: a few per object, small beside what an import does with each
+object (docs/import.md). The C unpickler still does the loading.
+"""
+
+from __future__ import annotations
+
+import pickletools
+from array import array
+from typing import Any
+
+from .errors import InputError
+
+#: Deepest a value's hash may recurse (tuples in tuples); far below what exhausts a C stack.
+MAX_HASH_DEPTH = 10_000
+#: How far a memo index may run ahead of the bytes read so far (a real pickle's stays behind:
+#: each entry stored takes an opcode or more).
+MEMO_SLACK = 100_000
+#: Bytes read from the file at a time.
+_CHUNK = 1 << 16
+
+# What each opcode does to the stack, as the scan follows it.
+(
+    _PUSH,  # pushes a value that cannot recurse: a scalar, an empty container, a global
+    _TUPLE_N,  # pops N values, pushes a tuple of them (EMPTY_TUPLE, TUPLE1..3)
+    _TO_MARK,  # pops back to the mark, pushes a container of them (TUPLE, FROZENSET; OBJ, INST)
+    _MUTABLE_TO_MARK,  # pops back to the mark, pushes an unhashable container (LIST, DICT)
+    _INTO_TO_MARK,  # pops back to the mark into the container below it (APPENDS, SETITEMS...)
+    _INTO,  # pops N values into the container below them (APPEND, SETITEM)
+    _CALL,  # pops N values, pushes what calling the first with the rest made (REDUCE...)
+    _BUILD,  # pops a state into the object below it
+    _POP,
+    _POP_MARK,
+    _DUP,
+    _MARK,
+    _PUT,
+    _MEMOIZE,
+    _GET,
+    _REPLACE,  # pops N values, pushes one that cannot recurse (STACK_GLOBAL, BINPERSID)
+    _NOTHING,  # PROTO, FRAME, READONLY_BUFFER
+    _STOP,
+) = range(18)
+
+_EFFECTS: dict[str, tuple[int, int]] = {
+    "EMPTY_TUPLE": (_TUPLE_N, 0),
+    "TUPLE1": (_TUPLE_N, 1),
+    "TUPLE2": (_TUPLE_N, 2),
+    "TUPLE3": (_TUPLE_N, 3),
+    "TUPLE": (_TO_MARK, 0),
+    "FROZENSET": (_TO_MARK, 0),
+    "OBJ": (_TO_MARK, 0),
+    "INST": (_TO_MARK, 0),
+    "LIST": (_MUTABLE_TO_MARK, 0),
+    "DICT": (_MUTABLE_TO_MARK, 0),
+    "APPENDS": (_INTO_TO_MARK, 0),
+    "SETITEMS": (_INTO_TO_MARK, 0),
+    "ADDITEMS": (_INTO_TO_MARK, 0),
+    "APPEND": (_INTO, 1),
+    "SETITEM": (_INTO, 2),
+    "REDUCE": (_CALL, 2),
+    "NEWOBJ": (_CALL, 2),
+    "NEWOBJ_EX": (_CALL, 3),
+    "BUILD": (_BUILD, 0),
+    "POP": (_POP, 0),
+    "POP_MARK": (_POP_MARK, 0),
+    "DUP": (_DUP, 0),
+    "MARK": (_MARK, 0),
+    "PUT": (_PUT, 0),
+    "BINPUT": (_PUT, 0),
+    "LONG_BINPUT": (_PUT, 0),
+    "MEMOIZE": (_MEMOIZE, 0),
+    "GET": (_GET, 0),
+    "BINGET": (_GET, 0),
+    "LONG_BINGET": (_GET, 0),
+    "STACK_GLOBAL": (_REPLACE, 2),
+    "BINPERSID": (_REPLACE, 1),
+    "PROTO": (_NOTHING, 0),
+    "FRAME": (_NOTHING, 0),
+    "READONLY_BUFFER": (_NOTHING, 0),
+    "STOP": (_STOP, 0),
+}
+
+# How each opcode's argument is laid out (pickletools' descriptors).
+_FIXED, _LINE, _TWO_LINES, _SIZED = range(4)
+_SIZE_BYTES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, False),
+}
+
+
+def _table() -> list[Any]:
+    """Per opcode byte: how to skip its argument, and its effect; None: no such opcode.
+
+    ``(layout, width, signed, effect, count)``: one lookup per opcode.
+    """
+    table: list[Any] = [None] * 256
+    for op in pickletools.opcodes:
+        effect, count = _EFFECTS.get(op.name, (_PUSH, 0))
+        arg = op.arg
+        if arg is None:
+            layout, width, signed = _FIXED, 0, False
+        elif arg.n >= 0:
+            layout, width, signed = _FIXED, arg.n, False
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            layout, width, signed = (
+                _TWO_LINES if op.name in ("GLOBAL", "INST") else _LINE,
+                0,
+                False,
+            )
+        else:
+            layout = _SIZED
+            width, signed = _SIZE_BYTES[arg.n]
+        table[ord(op.code)] = (layout, width, signed, effect, count)
+    return table
+
+
+_OPCODES = _table()
+
+
+class OpcodeScan:
+    """Follows *pickles* pickles of a stream (one after another, sharing a memo), chunk by chunk.
+
+    :meth:`feed` takes the next bytes and raises InputError at the first
+    opcode the unpickler must not run; bytes of an opcode cut off at the
+    end of a chunk wait for the next one. Bytes after the last pickle are
+    not looked at: the unpickler stops before them, and what they are is
+    its caller's to judge (load_pickle refuses them with a message of its own).
+    """
+
+    def __init__(self, source: str, pickles: int) -> None:
+        self._source = source
+        self._pickles = pickles  # still to scan: the bytes after them are not unpickled
+        self._pending = b""  # the start of an opcode the last chunk cut off
+        self._skip = 0  # bytes of a long argument still to come
+        self._offset = 0  # of the first byte of _pending in the stream
+        self._stack: list[int] = []  # the hash depth of each value on the machine's stack
+        self._marks: list[int] = []  # stack lengths at each MARK
+        self._memo = array("H")  # the hash depth of each memo entry
+
+    def feed(self, data: bytes) -> None:
+        if not self._pickles:
+            return
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            self._offset += taken
+            data = data[taken:]
+            if not data:
+                return
+        buf = self._pending + data if self._pending else data
+        end = len(buf)
+        pos = 0
+        stack = self._stack
+        marks = self._marks
+        memo = self._memo
+        while pos < end:
+            start = pos
+            code = buf[pos]
+            opcode = _OPCODES[code]
+            if opcode is None:
+                self._malformed(start, f"unknown opcode {bytes([code])!r}")
+            layout, width, signed, effect, _ = opcode
+            pos += 1
+            arg_at = pos
+            if layout == _FIXED:
+                pos += width
+            elif layout == _SIZED:
+                if pos + width > end:
+                    break
+                if width == 1:
+                    size = buf[pos]
+                else:
+                    size = int.from_bytes(buf[pos : pos + width], "little", signed=signed)
+                    if size < 0:
+                        self._malformed(start, "a negative length")
+                pos += width + size
+            else:
+                newline = buf.find(b"\n", pos)
+                if layout == _TWO_LINES and newline >= 0:
+                    newline = buf.find(b"\n", newline + 1)
+                if newline < 0:
+                    break
+                pos = newline + 1
+            if pos > end:
+                if layout != _SIZED:
+                    break
+                # A long str, bytes or int: its effect needs none of its bytes, so
+                # they are skipped as they come rather than gathered.
+                self._step(code, buf, arg_at, start)
+                self._skip = pos - end
+                self._pending = b""
+                self._offset += end
+                return
+            # The opcodes most pickles are made of, here rather than in _step.
+            if effect == _PUSH:
+                stack.append(0)
+            elif effect == _MARK:
+                marks.append(len(stack))
+            elif effect == _MEMOIZE and len(stack) > (marks[-1] if marks else 0):
+                memo.append(stack[-1])
+            else:
+                self._step(code, buf, arg_at, start)
+                if effect == _STOP:  # _step replaced the stack and marks
+                    if not self._pickles:
+                        return
+                    stack = self._stack
+                    marks = self._marks
+        else:
+            self._pending = b""
+            self._offset += end
+            return
+        self._pending = buf[start:]
+        self._offset += start
+
+    def _refuse(self, at: int, why: str) -> None:
+        """A pickle that is valid, but that the unpickler must not be given."""
+        raise InputError(
+            f"{self._source}: refused at byte {self._offset + at:,}: {why}; nothing was loaded"
+        )
+
+    def _malformed(self, at: int, why: str) -> None:
+        """What the unpickler would fail on too: said before it gets there."""
+        raise InputError(f"{self._source}: not a valid pickle: {why} at byte {self._offset + at:,}")
+
+    def _step(self, code: int, buf: bytes, arg_at: int, start: int) -> None:
+        """Follow one opcode's effect on the stack and the memo."""
+        _, _, _, effect, count = _OPCODES[code]
+        stack = self._stack
+        fence = self._marks[-1] if self._marks else 0
+        if effect == _PUSH:
+            stack.append(0)
+        elif effect in (_TUPLE_N, _CALL):
+            if len(stack) - count < fence:
+                self._malformed(start, "the stack underflows")
+            depth = 1 + max(stack[len(stack) - count :], default=0)
+            del stack[len(stack) - count :]
+            self._push(depth, start)
+        elif effect in (_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
+            if not self._marks:
+                self._malformed(start, "no MARK to pop back to")
+            mark = self._marks.pop()
+            depth = 1 + max(stack[mark:], default=0) if effect == _TO_MARK else 0
+            del stack[mark:]
+            if effect != _POP_MARK:
+                self._push(depth, start)
+        elif effect == _INTO_TO_MARK:
+            if not self._marks:
+                self._malformed(start, "no MARK to pop back to")
+            mark = self._marks.pop()
+            del stack[mark:]
+            if not stack:
+                self._malformed(start, "the stack underflows")
+        elif effect == _INTO:
+            if len(stack) - count < max(fence, 1):
+                self._malformed(start, "the stack underflows")
+            del stack[len(stack) - count :]
+        elif effect == _BUILD:
+            if len(stack) - 2 < fence:
+                self._malformed(start, "the stack underflows")
+            state = stack.pop()
+            self._push(max(stack.pop(), 1 + state), start)
+        elif effect == _POP:
+            if self._marks and self._marks[-1] == len(stack):
+                self._marks.pop()
+            elif len(stack) <= fence:
+                self._malformed(start, "the stack underflows")
+            else:
+                stack.pop()
+        elif effect == _DUP:
+            if len(stack) <= fence:
+                self._malformed(start, "the stack underflows")
+            stack.append(stack[-1])
+        elif effect == _MARK:
+            self._marks.append(len(stack))
+        elif effect in (_PUT, _MEMOIZE):
+            if len(stack) <= fence:
+                self._malformed(start, "the stack underflows")
+            memo = self._memo
+            index = len(memo) if effect == _MEMOIZE else self._index(code, buf, arg_at, start)
+            if index > self._offset + start + MEMO_SLACK:
+                self._refuse(
+                    start,
+                    f"memo index {index:,} at byte {self._offset + start:,} (a pickler numbers its "
+                    "memo from 0; this would make the unpickler allocate memory for every "
+                    "index up to it)",
+                )
+            if index >= len(memo):
+                memo.extend([0] * (index + 1 - len(memo)))
+            memo[index] = stack[-1]
+        elif effect == _GET:
+            index = self._index(code, buf, arg_at, start)
+            if index >= len(self._memo):
+                self._malformed(start, f"memo index {index:,} was never stored")
+            stack.append(self._memo[index])
+        elif effect == _REPLACE:
+            if len(stack) - count < fence:
+                self._malformed(start, "the stack underflows")
+            del stack[len(stack) - count :]
+            stack.append(0)
+        elif effect == _STOP:
+            # The next pickle of the stream starts with an empty stack (the memo stays).
+            self._stack = []
+            self._marks = []
+            self._pickles -= 1
+
+    def _push(self, depth: int, start: int) -> None:
+        if depth > MAX_HASH_DEPTH:
+            self._refuse(
+                start,
+                f"tuples (or objects) nested more than {MAX_HASH_DEPTH:,} levels deep, which "
+                "hashing as a dict key or set element would follow in C until the process "
+                "crashed",
+            )
+        self._stack.append(depth)
+
+    def _index(self, code: int, buf: bytes, arg_at: int, start: int) -> int:
+        layout, width, _, _, _ = _OPCODES[code]
+        if layout == _FIXED:
+            return int.from_bytes(buf[arg_at : arg_at + width], "little")
+        text = buf[arg_at : buf.index(b"\n", arg_at)]
+        try:
+            return int(text)
+        except ValueError:
+            self._malformed(start, f"memo index {text[:20]!r} is not a number")
+            raise  # not reached
+
+
+class ScanningReader:
+    """A file the unpickler reads through, handed only bytes the scan has checked.
+
+    ``peek`` lets the C unpickler read ahead in large blocks, as it does on a
+    real file: every block is scanned when it is first handed over.
+    """
+
+    def __init__(self, file: Any, source: str, pickles: int) -> None:
+        self._file = file
+        self._scan = OpcodeScan(source, pickles)
+        self._buffer = b""  # scanned, not yet consumed
+
+    def _fill(self, wanted: int) -> None:
+        while len(self._buffer) < wanted:
+            data = self._file.read(max(_CHUNK, wanted - len(self._buffer)))
+            if not data:  # a pickle cut short is the unpickler's to report
+                return
+            self._scan.feed(data)
+            self._buffer += data
+
+    def peek(self, size: int = 1) -> bytes:
+        self._fill(max(size, 1))
+        return self._buffer
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            while True:
+                data = self._file.read(_CHUNK)
+                if not data:
+                    break
+                self._scan.feed(data)
+                self._buffer += data
+            taken, self._buffer = self._buffer, b""
+            return taken
+        self._fill(size)
+        taken, self._buffer = self._buffer[:size], self._buffer[size:]
+        return taken
+
+    def readinto(self, target: Any) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def readline(self) -> bytes:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                return self.read(newline + 1)
+            before = len(self._buffer)
+            self._fill(before + 1)
+            if len(self._buffer) == before:
+                return self.read()

@@ -1,0 +1,169 @@
+"""Pickles that attack the C unpickler with data alone: refused before it reads them.
+
+No global is involved, so the allow-list has nothing to refuse: a memo
+index that makes the unpickler allocate gigabytes, tuples nested deep
+enough that hashing one as a dict key crashes the process. The pickle
+scan (snaptree._pickle_scan) refuses both; real pickles of every protocol
+still load as ``pickle.loads`` loads them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+import snaptree
+from _cli import snaptree as run_snaptree
+from _strategies import json_trees
+from snaptree._pickle_scan import MAX_HASH_DEPTH, OpcodeScan
+
+PROTO2 = b"\x80\x02"
+
+
+def _deep_tuple_key(levels: int) -> bytes:
+    """{((...(),),): None}, the key nested *levels* deep: one opcode per level."""
+    return PROTO2 + b"}" + b")" + b"\x85" * levels + b"N" + b"s" + b"."
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_deep_tuple_used_as_a_key_is_refused_instead_of_crashing_the_process(tmp_path):
+    """A million levels: the C hash of the key recursed until the process died (SIGSEGV)."""
+    source = _write(tmp_path / "deep.pickle", _deep_tuple_key(1_000_000))
+    db = tmp_path / "Data.fs"
+    result = run_snaptree("import", source, "--db", db)
+    assert result.returncode == 3, result.stderr
+    assert "nested more than" in result.stderr and "deep.pickle" in result.stderr
+    with snaptree.open(str(db)) as store:
+        assert store.run(lambda root: dict(root)) == {}
+
+
+def _levels(nested: tuple[Any, ...]) -> int:
+    levels = 0
+    while nested:
+        (nested,) = nested
+        levels += 1
+    return levels
+
+
+def test_a_tuple_key_just_within_the_limit_loads(tmp_path):
+    data = _deep_tuple_key(MAX_HASH_DEPTH - 1)
+    ((key, value),) = snaptree.load_source(_write(tmp_path / "ok.pickle", data)).items()
+    assert value is None and _levels(key) == MAX_HASH_DEPTH - 1
+
+
+def test_a_deep_tuple_hidden_behind_the_memo_is_still_counted(tmp_path):
+    """Stored in the memo, fetched again, wrapped again: the depth travels with it."""
+    half = MAX_HASH_DEPTH // 2 + 10
+    data = (
+        PROTO2
+        + b")"
+        + b"\x85" * half
+        + b"q\x01"  # BINPUT 1
+        + b"0"  # POP
+        + b"h\x01"  # BINGET 1
+        + b"\x85" * half
+        + b"."
+    )
+    with pytest.raises(snaptree.InputError, match="nested more than"):
+        snaptree.load_source(_write(tmp_path / "memo.pickle", data))
+
+
+@pytest.mark.parametrize("index", [2**24, 2**32 - 1])
+def test_a_memo_index_far_past_the_pickle_is_refused_before_any_allocation(tmp_path, index):
+    """Nine bytes of file: LONG_BINPUT 2**27 had the unpickler allocate and zero 2 GB."""
+    data = b"\x80\x04}r" + index.to_bytes(4, "little") + b"."
+    source = _write(tmp_path / "memo.pickle", data)
+    with pytest.raises(snaptree.InputError, match=f"memo index {index:,}") as refused:
+        snaptree.load_source(source)
+    assert "memo.pickle" in str(refused.value) and "byte 3" in str(refused.value)
+
+
+def test_a_deep_tuple_in_a_zexp_record_is_refused_instead_of_crashing(tmp_path):
+    """A .zexp record's state is read by the same unpickler, its two pickles scanned."""
+    meta = b"\x80\x03cpersistent.mapping\nPersistentMapping\nN\x86."
+    key = b")" + b"\x85" * 1_000_000
+    state = b"\x80\x03}X\x04\x00\x00\x00data}" + key + b"Ns" + b"s."
+    record = (1).to_bytes(8, "big") + len(meta + state).to_bytes(8, "big") + meta + state
+    forged = _write(tmp_path / "forged.zexp", b"ZEXP" + record + b"\xff" * 16)
+    result = run_snaptree("import", forged, "--db", tmp_path / "Data.fs")
+    assert result.returncode == 3, result.stderr
+    assert "record 0x0000000000000001" in result.stderr and "nested more than" in result.stderr
+
+
+def test_a_malformed_pickle_is_still_not_a_valid_pickle(tmp_path):
+    for data in (b"\x80\x02\x85.", b"\x80\x02t.", b"\x80\x02h\x07.", b"\x80\x02\xff"):
+        with pytest.raises(snaptree.InputError, match="not a valid pickle"):
+            snaptree.load_source(_write(tmp_path / "bad.pickle", data))
+
+
+def _varied_tree(seed: int) -> Any:
+    """Plain data of every kind a pickle source holds, shared values and long strings too."""
+    rng = random.Random(seed)
+    shared = ["shared", (1, 2)]
+    return {
+        "ints": [rng.randrange(-(2**70), 2**70) for _ in range(200)],
+        "floats": [rng.random() for _ in range(50)] + [float("inf"), -0.0],
+        "text": "é" * 70_000,  # longer than one read of the scan
+        "bytes": bytes(rng.randrange(256) for _ in range(300)) * 300,
+        "tuple keys": {(i, str(i), (i, None)): i for i in range(300)},
+        "sets": [{1, 2, 3}, frozenset({"a", (1, 2)})],
+        "shared": [shared, shared, {"again": shared}],
+        "nested": [[[[{"deep": True}]]]],
+        "when": datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC),
+        "money": decimal.Decimal("12.50"),
+        "dicts": [{str(i): [i] * 5} for i in range(2_000)],
+    }
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_real_pickles_of_every_protocol_load_as_pickle_loads_them(tmp_path, protocol):
+    tree = _varied_tree(protocol)
+    data = pickle.dumps(tree, protocol=protocol)
+    assert snaptree.load_source(_write(tmp_path / "t.pickle", data)) == pickle.loads(data)
+
+
+def test_a_deep_tree_of_dicts_is_not_limited(tmp_path):
+    """Dicts and lists cannot be hashed: only tuples and objects count towards the limit."""
+    levels = 3 * MAX_HASH_DEPTH  # too deep for the pickler: written by hand
+    key = b"\x8c\x01a"  # SHORT_BINUNICODE "a"
+    data = PROTO2 + (b"}" + key + b"]") * levels + b"N" + b"as" * levels + b"."
+    deep = snaptree.load_source(_write(tmp_path / "deep.pickle", data))
+    for _ in range(levels):
+        (deep,) = deep["a"]
+    assert deep is None
+
+
+def _feed_in_pieces(data: bytes, sizes: list[int], pickles: int = 1) -> None:
+    scan = OpcodeScan("test", pickles)
+    position = 0
+    for size in sizes:
+        scan.feed(data[position : position + size])
+        position += size
+    scan.feed(data[position:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=json_trees)
+def test_any_cut_of_a_real_pickle_into_pieces_scans_the_same(value):
+    """Opcodes and their arguments split across reads at every place: nothing refused."""
+    for protocol in (0, 2, 5):
+        data = pickle.dumps(value, protocol=protocol)
+        rng = random.Random(len(data))
+        _feed_in_pieces(data, [rng.randint(1, 9) for _ in range(len(data))])
+        _feed_in_pieces(data, [1] * len(data))
+
+
+def test_a_deep_key_fed_one_byte_at_a_time_is_refused():
+    with pytest.raises(snaptree.InputError, match="nested more than"):
+        _feed_in_pieces(_deep_tuple_key(MAX_HASH_DEPTH + 1), [1] * (MAX_HASH_DEPTH + 10))
