@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import threading
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,50 @@ def test_plain_objects_inside_frozensets_and_tuples_are_refused_with_their_path(
     with pytest.raises(UnstorableValueError, match=r"^a/b: .*Plain"):
         store.run(lambda root: root.update(a={"b": frozenset({Plain()})}))
     assert store.run(lambda root: "a" in root) is False
+
+
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
+
+ZONED = {
+    "a value": (
+        "a/t",
+        lambda root: root["a"].update(t=datetime.datetime(2026, 1, 1, tzinfo=PARIS)),
+    ),
+    "a time": ("a/t", lambda root: root["a"].update(t=datetime.time(9, tzinfo=PARIS))),
+    "in a tuple": ("a/t/1", lambda root: root["a"].update(t=(1, datetime.datetime.now(PARIS)))),
+    "in a new dict": ("b/c", lambda root: root.update(b={"c": datetime.datetime.now(PARIS)})),
+    "appended": ("a/log/0", lambda root: root["a"]["log"].append(datetime.datetime.now(PARIS))),
+    "a key": (
+        r"a/2026-01-01 00:00:00\+01:00",
+        lambda root: root["a"].update({datetime.datetime(2026, 1, 1, tzinfo=PARIS): 1}),
+    ),
+    "a set element": ("a/s", lambda root: root["a"].update(s={datetime.datetime.now(PARIS)})),
+    "added to a set": (
+        "a/s",
+        lambda root: root["a"].update(s=set()) or root["a"]["s"].add(datetime.datetime.now(PARIS)),
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ZONED)
+def test_a_datetime_with_a_zoneinfo_timezone_is_refused_with_its_path(store, where):
+    """ZODB's protocol 3 cannot pickle a ZoneInfo: the commit failed with a bare PicklingError."""
+    path, change = ZONED[where]
+    store.run(lambda root: root.update(a={"x": 1, "log": []}))
+    with pytest.raises(UnstorableValueError, match=rf"^{path}: .*ZoneInfo\('Europe/Paris'\).*UTC"):
+        store.run(change)
+    assert store.run(lambda root: snaptree.tree.to_plain(root)) == {"a": {"x": 1, "log": []}}
+
+
+def test_datetimes_in_utc_with_fixed_offsets_or_naive_are_stored(store):
+    values = [
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=1))),
+        datetime.datetime(2026, 1, 1),
+        (1, datetime.time(9, tzinfo=datetime.UTC)),
+    ]
+    store.run(lambda root: root.update(t=values))
+    assert store.run(lambda root: list(root["t"])) == values
 
 
 CONSTRUCTIONS = {

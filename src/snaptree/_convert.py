@@ -52,10 +52,13 @@ from ._originals import originals_for
 from ._values import (
     MAX_VALUE_DEPTH,
     SCALAR_TYPES,
+    STORED_AS_IS,
     TOO_DEEP,
+    ZONED_TYPES,
     default_factory_detail,
     hashable_problem,
     unstorable_detail,
+    zone_problem,
 )
 from .errors import UnstorableValueError
 from .paths import join, path_of
@@ -196,7 +199,7 @@ class Converter:
 
     def convert(self, value: Any, key: Any = _NO_KEY) -> Any:
         """*value* in the form the tree stores, to go under *key* of the anchor."""
-        if type(value) in SCALAR_TYPES:
+        if type(value) in STORED_AS_IS:
             return value
         self._key = key
         try:
@@ -271,7 +274,7 @@ class Converter:
         done = self._enter(value, None, 0)
         if done is not _PUSHED:
             return done
-        scalars = SCALAR_TYPES
+        scalars = STORED_AS_IS
         enter = self._enter
         stack = self._stack
         while True:
@@ -303,6 +306,11 @@ class Converter:
     def _enter(self, value: Any, parent: _Frame | None, position: int) -> Any:
         """*value* converted, or _PUSHED after making the frame that will convert it."""
         kind = type(value)
+        if kind in ZONED_TYPES:
+            problem = zone_problem(value)
+            if problem is not None:
+                raise UnstorableValueError(self._path(self._keys(parent, position)), problem)
+            return value
         if kind is not dict and kind is not list:
             if parent is not None and parent.kind in _SETS:  # an element: must be a value
                 problem = hashable_problem(value, nan=True)
@@ -312,7 +320,7 @@ class Converter:
                 self._check_jar(value, parent, position)
                 return value
             if isinstance(value, tuple | frozenset):
-                if all(type(item) in SCALAR_TYPES for item in value):
+                if all(type(item) in STORED_AS_IS for item in value):
                     return value
             elif not isinstance(value, dict | list | set):
                 if isinstance(value, enum.Enum | str | int | float | bytes):

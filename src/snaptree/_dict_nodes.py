@@ -20,7 +20,7 @@ from BTrees.OOBTree import OOBTree
 from ._connection import check_writable
 from ._convert import Converter
 from ._node_base import MISSING, NodeBase
-from ._values import SCALAR_TYPES, mapping_key_problem, type_name
+from ._values import STORED_AS_IS, mapping_key_problem, type_name
 from ._views import (
     FlatItems,
     FlatKeys,
@@ -117,7 +117,7 @@ class DictOperators(NodeBase):
         node = cls()
         keys = list(iterable)
         if keys:
-            if type(value) not in SCALAR_TYPES:  # one node under every key, as dict.fromkeys shares
+            if type(value) not in STORED_AS_IS:  # one node under every key, as dict.fromkeys shares
                 value = Converter(cls._node_types).convert(value)
             for key in keys:
                 node[key] = value  # type: ignore[index]
@@ -236,7 +236,7 @@ class MappingMethods(GuardedIteration, DictOperators):
         check_writable(self)
         if type(key) is not str and type(key) is not int:
             self._check_key(key)
-        if type(value) not in SCALAR_TYPES:
+        if type(value) not in STORED_AS_IS:
             value = self._converter().convert(value, key)
         if watches and id(self) in watches and not self.__contains__(key):
             self._insert(key, value)
@@ -315,7 +315,7 @@ class MappingMethods(GuardedIteration, DictOperators):
             if type(key) is not str and type(key) is not int:
                 self._check_key(key)
         converter = self._converter()
-        pairs = [(k, v if type(v) in SCALAR_TYPES else converter.convert(v, k)) for k, v in pairs]
+        pairs = [(k, v if type(v) in STORED_AS_IS else converter.convert(v, k)) for k, v in pairs]
         # A key that does not compare with the keys here fails in the lookup,
         # before anything changed; one that does not compare with another new
         # key fails while inserting, and what was inserted is undone.
@@ -388,13 +388,13 @@ class FlatMappingMethods(DictOperators):
             if type(key) is not str and type(key) is not int:
                 self._check_flat_key(key)
         converter = self._converter()
-        return [(k, v if type(v) in SCALAR_TYPES else converter.convert(v, k)) for k, v in pairs]
+        return [(k, v if type(v) in STORED_AS_IS else converter.convert(v, k)) for k, v in pairs]
 
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
         if type(key) is not str and type(key) is not int:
             self._check_flat_key(key)
-        if type(value) not in SCALAR_TYPES:
+        if type(value) not in STORED_AS_IS:
             value = self._converter().convert(value, key)
         self.data[key] = value
         self._p_changed = True

@@ -12,7 +12,7 @@ from typing import Any
 
 from ._connection import check_writable
 from ._node_base import NodeBase
-from ._values import SCALAR_TYPES
+from ._values import STORED_AS_IS
 
 
 class ListMethods(NodeBase):
@@ -30,7 +30,7 @@ class ListMethods(NodeBase):
         values = list(values) if type(values) in (list, tuple) else list(itertools.chain(values))
         converter = None
         for i, value in enumerate(values):
-            if type(value) not in SCALAR_TYPES:
+            if type(value) not in STORED_AS_IS:
                 if converter is None:
                     converter = self._converter()
                 values[i] = converter.convert(value, start + i)
@@ -46,7 +46,7 @@ class ListMethods(NodeBase):
         check_writable(self)
         if isinstance(index, slice):
             value = self._incoming(value, index.start or 0)
-        elif type(value) not in SCALAR_TYPES:
+        elif type(value) not in STORED_AS_IS:
             value = self._converter().convert(value, index)
         self.data[index] = value
         self._p_changed = True
@@ -62,14 +62,14 @@ class ListMethods(NodeBase):
     def append(self, value: Any) -> None:
         check_writable(self)
         data = self.data
-        if type(value) not in SCALAR_TYPES:
+        if type(value) not in STORED_AS_IS:
             value = self._converter().convert(value, len(data))
         data.append(value)
         self._p_changed = True
 
     def insert(self, index: int, value: Any) -> None:
         check_writable(self)
-        if type(value) not in SCALAR_TYPES:
+        if type(value) not in STORED_AS_IS:
             value = self._converter().convert(value, index)
         self.data.insert(index, value)
         self._p_changed = True

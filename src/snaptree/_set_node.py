@@ -15,7 +15,7 @@ from ZODB.POSException import ConflictError
 
 from ._connection import check_writable
 from ._node_base import NodeBase
-from ._values import SCALAR_TYPES
+from ._values import STORED_AS_IS
 
 
 def _set_data(other: Any) -> Any:
@@ -46,7 +46,7 @@ class SetMethods(NodeBase):
         converter = None
         out = set()
         for element in _iterable_data(elements):
-            if type(element) not in SCALAR_TYPES:
+            if type(element) not in STORED_AS_IS:
                 if converter is None:
                     converter = self._converter()
                 element = converter.element(element)
@@ -89,7 +89,7 @@ class SetMethods(NodeBase):
 
     def add(self, element: Any) -> None:
         check_writable(self)
-        if type(element) not in SCALAR_TYPES:
+        if type(element) not in STORED_AS_IS:
             element = self._converter().element(element)
         data = self.data
         if element not in data:

@@ -14,6 +14,7 @@ import decimal
 import enum
 import fractions
 import uuid
+import zoneinfo
 from typing import Any
 
 from persistent import Persistent
@@ -39,6 +40,12 @@ SCALAR_TYPES: frozenset[type] = frozenset(
     }
 )
 
+#: Scalars that may carry a timezone ZODB cannot pickle: looked at before they are stored.
+ZONED_TYPES: frozenset[type] = frozenset({datetime.datetime, datetime.time})
+
+#: Scalars stored as they are without a look (the fast paths of the conversion and the nodes).
+STORED_AS_IS: frozenset[type] = SCALAR_TYPES - ZONED_TYPES
+
 #: Key types a Mapping can keep in order (besides tuples of them): the scalars
 #: but complex numbers and timezones, which do not order. BTrees order None first.
 _ORDERED_KEY_TYPES = SCALAR_TYPES - {complex, datetime.timezone}
@@ -60,6 +67,25 @@ TOO_DEEP = (
     "they are pickled inside their node's record, recursively; use lists (which become "
     "nodes) for deep structures"
 )
+
+
+def zone_problem(value: datetime.datetime | datetime.time) -> str | None:
+    """Why the datetime or time *value* cannot be stored, or None if it can.
+
+    ZODB pickles records with protocol 3, which cannot name the class method
+    a ``zoneinfo.ZoneInfo`` pickles itself with: the commit would fail with
+    a bare PicklingError, far from the value. Fixed offsets
+    (``datetime.timezone``), UTC and other tzinfo classes pickle fine.
+    """
+    zone = value.tzinfo
+    if zone is None or type(zone) is datetime.timezone or not isinstance(zone, zoneinfo.ZoneInfo):
+        return None
+    return (
+        f"a {type(value).__name__} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
+        "ZODB pickles records with protocol 3, which cannot pickle a zoneinfo.ZoneInfo; "
+        "store it in UTC (value.astimezone(datetime.UTC)) or with a fixed "
+        "datetime.timezone offset, and the zone's name beside it if you need it"
+    )
 
 
 def type_name(value: Any) -> str:
@@ -94,6 +120,8 @@ def mapping_key_problem(key: Any) -> str | None:
             stack.extend((part, depth + 1) for part in reversed(item))  # first problem first
         elif _is_nan(item):
             return NAN_KEY
+        elif type(item) in ZONED_TYPES and zone_problem(item):
+            return zone_problem(item)
         elif not (type(item) in _ORDERED_KEY_TYPES or isinstance(item, str | int | float | bytes)):
             # subclasses (IntEnum, StrEnum) order as their base type
             return (
@@ -121,6 +149,8 @@ def hashable_problem(value: Any, *, nan: bool) -> str | None:
         if kind in SCALAR_TYPES or isinstance(item, enum.Enum | str | int | float | bytes):
             if not nan and _is_nan(item):
                 return NAN_KEY
+            if kind in ZONED_TYPES and zone_problem(item):
+                return zone_problem(item)
         elif isinstance(item, tuple | frozenset):
             if depth >= MAX_VALUE_DEPTH:
                 return TOO_DEEP
