@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ZODB.Connection import Connection
 
 import snaptree
 from _servers import postgres_database, postgres_uri, zeo_server
@@ -71,6 +72,29 @@ def test_prefetching_walks_never_change_what_is_written(expected, tmp_path, monk
     monkeypatch.setattr(_pickle_fragments, "_PREFETCH_PIECES", 7)
     monkeypatch.setattr(_zexp, "_PREFETCH_BATCH", 50)
     assert _exports(str(db), tmp_path) == from_file
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "zodb"])
+def test_a_cold_export_asks_for_objects_in_full_batches(tmp_path, monkeypatch, fmt):
+    """Through PostgreSQL each ask is a query: asking for a bucket's few values as soon as
+    they were known took 154 asks for these 6,000 objects."""
+    db = tmp_path / "Data.fs"
+    with snaptree.open(str(db)) as store:
+        store.run(lambda root: root.update(accounts={i: {"n": i, "log": [i]} for i in range(3000)}))
+    monkeypatch.setattr(_plain_nodes, "is_client_of_a_server", lambda storage: True)
+    asks: list[int] = []
+    real = Connection.prefetch
+
+    def prefetch(self: Connection, *args: Any) -> None:
+        asks.append(sum(len(arg) if isinstance(arg, list) else 1 for arg in args))
+        real(self, *args)
+
+    monkeypatch.setattr(Connection, "prefetch", prefetch)
+    with snaptree.open(str(db)) as store:
+        info = store.export(tmp_path / f"cold{SUFFIX[fmt]}", fragments=None)
+    full_batches = -(-info.objects // _plain_nodes._BATCH)
+    assert sum(asks) >= info.objects - 10  # (the root and the mapping's own record)
+    assert len(asks) <= 2 * full_batches
 
 
 @pytest.mark.slow

@@ -156,17 +156,21 @@ class Prefetcher:
     def load(self, nodes: list[Any]) -> None:
         """Load *nodes* and the nodes under them, breadth first, asking for them in batches.
 
-        A batch is asked for while half of the previous one is still to be
-        read, so the server works on it while this process unpickles what
-        came. The walk stops growing at a window's worth of objects: the
-        writer gets to the rest later, and its own windows fetch them.
+        A batch is asked for once a full one is known, so the server works
+        on it while this process unpickles what came before, or when all
+        that was asked for has been read. Asking as soon as a few were known
+        (a bucket's values, say) made a cold export through PostgreSQL, where
+        each batch is a query, take 272 queries for 10,000 objects instead of
+        38. The walk stops growing at a window's worth of objects: the writer
+        gets to the rest later, and its own windows fetch them.
         """
         assert self._connection is not None
         prefetch = self._connection.prefetch
         queue = list(nodes)
         asked = done = 0
         while done < len(queue):
-            if asked - done < _BATCH // 2 and asked < len(queue):
+            pending = len(queue) - asked
+            if pending >= _BATCH or (pending and done >= asked):
                 end = min(len(queue), asked + _BATCH)
                 ghosts = [node for node in queue[asked:end] if node._p_changed is None]
                 if ghosts:

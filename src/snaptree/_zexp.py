@@ -74,11 +74,13 @@ def write_zexp(node: Any, out: HashingWriter, connection: Connection, where: str
     asked = 0  # records at the head of the queue already asked for
     references: list[bytes] = []
     while queue:
-        if prefetch is not None and asked < _PREFETCH_BATCH // 2:
+        # A full batch once one is known, or what is known once all asked was read.
+        if prefetch is not None and (
+            len(queue) - asked >= _PREFETCH_BATCH or (not asked and len(queue) > 1)
+        ):
             batch = list(itertools.islice(queue, asked, asked + _PREFETCH_BATCH))
-            if batch:
-                prefetch(batch)
-                asked += len(batch)
+            prefetch(batch)
+            asked += len(batch)
         oid = queue.popleft()
         asked = max(asked - 1, 0)
         data, _serial = load(oid)
