@@ -101,6 +101,87 @@ def test_a_deep_tuple_in_a_zexp_record_is_refused_instead_of_crashing(tmp_path):
     assert "record 0x0000000000000001" in result.stderr and "nested more than" in result.stderr
 
 
+def _import_exit(tmp_path: Path, data: bytes) -> tuple[int, str]:
+    """``snaptree import`` of *data* in a process of its own: a crash is an exit code."""
+    source = _write(tmp_path / "hostile.pickle", data)
+    result = run_snaptree("import", source, "--db", tmp_path / "Data.fs")
+    return result.returncode, result.stderr
+
+
+def test_a_deep_tuple_made_by_a_call_from_a_list_is_counted(tmp_path):
+    """tuple([inner]) through REDUCE: a list hid its item's depth, and the key crashed."""
+    levels = 1_000_000
+    data = (
+        PROTO2
+        + b"}"
+        + b"c__builtin__\ntuple\nq\x01"
+        + b"0"  # GLOBAL tuple, BINPUT 1, POP
+        + b"h\x01]" * levels  # BINGET 1 (tuple), EMPTY_LIST
+        + b")"
+        + b"a\x85R" * levels  # APPEND, TUPLE1, REDUCE: tuple([inner])
+        + b"Ns."
+    )
+    code, stderr = _import_exit(tmp_path, data)
+    assert code == 3 and "nested more than" in stderr, (code, stderr)
+
+
+def test_memoize_after_a_gap_in_the_memo_is_followed_as_the_unpickler_follows_it(tmp_path):
+    """MEMOIZE stores at the number of entries stored, not after the highest index: the
+    scan counted a deep tuple fetched back through the gap as depth 0."""
+    level, gap = 9_000, 50_000
+    parts = [b"\x80\x04}", b"N", b"r" + gap.to_bytes(4, "little"), b"0"]
+    parts.append(b")" + b"\x85" * level + b"\x94" + b"0")
+    for entry in range(1, 4):
+        parts.append(b"j" + entry.to_bytes(4, "little") + b"\x85" * level + b"\x94" + b"0")
+    parts.append(b"j" + (4).to_bytes(4, "little") + b"Ns.")
+    code, stderr = _import_exit(tmp_path, b"".join(parts))
+    assert code == 3 and "nested more than" in stderr, (code, stderr)
+
+
+def test_an_opcode_cut_by_the_end_of_a_large_frame_is_refused(tmp_path):
+    """The C unpickler reads the rest of such an opcode afresh after the frame: it ran bytes
+    the scan had read as the argument (here a 2 GB memo index)."""
+    size = 200_000
+    tail = b"B\x00\x00"  # BINBYTES and half of its length, at the frame's end
+    body = b"(N1" + b"N0" * ((size - 3 - len(tail)) // 2) + tail
+    after = b"\x00\x00.\x00"
+    evil = b"0" + b"N" + b"r" + (2**27).to_bytes(4, "little") + b"."
+    data = (
+        b"\x80\x04\x95"
+        + size.to_bytes(8, "little")
+        + body
+        + after
+        + bytes(int.from_bytes(after, "little"))
+        + evil
+    )
+    with pytest.raises(snaptree.InputError, match="runs past the end of its frame"):
+        snaptree.load_source(_write(tmp_path / "frame.pickle", data))
+
+
+def test_a_long_chain_of_defaultdicts_is_freed_without_crashing(tmp_path):
+    """collections.defaultdict is freed without CPython's guard against deep recursion:
+    a chain of them crashed the process when it was dropped (here inside the load, by POP)."""
+    head = b"\x80\x02ccollections\ndefaultdict\nq\x010N"
+    body = b"h\x01)R\x8c\x01a" * 200_000 + b"N" + b"s" * 200_000
+    code, stderr = _import_exit(tmp_path, head + body + b"0.")
+    assert code == 3, (code, stderr)  # refused as a tree (None at the root), not a crash
+
+
+def test_a_memo_index_counts_against_entries_stored_not_bytes_read(tmp_path):
+    """Padding of large bytes, which zstd shrinks to nothing, let the index grow with it."""
+    padding = (b"B" + (1 << 20).to_bytes(4, "little") + bytes(1 << 20) + b"0") * 8
+    data = b"\x80\x04" + padding + b"}r" + (4_000_000).to_bytes(4, "little") + b"."
+    with pytest.raises(snaptree.InputError, match="entries stored"):
+        snaptree.load_source(_write(tmp_path / "padded.pickle", data))
+
+
+def test_a_protocol_0_pickle_of_a_long_string_loads(tmp_path):
+    """Its one line spans many reads of the scan (searched once, not again per read)."""
+    value = {"text": "x" * 3_000_000, "n": list(range(10))}
+    data = pickle.dumps(value, protocol=0)
+    assert snaptree.load_source(_write(tmp_path / "long.pickle", data)) == value
+
+
 def test_a_malformed_pickle_is_still_not_a_valid_pickle(tmp_path):
     for data in (b"\x80\x02\x85.", b"\x80\x02t.", b"\x80\x02h\x07.", b"\x80\x02\xff"):
         with pytest.raises(snaptree.InputError, match="not a valid pickle"):

@@ -14,20 +14,30 @@ down, whatever the allow-list says:
 So the unpickler reads through :class:`ScanningReader`, which hands it no
 byte that :class:`OpcodeScan` has not checked first: the scan follows the
 pickle machine's stack (the *hash depth* of each value on it: how deep a
-hash of it can recurse) and its memo, and refuses a memo index beyond
-what the pickle has built so far, or a value whose hash would recurse
-more than :data:`MAX_HASH_DEPTH` levels. Lists, dicts and sets cannot be
-hashed, so they stop the count: a tree of dicts may be as deep as it
-likes. Every legitimate pickler numbers its memo from 0 and cannot pickle
-a tuple nested that deep (it recurses itself), so no real file is refused.
+hash of it can recurse) and its memo, and refuses a memo index more than
+:data:`MEMO_SLACK` past the entries stored so far, or a value whose hash
+would recurse more than :data:`MAX_HASH_DEPTH` levels. Lists, dicts and
+sets cannot be hashed, so they stop the count (a tree of dicts may be as
+deep as it likes), but what a call makes of them may be hashable
+(``tuple([x])``): a call's result counts as deeper than anything ever put
+into a container. Every legitimate pickler numbers its memo from 0 and
+cannot pickle a tuple nested that deep (it recurses itself), so no real
+file is refused.
 
-The scan costs a pass over the opcodes in Python, about a microsecond
-each: a few per object, small beside what an import does with each
-object (docs/import.md). The C unpickler still does the loading.
+The scan must read the opcodes exactly as the C unpickler will, or it
+checks a different program: MEMOIZE stores at the number of entries
+stored (not after the highest index), and an opcode may not run past the
+end of its FRAME (the C unpickler reads a large frame whole and the rest
+of such an opcode afresh after it; picklers never cut one).
+
+The scan costs a pass over the opcodes in Python, about half a microsecond
+each: a few per object, small beside what an import does with each object
+(docs/import.md). The C unpickler still does the loading.
 """
 
 from __future__ import annotations
 
+import pickle
 import pickletools
 from array import array
 from typing import Any
@@ -36,8 +46,7 @@ from .errors import InputError
 
 #: Deepest a value's hash may recurse (tuples in tuples); far below what exhausts a C stack.
 MAX_HASH_DEPTH = 10_000
-#: How far a memo index may run ahead of the bytes read so far (a real pickle's stays behind:
-#: each entry stored takes an opcode or more).
+#: How far a memo index may run ahead of the entries stored so far (a real pickle's never does).
 MEMO_SLACK = 100_000
 #: Bytes read from the file at a time.
 _CHUNK = 1 << 16
@@ -62,7 +71,8 @@ _CHUNK = 1 << 16
     _REPLACE,  # pops N values, pushes one that cannot recurse (STACK_GLOBAL, BINPERSID)
     _NOTHING,  # PROTO, FRAME, READONLY_BUFFER
     _STOP,
-) = range(18)
+    _CALL_TO_MARK,  # pops back to the mark, pushes what a call made of them (OBJ, INST)
+) = range(19)
 
 _EFFECTS: dict[str, tuple[int, int]] = {
     "EMPTY_TUPLE": (_TUPLE_N, 0),
@@ -71,8 +81,8 @@ _EFFECTS: dict[str, tuple[int, int]] = {
     "TUPLE3": (_TUPLE_N, 3),
     "TUPLE": (_TO_MARK, 0),
     "FROZENSET": (_TO_MARK, 0),
-    "OBJ": (_TO_MARK, 0),
-    "INST": (_TO_MARK, 0),
+    "OBJ": (_CALL_TO_MARK, 0),
+    "INST": (_CALL_TO_MARK, 0),
     "LIST": (_MUTABLE_TO_MARK, 0),
     "DICT": (_MUTABLE_TO_MARK, 0),
     "APPENDS": (_INTO_TO_MARK, 0),
@@ -140,6 +150,7 @@ def _table() -> list[Any]:
 
 
 _OPCODES = _table()
+_FRAME = pickle.FRAME[0]
 
 
 class OpcodeScan:
@@ -155,12 +166,16 @@ class OpcodeScan:
     def __init__(self, source: str, pickles: int) -> None:
         self._source = source
         self._pickles = pickles  # still to scan: the bytes after them are not unpickled
-        self._pending = b""  # the start of an opcode the last chunk cut off
+        self._pending = bytearray()  # the start of an opcode the last chunk cut off
+        self._resume: tuple[int, int] | None = None  # its line search: from where, lines found
         self._skip = 0  # bytes of a long argument still to come
         self._offset = 0  # of the first byte of _pending in the stream
         self._stack: list[int] = []  # the hash depth of each value on the machine's stack
         self._marks: list[int] = []  # stack lengths at each MARK
-        self._memo = array("H")  # the hash depth of each memo entry
+        self._memo = array("H")  # 1 + the hash depth of each memo entry; 0: never stored
+        self._filled = 0  # memo entries stored: where MEMOIZE stores next, as in the unpickler
+        self._held = 0  # deepest value ever put into a list, dict, set or object
+        self._frame_end = -1  # stream offset where the current FRAME ends (-1: none)
 
     def feed(self, data: bytes) -> None:
         if not self._pickles:
@@ -172,70 +187,112 @@ class OpcodeScan:
             data = data[taken:]
             if not data:
                 return
-        buf = self._pending + data if self._pending else data
+        if self._pending:
+            # In place: a long line arriving a chunk at a time is not copied again each time.
+            self._pending += data
+            buf: bytes | bytearray = self._pending
+        else:
+            buf = data
         end = len(buf)
+        offset = self._offset  # of buf[0] in the stream
+        frame_end = self._frame_end
+        resume = self._resume  # the cut-off opcode's line search, where it got to
+        self._resume = None
         pos = 0
         stack = self._stack
         marks = self._marks
         memo = self._memo
-        while pos < end:
-            start = pos
-            code = buf[pos]
-            opcode = _OPCODES[code]
-            if opcode is None:
-                self._malformed(start, f"unknown opcode {bytes([code])!r}")
-            layout, width, signed, effect, _ = opcode
-            pos += 1
-            arg_at = pos
-            if layout == _FIXED:
-                pos += width
-            elif layout == _SIZED:
-                if pos + width > end:
+        try:
+            while pos < end:
+                start = pos
+                code = buf[pos]
+                opcode = _OPCODES[code]
+                if opcode is None:
+                    self._malformed(start, f"unknown opcode {bytes([code])!r}")
+                layout, width, signed, effect, _ = opcode
+                pos += 1
+                arg_at = pos
+                if layout == _FIXED:
+                    pos += width
+                elif layout == _SIZED:
+                    if pos + width > end:
+                        break
+                    if width == 1:
+                        size = buf[pos]
+                    else:
+                        size = int.from_bytes(buf[pos : pos + width], "little", signed=signed)
+                        if size < 0:
+                            self._malformed(start, "a negative length")
+                    pos += width + size
+                else:  # one line, or two (GLOBAL, INST)
+                    lines = 2 if layout == _TWO_LINES else 1
+                    search, found = (pos, 0) if resume is None or start else resume
+                    while found < lines:
+                        newline = buf.find(b"\n", search)
+                        if newline < 0:
+                            break
+                        found += 1
+                        search = newline + 1
+                    if found < lines:
+                        self._resume = (end - start, found)  # relative to the cut-off opcode
+                        break
+                    pos = search
+                if pos > end and layout != _SIZED:
                     break
-                if width == 1:
-                    size = buf[pos]
+                if frame_end >= 0:
+                    # The C unpickler reads a large frame whole and reads the rest of an
+                    # opcode cut by its end afresh after it: it would not run what the
+                    # scan follows. Picklers never cut an opcode with a frame's end.
+                    if offset + start >= frame_end:
+                        frame_end = -1
+                    elif offset + pos > frame_end:
+                        self._malformed(start, "an opcode runs past the end of its frame")
+                if code == _FRAME:
+                    if frame_end >= 0:
+                        self._malformed(start, "a frame inside a frame")
+                    frame_end = offset + pos + int.from_bytes(buf[arg_at:pos], "little")
+                if pos > end:
+                    # A long str, bytes or int: its effect needs none of its bytes, so
+                    # they are skipped as they come rather than gathered.
+                    self._step(code, buf, arg_at, start)
+                    self._skip = pos - end
+                    self._pending = bytearray()
+                    self._offset += end
+                    return
+                # The opcodes most pickles are made of, here rather than in _step.
+                if effect == _PUSH:
+                    stack.append(0)
+                elif effect == _MARK:
+                    marks.append(len(stack))
+                elif (
+                    effect == _MEMOIZE
+                    and self._filled == len(memo)  # no gaps: it stores at the end
+                    and len(stack) > (marks[-1] if marks else 0)
+                ):
+                    memo.append(1 + stack[-1])
+                    self._filled += 1
+                elif effect == _GET and layout == _FIXED:
+                    index = buf[arg_at] if width == 1 else int.from_bytes(buf[arg_at:pos], "little")
+                    depth = memo[index] if index < len(memo) else 0
+                    if not depth:
+                        self._malformed(start, f"memo index {index:,} was never stored")
+                    stack.append(depth - 1)
                 else:
-                    size = int.from_bytes(buf[pos : pos + width], "little", signed=signed)
-                    if size < 0:
-                        self._malformed(start, "a negative length")
-                pos += width + size
+                    self._step(code, buf, arg_at, start)
+                    if effect == _STOP:  # _step replaced the stack and marks
+                        if not self._pickles:
+                            return
+                        stack = self._stack
+                        marks = self._marks
             else:
-                newline = buf.find(b"\n", pos)
-                if layout == _TWO_LINES and newline >= 0:
-                    newline = buf.find(b"\n", newline + 1)
-                if newline < 0:
-                    break
-                pos = newline + 1
-            if pos > end:
-                if layout != _SIZED:
-                    break
-                # A long str, bytes or int: its effect needs none of its bytes, so
-                # they are skipped as they come rather than gathered.
-                self._step(code, buf, arg_at, start)
-                self._skip = pos - end
-                self._pending = b""
+                self._pending = bytearray()
                 self._offset += end
                 return
-            # The opcodes most pickles are made of, here rather than in _step.
-            if effect == _PUSH:
-                stack.append(0)
-            elif effect == _MARK:
-                marks.append(len(stack))
-            elif effect == _MEMOIZE and len(stack) > (marks[-1] if marks else 0):
-                memo.append(stack[-1])
-            else:
-                self._step(code, buf, arg_at, start)
-                if effect == _STOP:  # _step replaced the stack and marks
-                    if not self._pickles:
-                        return
-                    stack = self._stack
-                    marks = self._marks
-        else:
-            self._pending = b""
-            self._offset += end
-            return
-        self._pending = buf[start:]
-        self._offset += start
+            if start or buf is not self._pending:
+                self._pending = bytearray(buf[start:])
+            self._offset += start
+        finally:
+            self._frame_end = frame_end
 
     def _refuse(self, at: int, why: str) -> None:
         """A pickle that is valid, but that the unpickler must not be given."""
@@ -258,13 +315,21 @@ class OpcodeScan:
             if len(stack) - count < fence:
                 self._malformed(start, "the stack underflows")
             depth = 1 + max(stack[len(stack) - count :], default=0)
+            if effect == _CALL:
+                # tuple([x]), frozenset(s), _reconstructor(tuple, tuple, [x]): what a call
+                # makes may hold what lists, dicts and sets held, which their depth 0 hid.
+                depth = max(depth, 1 + self._held)
             del stack[len(stack) - count :]
             self._push(depth, start)
-        elif effect in (_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
+        elif effect in (_TO_MARK, _CALL_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
             mark = self._marks.pop()
-            depth = 1 + max(stack[mark:], default=0) if effect == _TO_MARK else 0
+            depth = 1 + max(stack[mark:], default=0) if effect != _MUTABLE_TO_MARK else 0
+            if effect == _CALL_TO_MARK:
+                depth = max(depth, 1 + self._held)
+            elif effect == _MUTABLE_TO_MARK:
+                self._held = max(self._held, *stack[mark:], 0)
             del stack[mark:]
             if effect != _POP_MARK:
                 self._push(depth, start)
@@ -272,17 +337,20 @@ class OpcodeScan:
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
             mark = self._marks.pop()
+            self._held = max(self._held, *stack[mark:], 0)
             del stack[mark:]
             if not stack:
                 self._malformed(start, "the stack underflows")
         elif effect == _INTO:
             if len(stack) - count < max(fence, 1):
                 self._malformed(start, "the stack underflows")
+            self._held = max(self._held, *stack[len(stack) - count :])
             del stack[len(stack) - count :]
         elif effect == _BUILD:
             if len(stack) - 2 < fence:
                 self._malformed(start, "the stack underflows")
             state = stack.pop()
+            self._held = max(self._held, state)
             self._push(max(stack.pop(), 1 + state), start)
         elif effect == _POP:
             if self._marks and self._marks[-1] == len(stack):
@@ -301,22 +369,28 @@ class OpcodeScan:
             if len(stack) <= fence:
                 self._malformed(start, "the stack underflows")
             memo = self._memo
-            index = len(memo) if effect == _MEMOIZE else self._index(code, buf, arg_at, start)
-            if index > self._offset + start + MEMO_SLACK:
+            # MEMOIZE stores at the number of entries stored, as the C unpickler does
+            # (not at the highest index + 1); the bound counts entries, not bytes.
+            index = self._filled if effect == _MEMOIZE else self._index(code, buf, arg_at, start)
+            if index < 0:
+                self._malformed(start, "a negative memo index")
+            if index > self._filled + MEMO_SLACK:
                 self._refuse(
                     start,
-                    f"memo index {index:,} at byte {self._offset + start:,} (a pickler numbers its "
-                    "memo from 0; this would make the unpickler allocate memory for every "
-                    "index up to it)",
+                    f"memo index {index:,} with {self._filled:,} entries stored (a pickler "
+                    "numbers its memo from 0; this would make the unpickler allocate memory "
+                    "for every index up to it)",
                 )
             if index >= len(memo):
-                memo.extend([0] * (index + 1 - len(memo)))
-            memo[index] = stack[-1]
+                memo.frombytes(bytes(memo.itemsize * (index + 1 - len(memo))))
+            if not memo[index]:
+                self._filled += 1
+            memo[index] = 1 + stack[-1]
         elif effect == _GET:
             index = self._index(code, buf, arg_at, start)
-            if index >= len(self._memo):
+            if not 0 <= index < len(self._memo) or not self._memo[index]:
                 self._malformed(start, f"memo index {index:,} was never stored")
-            stack.append(self._memo[index])
+            stack.append(self._memo[index] - 1)
         elif effect == _REPLACE:
             if len(stack) - count < fence:
                 self._malformed(start, "the stack underflows")
@@ -354,38 +428,43 @@ class ScanningReader:
     """A file the unpickler reads through, handed only bytes the scan has checked.
 
     ``peek`` lets the C unpickler read ahead in large blocks, as it does on a
-    real file: every block is scanned when it is first handed over.
+    real file: every block is scanned when it is first handed over. The
+    buffer is a bytearray consumed from the front (which CPython does without
+    moving the rest), and ``readline`` searches only what it has not searched,
+    so that a line of a gigabyte costs a pass, not one per chunk.
     """
 
     def __init__(self, file: Any, source: str, pickles: int) -> None:
         self._file = file
         self._scan = OpcodeScan(source, pickles)
-        self._buffer = b""  # scanned, not yet consumed
+        self._buffer = bytearray()  # scanned, not yet consumed
+
+    def _more(self, wanted: int = _CHUNK) -> bool:
+        """Read, scan and buffer the next bytes of the file; False at its end."""
+        data = self._file.read(max(_CHUNK, wanted))
+        if not data:  # a pickle cut short is the unpickler's to report
+            return False
+        self._scan.feed(data)
+        self._buffer += data
+        return True
 
     def _fill(self, wanted: int) -> None:
-        while len(self._buffer) < wanted:
-            data = self._file.read(max(_CHUNK, wanted - len(self._buffer)))
-            if not data:  # a pickle cut short is the unpickler's to report
-                return
-            self._scan.feed(data)
-            self._buffer += data
+        while len(self._buffer) < wanted and self._more(wanted - len(self._buffer)):
+            pass
 
     def peek(self, size: int = 1) -> bytes:
         self._fill(max(size, 1))
-        return self._buffer
+        return bytes(self._buffer)  # a copy: the unpickler holds on to what it is given
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
-            while True:
-                data = self._file.read(_CHUNK)
-                if not data:
-                    break
-                self._scan.feed(data)
-                self._buffer += data
-            taken, self._buffer = self._buffer, b""
-            return taken
-        self._fill(size)
-        taken, self._buffer = self._buffer[:size], self._buffer[size:]
+            while self._more():
+                pass
+            size = len(self._buffer)
+        else:
+            self._fill(size)
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return taken
 
     def readinto(self, target: Any) -> int:
@@ -394,11 +473,11 @@ class ScanningReader:
         return len(data)
 
     def readline(self) -> bytes:
+        searched = 0
         while True:
-            newline = self._buffer.find(b"\n")
+            newline = self._buffer.find(b"\n", searched)
             if newline >= 0:
                 return self.read(newline + 1)
-            before = len(self._buffer)
-            self._fill(before + 1)
-            if len(self._buffer) == before:
+            searched = len(self._buffer)
+            if not self._more():
                 return self.read()

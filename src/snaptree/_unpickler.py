@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import collections
 import copyreg
 import importlib
 import pickle
@@ -64,6 +65,20 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return copyreg._reconstructor(cls, base, state)
 
 
+class _DefaultDict(collections.defaultdict):  # type: ignore[type-arg]
+    """A defaultdict freed through the trashcan: a Python subclass's dealloc has one.
+
+    collections.defaultdict's own dealloc calls dict's with the trashcan off (it is on only
+    for dict itself), so a chain of a million nested ones crashes the process when freed.
+    """
+
+    __slots__ = ()
+
+
+_DefaultDict.__module__ = "collections"
+_DefaultDict.__name__ = _DefaultDict.__qualname__ = "defaultdict"  # its repr and messages
+
+
 _BUILTIN_NAMES = (
     "bool",
     "complex",
@@ -85,7 +100,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,  # only as the base of _reconstructor
     ("collections", "OrderedDict"): None,
-    ("collections", "defaultdict"): None,
+    ("collections", "defaultdict"): _DefaultDict,
     ("datetime", "date"): None,
     ("datetime", "datetime"): None,
     ("datetime", "time"): None,
