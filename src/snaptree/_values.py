@@ -78,7 +78,7 @@ def zone_problem(value: datetime.datetime | datetime.time) -> str | None:
     (``datetime.timezone``), UTC and other tzinfo classes pickle fine.
     """
     zone = value.tzinfo
-    if zone is None or type(zone) is datetime.timezone or not isinstance(zone, zoneinfo.ZoneInfo):
+    if not isinstance(zone, zoneinfo.ZoneInfo):
         return None
     return (
         f"a {type(value).__name__} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
