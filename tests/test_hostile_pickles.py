@@ -108,6 +108,7 @@ def _import_exit(tmp_path: Path, data: bytes) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
+@pytest.mark.slow
 def test_a_deep_tuple_made_by_a_call_from_a_list_is_counted(tmp_path):
     """tuple([inner]) through REDUCE: a list hid its item's depth, and the key crashed."""
     levels = 1_000_000
@@ -158,6 +159,7 @@ def test_an_opcode_cut_by_the_end_of_a_large_frame_is_refused(tmp_path):
         snaptree.load_source(_write(tmp_path / "frame.pickle", data))
 
 
+@pytest.mark.slow
 def test_a_long_chain_of_defaultdicts_is_freed_without_crashing(tmp_path):
     """collections.defaultdict is freed without CPython's guard against deep recursion:
     a chain of them crashed the process when it was dropped (here inside the load, by POP)."""
@@ -212,6 +214,20 @@ def test_real_pickles_of_every_protocol_load_as_pickle_loads_them(tmp_path, prot
     tree = _varied_tree(protocol)
     data = pickle.dumps(tree, protocol=protocol)
     assert snaptree.load_source(_write(tmp_path / "t.pickle", data)) == pickle.loads(data)
+
+
+@pytest.mark.slow
+def test_a_dump_with_a_dict_call_per_node_loads_however_many_nodes(tmp_path):
+    """Dumps write every mapping as a call (builtins.dict, REDUCE): many calls side by side
+    must not add up to depth (a first fix of the scan counted them so, and refused dumps)."""
+    tree = {
+        "accounts": {i: {"log": [{"n": i, "when": (i, "x")}]} for i in range(3 * MAX_HASH_DEPTH)}
+    }
+    with snaptree.open(str(tmp_path / "Data.fs")) as store:
+        store.import_tree(tree)
+        info = store.export(tmp_path / "dump.pickle")
+    assert snaptree.load_source(info.path) == tree
+    assert snaptree.verify(info.path).objects == info.objects
 
 
 def test_a_deep_tree_of_dicts_is_not_limited(tmp_path):

@@ -18,11 +18,13 @@ hash of it can recurse) and its memo, and refuses a memo index more than
 :data:`MEMO_SLACK` past the entries stored so far, or a value whose hash
 would recurse more than :data:`MAX_HASH_DEPTH` levels. Lists, dicts and
 sets cannot be hashed, so they stop the count (a tree of dicts may be as
-deep as it likes), but what a call makes of them may be hashable
-(``tuple([x])``): a call's result counts as deeper than anything ever put
-into a container. Every legitimate pickler numbers its memo from 0 and
-cannot pickle a tuple nested that deep (it recurses itself), so no real
-file is refused.
+deep as it likes). What a *call* makes of them may be hashable
+(``tuple([x])`` wraps the list's items): the unpickler measures the tuples
+that ``tuple`` and ``copyreg._reconstructor`` return as they return
+(``_unpickler._TupleDepths``), so a hash recurses at most twice the limit
+(a measured tuple inside tuples the scan counted). Every legitimate
+pickler numbers its memo from 0 and cannot pickle a tuple nested that
+deep (it recurses itself), so no real file is refused.
 
 The scan must read the opcodes exactly as the C unpickler will, or it
 checks a different program: MEMOIZE stores at the number of entries
@@ -44,8 +46,9 @@ from typing import Any
 
 from .errors import InputError
 
-#: Deepest a value's hash may recurse (tuples in tuples); far below what exhausts a C stack.
-MAX_HASH_DEPTH = 10_000
+#: Deepest a value's hash may recurse (tuples in tuples). Twice this (see above) is 10,000
+#: levels: about 0.8 MB of C stack, where a thread's 8 MB gave out near 200,000.
+MAX_HASH_DEPTH = 5_000
 #: How far a memo index may run ahead of the entries stored so far (a real pickle's never does).
 MEMO_SLACK = 100_000
 #: Bytes read from the file at a time.
@@ -71,8 +74,7 @@ _CHUNK = 1 << 16
     _REPLACE,  # pops N values, pushes one that cannot recurse (STACK_GLOBAL, BINPERSID)
     _NOTHING,  # PROTO, FRAME, READONLY_BUFFER
     _STOP,
-    _CALL_TO_MARK,  # pops back to the mark, pushes what a call made of them (OBJ, INST)
-) = range(19)
+) = range(18)
 
 _EFFECTS: dict[str, tuple[int, int]] = {
     "EMPTY_TUPLE": (_TUPLE_N, 0),
@@ -81,8 +83,8 @@ _EFFECTS: dict[str, tuple[int, int]] = {
     "TUPLE3": (_TUPLE_N, 3),
     "TUPLE": (_TO_MARK, 0),
     "FROZENSET": (_TO_MARK, 0),
-    "OBJ": (_CALL_TO_MARK, 0),
-    "INST": (_CALL_TO_MARK, 0),
+    "OBJ": (_TO_MARK, 0),
+    "INST": (_TO_MARK, 0),
     "LIST": (_MUTABLE_TO_MARK, 0),
     "DICT": (_MUTABLE_TO_MARK, 0),
     "APPENDS": (_INTO_TO_MARK, 0),
@@ -174,7 +176,6 @@ class OpcodeScan:
         self._marks: list[int] = []  # stack lengths at each MARK
         self._memo = array("H")  # 1 + the hash depth of each memo entry; 0: never stored
         self._filled = 0  # memo entries stored: where MEMOIZE stores next, as in the unpickler
-        self._held = 0  # deepest value ever put into a list, dict, set or object
         self._frame_end = -1  # stream offset where the current FRAME ends (-1: none)
 
     def feed(self, data: bytes) -> None:
@@ -315,21 +316,13 @@ class OpcodeScan:
             if len(stack) - count < fence:
                 self._malformed(start, "the stack underflows")
             depth = 1 + max(stack[len(stack) - count :], default=0)
-            if effect == _CALL:
-                # tuple([x]), frozenset(s), _reconstructor(tuple, tuple, [x]): what a call
-                # makes may hold what lists, dicts and sets held, which their depth 0 hid.
-                depth = max(depth, 1 + self._held)
             del stack[len(stack) - count :]
             self._push(depth, start)
-        elif effect in (_TO_MARK, _CALL_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
+        elif effect in (_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
             mark = self._marks.pop()
-            depth = 1 + max(stack[mark:], default=0) if effect != _MUTABLE_TO_MARK else 0
-            if effect == _CALL_TO_MARK:
-                depth = max(depth, 1 + self._held)
-            elif effect == _MUTABLE_TO_MARK:
-                self._held = max(self._held, *stack[mark:], 0)
+            depth = 1 + max(stack[mark:], default=0) if effect == _TO_MARK else 0
             del stack[mark:]
             if effect != _POP_MARK:
                 self._push(depth, start)
@@ -337,20 +330,17 @@ class OpcodeScan:
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
             mark = self._marks.pop()
-            self._held = max(self._held, *stack[mark:], 0)
             del stack[mark:]
             if not stack:
                 self._malformed(start, "the stack underflows")
         elif effect == _INTO:
             if len(stack) - count < max(fence, 1):
                 self._malformed(start, "the stack underflows")
-            self._held = max(self._held, *stack[len(stack) - count :])
             del stack[len(stack) - count :]
         elif effect == _BUILD:
             if len(stack) - 2 < fence:
                 self._malformed(start, "the stack underflows")
             state = stack.pop()
-            self._held = max(self._held, state)
             self._push(max(stack.pop(), 1 + state), start)
         elif effect == _POP:
             if self._marks and self._marks[-1] == len(stack):

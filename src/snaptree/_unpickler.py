@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._pickle_scan import ScanningReader
+from ._pickle_scan import MAX_HASH_DEPTH, ScanningReader
 from .errors import Error, InputError
 
 
@@ -65,6 +65,57 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return copyreg._reconstructor(cls, base, state)
 
 
+class _TupleDepths:
+    """How deeply the tuples a pickle makes by *calling* ``tuple`` nest: bounded, as the scan
+    bounds the ones it sees built.
+
+    The scan (:mod:`snaptree._pickle_scan`) counts the tuples that TUPLE
+    opcodes build, but ``tuple(a_list)`` or ``copyreg._reconstructor(tuple,
+    tuple, a_list)``, called by REDUCE, OBJ or INST, wrap what a list held,
+    which the scan does not follow. So these calls are measured here, as
+    they return: each tuple is walked once (its depth is kept), so a file
+    that calls them a million times costs what its tuples do.
+    """
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._known: dict[int, tuple[tuple[Any, ...], int]] = {}  # id: (the tuple, its depth)
+
+    def checked(self, value: Any) -> Any:
+        if isinstance(value, tuple) and self.depth(value) > MAX_HASH_DEPTH:
+            raise InputError(
+                f"{self._source}: the pickle makes tuples nested more than "
+                f"{MAX_HASH_DEPTH:,} levels deep, which hashing as a dict key or set element "
+                "would follow in C until the process crashed; nothing was loaded"
+            )
+        return value
+
+    def depth(self, root: tuple[Any, ...]) -> int:
+        """*root*'s nesting through tuples (only tuples: a hash stops at anything else)."""
+        known = self._known
+        if id(root) in known:
+            return known[id(root)][1]
+        stack: list[list[Any]] = [[root, iter(root), 0]]
+        while stack:
+            frame = stack[-1]
+            for item in frame[1]:
+                if isinstance(item, tuple):
+                    found = known.get(id(item))
+                    if found is None:
+                        if len(stack) > MAX_HASH_DEPTH:
+                            return len(stack) + 1  # deep enough to refuse: no need to go on
+                        stack.append([item, iter(item), 0])
+                        break
+                    frame[2] = max(frame[2], found[1])
+            else:
+                stack.pop()
+                depth = frame[2] + 1
+                known[id(frame[0])] = (frame[0], depth)
+                if stack:
+                    stack[-1][2] = max(stack[-1][2], depth)
+        return known[id(root)][1]
+
+
 class _DefaultDict(collections.defaultdict):  # type: ignore[type-arg]
     """A defaultdict freed through the trashcan: a Python subclass's dealloc has one.
 
@@ -92,12 +143,16 @@ _BUILTIN_NAMES = (
     "tuple",
 )
 
+#: What a pickle gets for a global that can wrap a list's items in a new tuple: the
+#: unpickler's own version, which measures the tuple's nesting (see _TupleDepths).
+_MEASURED = object()
+
 #: (module, name) -> what a pickle gets when it names that global.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "bytes"): _bytes_from_pickle,
     ("builtins", "bytearray"): _bytearray_from_pickle,
     ("_codecs", "encode"): _latin1_encode,
-    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copyreg", "_reconstructor"): _MEASURED,
     ("builtins", "object"): object,  # only as the base of _reconstructor
     ("collections", "OrderedDict"): None,
     ("collections", "defaultdict"): _DefaultDict,
@@ -110,6 +165,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 for _name in _BUILTIN_NAMES:
     _SAFE_GLOBALS["builtins", _name] = None
+_SAFE_GLOBALS["builtins", "tuple"] = _MEASURED
 
 
 def _resolve(module: str, qualname: str) -> Any:
@@ -163,6 +219,7 @@ class AllowListUnpickler(pickle.Unpickler):
         super().__init__(self.reader)
         self._allowed = _parse_allow(allow)
         self._source = source
+        self._tuples = _TupleDepths(source)
         #: Each class or function handed to the pickle, with its attributes then.
         self._handed: dict[int, tuple[Any, dict[str, Any]]] = {}
 
@@ -209,6 +266,13 @@ class AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         return self._hand(self._find_class(module, name))
 
+    def _tuple(self, *args: Any) -> tuple[Any, ...]:
+        """``tuple`` as a pickle may call it: the result's nesting measured."""
+        return self._tuples.checked(tuple(*args))  # type: ignore[no-any-return]
+
+    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        return self._tuples.checked(_reconstructor(cls, base, state))
+
     def _find_class(self, module: str, name: str) -> Any:
         # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
         mapped = _compat_pickle.NAME_MAPPING.get(
@@ -231,6 +295,8 @@ class AllowListUnpickler(pickle.Unpickler):
             return allowed
         if mapped in _SAFE_GLOBALS:
             safe = _SAFE_GLOBALS[mapped]
+            if safe is _MEASURED:  # this unpickler's own, which measures what it returns
+                return self._tuple if mapped == ("builtins", "tuple") else self._reconstructor
             return safe if safe is not None else _resolve(*mapped)
         raise InputError(
             f"{self._source}: refused global {module}.{name}: only builtin containers and "
