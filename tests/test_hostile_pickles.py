@@ -9,6 +9,7 @@ still load as ``pickle.loads`` loads them.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import decimal
 import pickle
@@ -25,6 +26,10 @@ from _strategies import json_trees
 from snaptree._pickle_scan import MAX_HASH_DEPTH, OpcodeScan
 
 PROTO2 = b"\x80\x02"
+HERE = Path(__file__).parent
+
+#: A tuple subclass a user may allow (``--allow test_hostile_pickles:Point``).
+Point = collections.namedtuple("Point", "x")
 
 
 def _deep_tuple_key(levels: int) -> bytes:
@@ -182,6 +187,59 @@ def test_a_protocol_0_pickle_of_a_long_string_loads(tmp_path):
     value = {"text": "x" * 3_000_000, "n": list(range(10))}
     data = pickle.dumps(value, protocol=0)
     assert snaptree.load_source(_write(tmp_path / "long.pickle", data)) == value
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_an_allowed_tuple_subclass_loads_in_every_protocol(tmp_path, protocol):
+    """Protocols 0-1 write it as copyreg._reconstructor(Point, builtins.tuple, state)."""
+    value = {"points": [Point(1), Point((2, Point(3)))]}
+    source = _write(tmp_path / "points.pickle", pickle.dumps(value, protocol=protocol))
+    loaded = snaptree.load_source(source, allow=[Point])
+    assert loaded == value and type(loaded["points"][1].x[1]) is Point
+
+
+@pytest.mark.slow
+def test_an_allowed_tuple_subclass_cannot_nest_tuples_out_of_the_scans_sight(tmp_path):
+    """Point(x=Point(x=...)) built by NEWOBJ_EX from dicts of fields: hashed, it crashed."""
+    levels = 200_000
+    data = (
+        b"\x80\x04}"
+        + b"\x8c\x14test_hostile_pickles\x94\x8c\x05Point\x94\x93\x94"
+        + b"0\x8c\x01x\x940"
+        + b"h\x02)}h\x03" * levels  # Point, (), {'x': ...
+        + b"K\x00"
+        + b"s\x92" * levels  # SETITEM, NEWOBJ_EX
+        + b"K\x01s."
+    )
+    source = _write(tmp_path / "chain.pickle", data)
+    result = run_snaptree(
+        "import",
+        source,
+        "--db",
+        tmp_path / "Data.fs",
+        "--allow",
+        "test_hostile_pickles:Point",
+        env={"PYTHONPATH": str(HERE)},
+    )
+    assert result.returncode == 3 and "nested more than" in result.stderr, result
+
+
+@pytest.mark.slow
+def test_a_chain_of_buckets_built_inside_a_zexp_record_is_refused_without_crashing(tmp_path):
+    """Buckets linked by BUILD inside one record: freeing the chain recursed in C."""
+    count = 200_000
+    state = bytearray(b"\x80\x02cBTrees.OOBTree\nOOBucket\nq\x000")
+    for i in range(1, count + 1):
+        state += b"h\x00)Rr" + i.to_bytes(4, "little") + b"0"
+    for i in range(1, count):
+        state += b"j" + i.to_bytes(4, "little") + b")j" + (i + 1).to_bytes(4, "little")
+        state += b"\x86b0"
+    state += b"j" + (1).to_bytes(4, "little") + b"."
+    data = b"\x80\x02cpersistent.mapping\nPersistentMapping\n." + bytes(state)
+    record = (1).to_bytes(8, "big") + len(data).to_bytes(8, "big") + data
+    source = _write(tmp_path / "chain.zexp", b"ZEXP" + record + b"\xff" * 16)
+    result = run_snaptree("import", source, "--db", tmp_path / "Data.fs")
+    assert result.returncode == 3 and "built inside a record" in result.stderr, result
 
 
 def test_a_malformed_pickle_is_still_not_a_valid_pickle(tmp_path):

@@ -220,6 +220,7 @@ class AllowListUnpickler(pickle.Unpickler):
         self._allowed = _parse_allow(allow)
         self._source = source
         self._tuples = _TupleDepths(source)
+        self._measured: dict[type, type] = {}  # allowed tuple subclasses: their stand-ins
         #: Each class or function handed to the pickle, with its attributes then.
         self._handed: dict[int, tuple[Any, dict[str, Any]]] = {}
 
@@ -271,7 +272,47 @@ class AllowListUnpickler(pickle.Unpickler):
         return self._tuples.checked(tuple(*args))  # type: ignore[no-any-return]
 
     def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        # Protocols 0-1 write a tuple subclass as _reconstructor(cls, builtins.tuple, state):
+        # the pickle got this unpickler's tuple() for builtins.tuple, the class is meant.
+        cls, base = (self._unmeasured(c) for c in (cls, base))
         return self._tuples.checked(_reconstructor(cls, base, state))
+
+    def _unmeasured(self, handed: Any) -> Any:
+        """The class a pickle meant by what find_class handed it for a tuple class."""
+        if (
+            getattr(handed, "__func__", None) is AllowListUnpickler._tuple
+            and handed.__self__ is self
+        ):
+            return tuple
+        for cls, measured in self._measured.items():
+            if handed is measured:
+                return cls
+        return handed
+
+    def _measuring(self, cls: type) -> type:
+        """An allowed tuple subclass as a pickle may call it: what it makes is measured.
+
+        ``Point(x=chain)`` (NEWOBJ_EX, its fields in a dict) or ``Path.__new__(Path, a_list)``
+        (NEWOBJ) nest tuples out of the scan's sight, as ``tuple(a_list)`` does. The pickle
+        gets a stand-in whose calls (REDUCE, OBJ, INST: the metaclass's ``__call__``) and
+        ``__new__`` (NEWOBJ, NEWOBJ_EX) make a real *cls* and measure it; nothing of the
+        stand-in's own is left in what is loaded.
+        """
+        measured = self._measured.get(cls)
+        if measured is None:
+            checked = self._tuples.checked
+
+            class _Calls(type(cls)):  # type: ignore[misc]
+                def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                    return checked(cls(*args, **kwargs))
+
+            def new(kind: type, *args: Any, **kwargs: Any) -> Any:
+                return checked(cls.__new__(cls, *args, **kwargs))
+
+            measured = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
+            measured.__module__, measured.__qualname__ = cls.__module__, cls.__qualname__
+            self._measured[cls] = measured
+        return measured
 
     def _find_class(self, module: str, name: str) -> Any:
         # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
@@ -292,6 +333,8 @@ class AllowListUnpickler(pickle.Unpickler):
                     f"{type(allowed).__name__}, not a class: only classes can be allowed; "
                     "no code from the file was run"
                 )
+            if issubclass(allowed, tuple):
+                return self._measuring(allowed)
             return allowed
         if mapped in _SAFE_GLOBALS:
             safe = _SAFE_GLOBALS[mapped]

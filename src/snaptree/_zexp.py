@@ -129,12 +129,41 @@ class _Record:
         self.state = state
 
 
+class _PersistentClassName:
+    """A persistent class as a record's pickles name it: what a reference or the class names.
+
+    Not callable: ZODB writes every persistent object as a record of its own, so
+    neither of a record's pickles ever builds one. Built there, a bucket or BTree
+    (whose dealloc frees its children before persistent's trashcan is entered)
+    chained a million deep would crash the process when freed.
+    """
+
+    __slots__ = ("cls", "source")
+
+    def __init__(self, cls: type, source: str) -> None:
+        self.cls = cls
+        self.source = source
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise InputError(
+            f"{self.source}: a {self.cls.__qualname__} built inside a record's state (or "
+            "class) instead of referred to by its oid, which ZODB never writes; the export is "
+            "forged or damaged"
+        )
+
+
 class _RecordUnpickler(AllowListUnpickler):
     """The allow-list unpickler with ZODB's persistent references read as :class:`_Ref`."""
 
     def __init__(self, file: Any, *, allow: Any, source: str, refs: list[bytes]) -> None:
         super().__init__(file, allow=allow, source=source, pickles=2)  # its class, its state
         self._refs = refs
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if isinstance(found, type) and issubclass(found, Persistent):
+            return _PersistentClassName(found, self._source)  # _record takes the class back
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         oid = pid[0] if type(pid) is tuple and len(pid) == 2 else pid
@@ -233,6 +262,8 @@ def _record(meta: Any, state: Any, unpickler: AllowListUnpickler, where: str) ->
         meta, args = meta
         if type(meta) is tuple and len(meta) == 2 and all(type(n) is str for n in meta):
             meta = unpickler.find_class(*meta)  # an old (module, name) record: allow-listed too
+    if type(meta) is _PersistentClassName:
+        meta = meta.cls
     if not isinstance(meta, type) or not isinstance(args or (), tuple):
         raise InputError(f"{where}: not a ZODB record (no class at its start)")
     return _Record(meta, args or (), state)
