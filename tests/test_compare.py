@@ -224,6 +224,7 @@ def test_snaptree_snapshot_walked_while_a_writer_adds_and_removes_keys_sees_none
     assert set(_load(path)["sessions"]) == set(everything)
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_a_short_run_finds_bad_dumps_only_where_they_can_happen() -> None:
     workload = compare.Workload(seconds=0.4, accounts=300, writers=2, dump_interval=0.02)
     comparison = compare.run_comparison(workload)

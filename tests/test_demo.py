@@ -26,6 +26,7 @@ def test_demo_imports_the_sample_model_once_and_keeps_its_total(tmp_path):
     assert second.final_total == 100_000_000  # the sample's documented total, in cents
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_demo_command_dumps_consistently_while_writers_run_and_exits_0(tmp_path, monkeypatch):
     """``snaptree demo`` on the default store: every dump holds the invariant, as plain data."""
     monkeypatch.delenv("SNAPTREE_DB", raising=False)

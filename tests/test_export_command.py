@@ -147,6 +147,7 @@ def _read_line(stream, timeout: float) -> str:
     return stream.readline()
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_the_script_every_loop_skips_unchanged_runs_and_exits_0_on_sigterm(db_file, tmp_path):
     """scripts/export.py (for cron and systemd) keeps exporting, says when nothing changed,
     and SIGTERM ends it with status 0."""

@@ -121,6 +121,7 @@ class Lines:
 # -- the command ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_a_failed_run_of_the_command_is_one_line_and_the_schedule_goes_on(tmp_path):
     """--every with a value JSON cannot write: an error line per run, then, once fixed, a dump."""
     db, dumps = tmp_path / "Data.fs", tmp_path / "dumps"

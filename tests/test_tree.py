@@ -820,6 +820,7 @@ def test_to_plain_copies_a_50000_deep_tree_without_recursion():
     assert type(plain) is list and _depth(plain) == 50_000
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_a_50000_deep_imported_tree_reads_back_through_store_run():
     """The read-back walk is the same on every storage: memory:// shows it."""
     deep: list[Any] = []
@@ -999,6 +1000,7 @@ def test_the_documented_port_changes_at_most_8_lines():
     compile(_program("before"), "before.py", "exec")
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_the_documented_port_runs_its_threads_and_dumps_plain_data(tmp_path):
     source = _program("after")
     assert "SECONDS = 5\n" in source

@@ -47,6 +47,7 @@ def test_zeo_server_restart_mid_workload_loses_no_acknowledged_transfer(tmp_path
     assert len(result.logged) >= 2 * 30
 
 
+@pytest.mark.slow  # seconds of work: with the torture tests in .ci/run
 def test_a_store_opened_before_a_restart_keeps_working_with_oids_unique(tmp_path: Path) -> None:
     """One client across a server restart: its next call waits for the server and commits.
 
