@@ -27,6 +27,7 @@ import transaction
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ConnectionStateError
 
 import snaptree
 from _threads import run_threads
@@ -188,22 +189,34 @@ def test_snapshot_is_read_only(store):
     assert store.run(lambda root: root["box"]["n"]) == 1
 
 
-def test_a_snapshot_after_a_call_reads_what_the_call_committed_without_loading_it(store):
-    """A thread's snapshot between its calls borrows the connection the calls kept:
-    its cache holds what they committed, where any other connection's copy was
-    invalidated by that commit and would be loaded again (an export after a write)."""
-    store.run(lambda root: root.update(box={"n": 1}, other={"n": 0}))
+def test_a_node_read_in_a_snapshot_stays_out_of_the_threads_later_calls(store):
+    """A snapshot's objects belong to the snapshot: assigned in a later call, a node must
+    be refused, not linked under a second key (it was, while snapshots borrowed the
+    connection the thread's calls keep)."""
+    store.run(lambda root: root.update(template={"limit": 10}, users={}))
     with store.snapshot() as snap:
-        assert snap.root["box"]["n"] == 1
-    store.run(lambda root: root["box"].update(n=2))
-    with store.snapshot() as snap:
-        snap.connection.getTransferCounts(clear=True)
+        template = snap.root["template"]
+    with pytest.raises(UnstorableValueError, match="another transaction"):
+        store.run(lambda root: root["users"].update(alice=template))
+    with pytest.raises((snaptree.Error, ConnectionStateError)):  # the snapshot's has closed
+        store.run(lambda root: template.update(limit=99))
+    assert store.run(lambda root: (dict(root["template"]), dict(root["users"]))) == (
+        {"limit": 10},
+        {},
+    )
+
+
+def test_an_export_after_a_call_runs_on_the_connection_the_call_kept(store, tmp_path):
+    """Its cache holds what the call committed, which any other connection would load
+    again: exports between calls open no connection of their own, and are exact."""
+    for n in range(3):
+        store.run(lambda root, n=n: root.update(box={"n": n}))
+        info = store.export(tmp_path / f"{n}.pickle")
+        assert snaptree.load_source(info.path) == {"box": {"n": n}}
+    assert len(store.db.pool.all) == 1
+    with store.snapshot() as snap:  # a snapshot, whose objects outlive its block, does
         assert snap.root["box"]["n"] == 2
-        assert snap.connection.getTransferCounts() == (0, 0)
-        jar = id(snap.connection)
-    assert store.run(_jar) == jar
-    stats = store.stats()
-    assert (stats["connections_open"], stats["connections_kept"]) == (0, 1)
+    assert len(store.db.pool.all) == 2
 
 
 def test_a_call_inside_a_snapshot_commits_without_changing_what_the_snapshot_shows(store):
@@ -233,8 +246,8 @@ def test_a_change_refused_in_a_snapshot_is_not_committed_by_the_threads_next_cal
     assert seen == [1]
 
 
-def test_a_snapshot_between_calls_is_not_shown_to_the_stores_synchronizers(store):
-    """Synchronizers (the testing kit's conflict forcing) watch write calls: a snapshot
+def test_an_export_between_calls_is_not_shown_to_the_stores_synchronizers(store, tmp_path):
+    """Synchronizers (the testing kit's conflict forcing) watch write calls: an export
     on the connection the calls kept must not look like one of their transactions."""
     events: list[str] = []
 
@@ -253,8 +266,7 @@ def test_a_snapshot_between_calls_is_not_shown_to_the_stores_synchronizers(store
     store.run(lambda root: root.update(n=1))
     seen = len(events)
     assert seen > 0
-    with store.snapshot() as snap:
-        assert snap.root["n"] == 1
+    store.export(tmp_path / "between.pickle")
     assert len(events) == seen
     store.run(lambda root: root.update(n=2))
     assert len(events) > seen

@@ -12,8 +12,8 @@ A thread that finds no free slot takes the pair another thread has left
 idle longest (a pair is not tied to a thread: its manager is explicit), or
 waits (boundedly) for one. When a thread ends, its pair is the first one
 given to a thread that needs one (see :meth:`ConnectionPool._orphan`).
-A snapshot of the newest state taken by a thread between its calls
-borrows that thread's idle pair rather than a slot of its own.
+An export of the newest state from a thread between its calls borrows
+that thread's idle pair rather than a slot of its own.
 
 The pool also owns the end of the database's life: ``close`` refuses new
 calls, lets the calls holding a connection finish, and never closes the
@@ -255,7 +255,12 @@ class ConnectionPool:
 
     @contextmanager
     def lease(
-        self, *, at: bytes | None = None, read_only: bool = False, wait: float | None = None
+        self,
+        *,
+        at: bytes | None = None,
+        read_only: bool = False,
+        wait: float | None = None,
+        borrow: bool = False,
     ) -> Iterator[tuple[Any, Any]]:
         """Borrow a connection (as of tid *at*, if given) with its own manager, for one block.
 
@@ -263,10 +268,13 @@ class ConnectionPool:
         gets an error instead of waiting forever, and one waiting when the
         store closes gets StoreClosedError at once.
 
-        A read of the newest state from a thread between its write calls
-        borrows the thread's own kept pair instead (see :meth:`_lend_own`).
+        With *borrow*, a read of the newest state from a thread between its
+        write calls borrows the thread's own kept pair instead (see
+        :meth:`_lend_own`): only for a reader that keeps none of its objects
+        past the block (an export), since the thread's next write call takes
+        every object of that connection for its own.
         """
-        if at is None and read_only:
+        if borrow and at is None and read_only:
             own = self._own_idle_pair()
             if own is not None:
                 with self._lend_own(own) as lent:

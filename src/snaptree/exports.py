@@ -30,6 +30,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,7 @@ def export(
     subtree: str = "/",
     compress: str | None = None,
     fragments: FragmentCaches | None = None,
+    snapshot: Callable[..., AbstractContextManager[Snapshot]] | None = None,
 ) -> ExportInfo:
     """Write one committed snapshot of the tree (or of *subtree*) to *path*, atomically.
 
@@ -94,6 +96,10 @@ def export(
     change (see :mod:`snaptree._pickle_fragments`); it costs about twice the
     dump's size in memory, so a one-off export goes without.
 
+    *snapshot* takes the snapshot (``store.snapshot`` if None);
+    ``store.export()`` passes one that borrows the calling thread's kept
+    connection, whose cache holds what its calls committed.
+
     This runs in the calling process. For repeated exports from an
     application whose threads write to the store, use
     :class:`snaptree.Exporter`: it runs them in a separate process, because
@@ -115,6 +121,7 @@ def export(
         compress=compress,
         unless_tid=None,
         fragments=fragments,
+        snapshot=snapshot,
     )
     assert info is not None
     return info
@@ -130,6 +137,7 @@ def export_snapshot(
     compress: str | None,
     unless_tid: str | None,
     fragments: FragmentCaches | None,
+    snapshot: Callable[..., AbstractContextManager[Snapshot]] | None = None,
 ) -> ExportInfo | None:
     """Take one snapshot, name the dump with ``target(snapshot)`` and write it.
 
@@ -153,7 +161,7 @@ def export_snapshot(
     started = time.perf_counter()
     protected = StoreFiles.of(store)
     mode = protected.dump_mode()
-    with store.snapshot(at=at) as snap:
+    with (snapshot or store.snapshot)(at=at) as snap:
         if unless_tid is not None and snap.tid == unless_tid:
             return None
         node = paths.resolve(snap.root, segments, what="subtree")

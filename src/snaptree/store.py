@@ -268,6 +268,17 @@ class Store:
         tree existed, or before the oldest history kept, is an ArgumentError
         that says how far back the history goes; so is one still to come.
         """
+        with self._read(at) as snap:
+            yield snap
+
+    @contextmanager
+    def _read(self, at: Point | None, *, borrow: bool = False) -> Iterator[Snapshot]:
+        """:meth:`snapshot`; with *borrow*, on the calling thread's kept connection.
+
+        Borrowing reloads nothing the thread's calls committed (an export right
+        after a write), but the thread's next call then takes every object
+        read for its own: only for a reader that keeps none past the block.
+        """
         point = None if at is None else parse_point(at)
         self._pool.check_open()
         if point is not None and not keeps_history(self.db.storage):
@@ -281,7 +292,7 @@ class Store:
                 # (ZODB would call any moment past its last transaction "the future").
                 point = last
         missing = False
-        with self._pool.lease(at=point, read_only=True) as (conn, tm):
+        with self._pool.lease(at=point, read_only=True, borrow=borrow) as (conn, tm):
             tm.begin()
             try:
                 root = conn.root()[ROOT_KEY]
@@ -379,6 +390,8 @@ class Store:
             if kept is None:
                 kept = self._export_fragments = FragmentCaches(when_cached=True)
             options["fragments"] = kept
+        # The dump is all that leaves the snapshot: it may borrow this thread's connection.
+        options.setdefault("snapshot", functools.partial(self._read, borrow=True))
         return export(self, path, format=format, at=at, subtree=subtree, **options)
 
     def stats(self) -> dict[str, Any]:
