@@ -306,7 +306,7 @@ class OpcodeScan:
         raise InputError(f"{self._source}: not a valid pickle: {why} at byte {self._offset + at:,}")
 
     def _step(self, code: int, buf: bytes, arg_at: int, start: int) -> None:
-        """Follow one opcode's effect on the stack and the memo."""
+        """Follow one opcode's effect on the stack and the memo (MARK: see :meth:`feed`)."""
         _, _, _, effect, count = _OPCODES[code]
         stack = self._stack
         fence = self._marks[-1] if self._marks else 0
@@ -353,8 +353,6 @@ class OpcodeScan:
             if len(stack) <= fence:
                 self._malformed(start, "the stack underflows")
             stack.append(stack[-1])
-        elif effect == _MARK:
-            self._marks.append(len(stack))
         elif effect in (_PUT, _MEMOIZE):
             if len(stack) <= fence:
                 self._malformed(start, "the stack underflows")

@@ -137,15 +137,12 @@ class StoreFiles:
         real = Path(os.path.realpath(target))
         where = f"cannot write {target}"
         target_stat = _stat(target)
-        # The companions share the data file's directory: resolve it once, and
-        # a companion itself only where it is a symlink (one lstat each).
-        folder = Path(os.path.realpath(self.data_file.parent)) if self.data_file else None
+        # The companions (there are some only beside a data file) share its
+        # directory: resolve it once, and a companion itself only where it is a
+        # symlink (one lstat each).
+        folder = Path(os.path.realpath(self.data_file.parent)) if self.data_file else Path()
         for path in self.files:
-            real_path = (
-                Path(os.path.realpath(path))
-                if folder is None or os.path.islink(path)
-                else folder / path.name
-            )
+            real_path = Path(os.path.realpath(path)) if os.path.islink(path) else folder / path.name
             if real == real_path or _same_file(target_stat, path):
                 raise ExportError(
                     f"{where}: it is one of the store's own files ({path}); a dump written "

@@ -120,8 +120,8 @@ def mapping_key_problem(key: Any) -> str | None:
             stack.extend((part, depth + 1) for part in reversed(item))  # first problem first
         elif _is_nan(item):
             return NAN_KEY
-        elif type(item) in ZONED_TYPES and zone_problem(item):
-            return zone_problem(item)
+        elif type(item) in ZONED_TYPES and (problem := zone_problem(item)):
+            return problem
         elif not (type(item) in _ORDERED_KEY_TYPES or isinstance(item, str | int | float | bytes)):
             # subclasses (IntEnum, StrEnum) order as their base type
             return (
@@ -149,8 +149,8 @@ def hashable_problem(value: Any, *, nan: bool) -> str | None:
         if kind in SCALAR_TYPES or isinstance(item, enum.Enum | str | int | float | bytes):
             if not nan and _is_nan(item):
                 return NAN_KEY
-            if kind in ZONED_TYPES and zone_problem(item):
-                return zone_problem(item)
+            if kind in ZONED_TYPES and (problem := zone_problem(item)):
+                return problem
         elif isinstance(item, tuple | frozenset):
             if depth >= MAX_VALUE_DEPTH:
                 return TOO_DEEP
