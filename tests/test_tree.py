@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,25 +119,37 @@ def test_plain_objects_inside_frozensets_and_tuples_are_refused_with_their_path(
 
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
-ZONED = {
-    "a value": (
-        "a/t",
-        lambda root: root["a"].update(t=datetime.datetime(2026, 1, 1, tzinfo=PARIS)),
-    ),
-    "a time": ("a/t", lambda root: root["a"].update(t=datetime.time(9, tzinfo=PARIS))),
-    "in a tuple": ("a/t/1", lambda root: root["a"].update(t=(1, datetime.datetime.now(PARIS)))),
-    "in a new dict": ("b/c", lambda root: root.update(b={"c": datetime.datetime.now(PARIS)})),
-    "appended": ("a/log/0", lambda root: root["a"]["log"].append(datetime.datetime.now(PARIS))),
-    "a key": (
-        r"a/2026-01-01 00:00:00\+01:00",
-        lambda root: root["a"].update({datetime.datetime(2026, 1, 1, tzinfo=PARIS): 1}),
-    ),
-    "a set element": ("a/s", lambda root: root["a"].update(s={datetime.datetime.now(PARIS)})),
-    "added to a set": (
-        "a/s",
-        lambda root: root["a"].update(s=set()) or root["a"]["s"].add(datetime.datetime.now(PARIS)),
-    ),
-}
+
+def _unstorable_clocks(
+    when: datetime.datetime, time: datetime.time, key: str
+) -> dict[str, tuple[str, Callable[[Any], Any]]]:
+    """Every place a datetime (*when*) or time can go, with the path its refusal names."""
+    return {
+        "a value": ("a/t", lambda root: root["a"].update(t=when)),
+        "a time": ("a/t", lambda root: root["a"].update(t=time)),
+        "in a tuple": ("a/t/1", lambda root: root["a"].update(t=(1, when))),
+        "in a new dict": ("b/c", lambda root: root.update(b={"c": when})),
+        "appended": ("a/log/0", lambda root: root["a"]["log"].append(when)),
+        "a key": (f"a/{key}", lambda root: root["a"].update({when: 1})),
+        "a set element": ("a/s", lambda root: root["a"].update(s={when})),
+        "added to a set": (
+            "a/s",
+            lambda root: root["a"].update(s=set()) or root["a"]["s"].add(when),
+        ),
+    }
+
+
+ZONED = _unstorable_clocks(
+    datetime.datetime(2026, 1, 1, tzinfo=PARIS),
+    datetime.time(9, tzinfo=PARIS),
+    r"2026-01-01 00:00:00\+01:00",
+)
+#: The second 02:30 of the night Paris went back from summer time (fold=1).
+FOLDED = _unstorable_clocks(
+    datetime.datetime(2026, 10, 25, 2, 30, fold=1),
+    datetime.time(2, 30, fold=1),
+    "2026-10-25 02:30:00",
+)
 
 
 @pytest.mark.parametrize("where", ZONED)
@@ -145,6 +158,16 @@ def test_a_datetime_with_a_zoneinfo_timezone_is_refused_with_its_path(store, whe
     path, change = ZONED[where]
     store.run(lambda root: root.update(a={"x": 1, "log": []}))
     with pytest.raises(UnstorableValueError, match=rf"^{path}: .*ZoneInfo\('Europe/Paris'\).*UTC"):
+        store.run(change)
+    assert store.run(lambda root: snaptree.tree.to_plain(root)) == {"a": {"x": 1, "log": []}}
+
+
+@pytest.mark.parametrize("where", FOLDED)
+def test_a_datetime_with_fold_1_is_refused_with_its_path(store, where):
+    """ZODB's protocol 3 drops fold: the value came back as the other 02:30, silently."""
+    path, change = FOLDED[where]
+    store.run(lambda root: root.update(a={"x": 1, "log": []}))
+    with pytest.raises(UnstorableValueError, match=rf"^{path}: .*fold=1.*UTC"):
         store.run(change)
     assert store.run(lambda root: snaptree.tree.to_plain(root)) == {"a": {"x": 1, "log": []}}
 

@@ -54,11 +54,11 @@ from ._values import (
     SCALAR_TYPES,
     STORED_AS_IS,
     TOO_DEEP,
-    ZONED_TYPES,
+    CLOCK_TYPES,
     default_factory_detail,
     hashable_problem,
     unstorable_detail,
-    zone_problem,
+    clock_problem,
 )
 from .errors import UnstorableValueError
 from .paths import join, path_of
@@ -306,8 +306,8 @@ class Converter:
     def _enter(self, value: Any, parent: _Frame | None, position: int) -> Any:
         """*value* converted, or _PUSHED after making the frame that will convert it."""
         kind = type(value)
-        if kind in ZONED_TYPES:
-            problem = zone_problem(value)
+        if kind in CLOCK_TYPES:
+            problem = clock_problem(value)
             if problem is not None:
                 raise UnstorableValueError(self._path(self._keys(parent, position)), problem)
             return value

@@ -40,11 +40,11 @@ SCALAR_TYPES: frozenset[type] = frozenset(
     }
 )
 
-#: Scalars that may carry a timezone ZODB cannot pickle: looked at before they are stored.
-ZONED_TYPES: frozenset[type] = frozenset({datetime.datetime, datetime.time})
+#: Scalars that may carry a timezone or a fold ZODB cannot pickle: looked at before they are stored.
+CLOCK_TYPES: frozenset[type] = frozenset({datetime.datetime, datetime.time})
 
 #: Scalars stored as they are without a look (the fast paths of the conversion and the nodes).
-STORED_AS_IS: frozenset[type] = SCALAR_TYPES - ZONED_TYPES
+STORED_AS_IS: frozenset[type] = SCALAR_TYPES - CLOCK_TYPES
 
 #: Key types a Mapping can keep in order (besides tuples of them): the scalars
 #: but complex numbers and timezones, which do not order. BTrees order None first.
@@ -69,23 +69,34 @@ TOO_DEEP = (
 )
 
 
-def zone_problem(value: datetime.datetime | datetime.time) -> str | None:
-    """Why the datetime or time *value* cannot be stored, or None if it can.
+def clock_problem(value: datetime.datetime | datetime.time) -> str | None:
+    """Why the datetime or time *value* cannot be stored as it is, or None if it can.
 
-    ZODB pickles records with protocol 3, which cannot name the class method
-    a ``zoneinfo.ZoneInfo`` pickles itself with: the commit would fail with
-    a bare PicklingError, far from the value. Fixed offsets
-    (``datetime.timezone``), UTC and other tzinfo classes pickle fine.
+    ZODB pickles records with protocol 3, which loses two things silently or
+    loudly: it cannot name the class method a ``zoneinfo.ZoneInfo`` pickles
+    itself with (the commit would fail with a bare PicklingError, far from
+    the value), and it drops ``fold`` (a ``fold=1`` value, the second 01:30
+    of a night the clocks go back, would come back as the first: a silently
+    different instant). Fixed offsets (``datetime.timezone``), UTC and other
+    tzinfo classes pickle fine.
     """
     zone = value.tzinfo
-    if not isinstance(zone, zoneinfo.ZoneInfo):
-        return None
-    return (
-        f"a {type(value).__name__} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
-        "ZODB pickles records with protocol 3, which cannot pickle a zoneinfo.ZoneInfo; "
-        "store it in UTC (value.astimezone(datetime.UTC)) or with a fixed "
-        "datetime.timezone offset, and the zone's name beside it if you need it"
-    )
+    kind = type(value).__name__
+    if isinstance(zone, zoneinfo.ZoneInfo):
+        return (
+            f"a {kind} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
+            "ZODB pickles records with protocol 3, which cannot pickle a zoneinfo.ZoneInfo; "
+            "store it in UTC (value.astimezone(datetime.UTC)) or with a fixed "
+            "datetime.timezone offset, and the zone's name beside it if you need it"
+        )
+    if value.fold:
+        return (
+            f"a {kind} with fold=1 cannot be stored: ZODB pickles records with protocol 3, "
+            "which drops fold, so it would come back as the other of the two equal wall "
+            "times; store it in UTC or with a fixed datetime.timezone offset, which need "
+            "no fold"
+        )
+    return None
 
 
 def type_name(value: Any) -> str:
@@ -120,7 +131,7 @@ def mapping_key_problem(key: Any) -> str | None:
             stack.extend((part, depth + 1) for part in reversed(item))  # first problem first
         elif _is_nan(item):
             return NAN_KEY
-        elif type(item) in ZONED_TYPES and (problem := zone_problem(item)):
+        elif type(item) in CLOCK_TYPES and (problem := clock_problem(item)):
             return problem
         elif not (type(item) in _ORDERED_KEY_TYPES or isinstance(item, str | int | float | bytes)):
             # subclasses (IntEnum, StrEnum) order as their base type
@@ -149,7 +160,7 @@ def hashable_problem(value: Any, *, nan: bool) -> str | None:
         if kind in SCALAR_TYPES or isinstance(item, enum.Enum | str | int | float | bytes):
             if not nan and _is_nan(item):
                 return NAN_KEY
-            if kind in ZONED_TYPES and (problem := zone_problem(item)):
+            if kind in CLOCK_TYPES and (problem := clock_problem(item)):
                 return problem
         elif isinstance(item, tuple | frozenset):
             if depth >= MAX_VALUE_DEPTH:
