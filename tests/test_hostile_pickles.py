@@ -322,3 +322,46 @@ def test_any_cut_of_a_real_pickle_into_pieces_scans_the_same(value):
 def test_a_deep_key_fed_one_byte_at_a_time_is_refused():
     with pytest.raises(snaptree.InputError, match="nested more than"):
         _feed_in_pieces(_deep_tuple_key(MAX_HASH_DEPTH + 1), [1] * (MAX_HASH_DEPTH + 10))
+
+
+def _doubling_tuples(levels: int, *, by_call: bool = False) -> bytes:
+    """{t: None} where t0 = () and each t holds the one before twice: 2**levels tuples.
+
+    With *by_call*, each is ``tuple([previous, previous])`` (REDUCE), out of the
+    scan's sight; the unpickler measures it.
+    """
+    parts = [PROTO2, b"}"]
+    if by_call:
+        parts.append(b"c__builtin__\ntuple\nq\x000")  # GLOBAL tuple, BINPUT 0, POP
+    parts.append(b")q\x010")  # EMPTY_TUPLE, BINPUT 1, POP
+    for level in range(2, levels + 2):
+        previous = b"h" + bytes([level - 1])
+        if by_call:
+            parts.append(b"h\x00](" + previous + previous + b"e\x85R")  # tuple([p, p])
+        else:
+            parts.append(previous + previous + b"\x86")  # TUPLE2
+        parts.append(b"q" + bytes([level]) + (b"0" if level < levels + 1 else b""))
+    parts.append(b"Ns.")
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("by_call", [False, True], ids=["tuples", "tuple() calls"])
+def test_tuples_that_hold_the_same_tuple_twice_over_and_over_are_refused(tmp_path, by_call):
+    """A few hundred bytes: hashing the key visited 2**60 tuples, and the import hung."""
+    data = _doubling_tuples(60, by_call=by_call)
+    assert len(data) < 1_000
+    code, stderr = _import_exit(tmp_path, data)
+    assert code == 3, (code, stderr)
+    assert "hostile.pickle" in stderr and "counting repeats" in stderr
+    with snaptree.open(str(tmp_path / "Data.fs")) as store:
+        assert store.run(lambda root: dict(root)) == {}
+
+
+def test_a_tuple_repeating_small_tuples_far_past_the_floor_loads(tmp_path):
+    """Repeats through the memo are real pickles too: 400,000 references to one 3-tuple
+    (1.2 million values counting repeats) in 0.8 MB load as pickle.loads loads them."""
+    shared = ("a", "b", "c")
+    value = {"k": tuple([shared] * 400_000)}
+    data = pickle.dumps(value, protocol=4)
+    loaded = snaptree.load_source(_write(tmp_path / "repeats.pickle", data))
+    assert loaded == value

@@ -1244,3 +1244,32 @@ def test_init_again_on_a_stored_mapping_updates_it_as_a_dicts_does(store):
     store.run(lambda root: (root["m"].__init__({"b": 2}), root["f"].__init__({"b": 2})))
     assert store.run(lambda root: root["f"]) == plain
     assert store.run(lambda root: root["m"]) == {"a": 1, "b": 2}
+
+
+def _doubling_tuple(levels: int) -> tuple[Any, ...]:
+    """A tuple holding the same tuple twice, that one the next twice...: 2**levels tuples."""
+    value: tuple[Any, ...] = ()
+    for _ in range(levels):
+        value = (value, value)
+    return value
+
+
+@pytest.mark.timeout(30)
+def test_a_mapping_key_holding_the_same_tuple_twice_over_and_over_is_checked_once_per_tuple():
+    """The key checks walked every path through it (2**60 here) and never returned; a
+    Mapping compares keys without hashing them, so it is storable, and comes back shared."""
+    key = _doubling_tuple(60)
+
+    def levels(root: Any) -> int:
+        (stored,) = list(root["m"])
+        count = 0
+        while stored:
+            stored, again = stored
+            assert again is stored
+            count += 1
+        return count
+
+    with snaptree.open("memory://") as store:
+        store.run(lambda root: root.update(m=Mapping()) or root["m"].__setitem__(key, 1))
+        store.db.cacheMinimize()
+        assert store.run(levels) == 60

@@ -50,15 +50,15 @@ from persistent import Persistent
 from ._connection import current_connection
 from ._originals import originals_for
 from ._values import (
+    CLOCK_TYPES,
     MAX_VALUE_DEPTH,
     SCALAR_TYPES,
     STORED_AS_IS,
     TOO_DEEP,
-    CLOCK_TYPES,
+    clock_problem,
     default_factory_detail,
     hashable_problem,
     unstorable_detail,
-    clock_problem,
 )
 from .errors import UnstorableValueError
 from .paths import join, path_of
@@ -526,11 +526,13 @@ def _persistent_key(mapping: dict[Any, Any]) -> bool:
     """
     scalars = SCALAR_TYPES
     pending = [key for key in mapping if type(key) not in scalars]
+    seen: set[int] = set()  # a tuple holding the same tuple twice is looked into once
     while pending:
         key = pending.pop()
         if isinstance(key, Persistent):
             return True
-        if isinstance(key, tuple | frozenset):
+        if isinstance(key, tuple | frozenset) and id(key) not in seen:
+            seen.add(id(key))
             pending.extend(part for part in key if type(part) not in scalars)
     return False
 

@@ -9,22 +9,29 @@ down, whatever the allow-list says:
   pointers, 2 GB; near 2**32 the machine runs out of memory;
 - a tuple nested a million deep, used as a dict key or set element, is
   hashed recursively in C, with no recursion check: the process dies with
-  a segmentation fault.
+  a segmentation fault;
+- a few dozen tuples that each hold the previous one twice (memo GETs):
+  hashing the last visits 2**K tuples, so a few hundred bytes hang the
+  process, and a dump, which writes tuples out in full, would never end.
 
 So the unpickler reads through :class:`ScanningReader`, which hands it no
 byte that :class:`OpcodeScan` has not checked first: the scan follows the
 pickle machine's stack (the *hash depth* of each value on it: how deep a
 hash of it can recurse) and its memo, and refuses a memo index more than
 :data:`MEMO_SLACK` past the entries stored so far, or a value whose hash
-would recurse more than :data:`MAX_HASH_DEPTH` levels. Lists, dicts and
-sets cannot be hashed, so they stop the count (a tree of dicts may be as
-deep as it likes). What a *call* makes of them may be hashable
+would recurse more than :data:`MAX_HASH_DEPTH` levels, or whose hash would
+visit more values than :func:`max_hash_size` allows for the bytes read so
+far (its *size*: itself and every value in it, each time it is reached).
+Lists, dicts and sets cannot be hashed, so they stop the count (a tree of
+dicts may be as deep and as wide as it likes). What a *call* makes of them may be hashable
 (``tuple([x])`` wraps the list's items): the unpickler measures the tuples
 that ``tuple`` and ``copyreg._reconstructor`` return as they return
 (``_unpickler._TupleDepths``), so a hash recurses at most twice the limit
 (a measured tuple inside tuples the scan counted). Every legitimate
 pickler numbers its memo from 0 and cannot pickle a tuple nested that
-deep (it recurses itself), so no real file is refused.
+deep (it recurses itself), and a value's size is at most the bytes that
+wrote it unless it holds the same tuple many times, so no real file is
+refused.
 
 The scan must read the opcodes exactly as the C unpickler will, or it
 checks a different program: MEMOIZE stores at the number of entries
@@ -51,6 +58,32 @@ from .errors import InputError
 MAX_HASH_DEPTH = 5_000
 #: How far a memo index may run ahead of the entries stored so far (a real pickle's never does).
 MEMO_SLACK = 100_000
+#: A value's size (see max_hash_size) may be this many times the bytes read so far ...
+HASH_SIZE_PER_BYTE = 16
+#: ... or this many values, whichever is more: about 25 ms of hashing in C.
+MIN_HASH_SIZE = 1 << 20
+
+# Each value on the scan's stack, and in its memo, is one int: its size (how many values
+# a hash of it visits, saturated at _SIZE_CAP) above its depth (below MAX_HASH_DEPTH < 2**13).
+_SHIFT = 13
+_DEPTH = (1 << _SHIFT) - 1
+_ONE = 1 << _SHIFT  # a value that holds no other: size 1, depth 0
+_SIZE_CAP = 1 << 40
+
+
+def max_hash_size(offset: int) -> int:
+    """The largest size a value made at byte *offset* of a pickle may have.
+
+    Without repeats a value's size is at most the bytes that wrote it (each
+    value is an opcode); holding the same tuple again through the memo adds
+    its size again for a few bytes. A bound in proportion to the file lets
+    real pickles that repeat small tuples through, and keeps what a file can
+    make a hash (or a dump, which writes every repeat out) do in proportion
+    to its size.
+    """
+    return max(MIN_HASH_SIZE, HASH_SIZE_PER_BYTE * offset)
+
+
 #: Bytes read from the file at a time.
 _CHUNK = 1 << 16
 
@@ -172,9 +205,9 @@ class OpcodeScan:
         self._resume: tuple[int, int] | None = None  # its line search: from where, lines found
         self._skip = 0  # bytes of a long argument still to come
         self._offset = 0  # of the first byte of _pending in the stream
-        self._stack: list[int] = []  # the hash depth of each value on the machine's stack
+        self._stack: list[int] = []  # the size and depth of each value on the machine's stack
         self._marks: list[int] = []  # stack lengths at each MARK
-        self._memo = array("H")  # 1 + the hash depth of each memo entry; 0: never stored
+        self._memo = array("Q")  # 1 + the size and depth of each memo entry; 0: never stored
         self._filled = 0  # memo entries stored: where MEMOIZE stores next, as in the unpickler
         self._frame_end = -1  # stream offset where the current FRAME ends (-1: none)
 
@@ -262,7 +295,7 @@ class OpcodeScan:
                     return
                 # The opcodes most pickles are made of, here rather than in _step.
                 if effect == _PUSH:
-                    stack.append(0)
+                    stack.append(_ONE)
                 elif effect == _MARK:
                     marks.append(len(stack))
                 elif (
@@ -274,10 +307,10 @@ class OpcodeScan:
                     self._filled += 1
                 elif effect == _GET and layout == _FIXED:
                     index = buf[arg_at] if width == 1 else int.from_bytes(buf[arg_at:pos], "little")
-                    depth = memo[index] if index < len(memo) else 0
-                    if not depth:
+                    stored = memo[index] if index < len(memo) else 0
+                    if not stored:
                         self._malformed(start, f"memo index {index:,} was never stored")
-                    stack.append(depth - 1)
+                    stack.append(stored - 1)
                 else:
                     self._step(code, buf, arg_at, start)
                     if effect == _STOP:  # _step replaced the stack and marks
@@ -311,21 +344,21 @@ class OpcodeScan:
         stack = self._stack
         fence = self._marks[-1] if self._marks else 0
         if effect == _PUSH:
-            stack.append(0)
+            stack.append(_ONE)
         elif effect in (_TUPLE_N, _CALL):
             if len(stack) - count < fence:
                 self._malformed(start, "the stack underflows")
-            depth = 1 + max(stack[len(stack) - count :], default=0)
-            del stack[len(stack) - count :]
-            self._push(depth, start)
+            self._wrap(stack[len(stack) - count :], start)
         elif effect in (_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
             mark = self._marks.pop()
-            depth = 1 + max(stack[mark:], default=0) if effect == _TO_MARK else 0
-            del stack[mark:]
-            if effect != _POP_MARK:
-                self._push(depth, start)
+            if effect == _TO_MARK:
+                self._wrap(stack[mark:], start, mark)
+            else:
+                del stack[mark:]
+                if effect == _MUTABLE_TO_MARK:
+                    stack.append(_ONE)
         elif effect == _INTO_TO_MARK:
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
@@ -341,7 +374,12 @@ class OpcodeScan:
             if len(stack) - 2 < fence:
                 self._malformed(start, "the stack underflows")
             state = stack.pop()
-            self._push(max(stack.pop(), 1 + state), start)
+            built = stack.pop()
+            self._push(
+                max(built & _DEPTH, 1 + (state & _DEPTH)),
+                (built >> _SHIFT) + (state >> _SHIFT),
+                start,
+            )
         elif effect == _POP:
             if self._marks and self._marks[-1] == len(stack):
                 self._marks.pop()
@@ -383,14 +421,26 @@ class OpcodeScan:
             if len(stack) - count < fence:
                 self._malformed(start, "the stack underflows")
             del stack[len(stack) - count :]
-            stack.append(0)
+            stack.append(_ONE)
         elif effect == _STOP:
             # The next pickle of the stream starts with an empty stack (the memo stays).
             self._stack = []
             self._marks = []
             self._pickles -= 1
 
-    def _push(self, depth: int, start: int) -> None:
+    def _wrap(self, held: list[int], start: int, at: int | None = None) -> None:
+        """Replace the values *held* (the top of the stack, from *at*) with one holding them."""
+        if len(held) == 1:  # TUPLE1, and the argument tuples of most calls: kept quick
+            (code,) = held
+            depth, size = 1 + (code & _DEPTH), 1 + (code >> _SHIFT)
+        else:
+            depths = list(map(_DEPTH.__and__, held))  # in C
+            depth = 1 + max(depths, default=0)
+            size = 1 + ((sum(held) - sum(depths)) >> _SHIFT)
+        del self._stack[len(self._stack) - len(held) if at is None else at :]
+        self._push(depth, size, start)
+
+    def _push(self, depth: int, size: int, start: int) -> None:
         if depth > MAX_HASH_DEPTH:
             self._refuse(
                 start,
@@ -398,7 +448,14 @@ class OpcodeScan:
                 "hashing as a dict key or set element would follow in C until the process "
                 "crashed",
             )
-        self._stack.append(depth)
+        if size > MIN_HASH_SIZE and size > max_hash_size(self._offset + start):
+            self._refuse(start, too_large(size))
+        self._stack.append(min(size, _SIZE_CAP) << _SHIFT | depth)
+
+    @property
+    def offset(self) -> int:
+        """How many bytes of the stream the scan has gone past."""
+        return self._offset
 
     def _index(self, code: int, buf: bytes, arg_at: int, start: int) -> int:
         layout, width, _, _, _ = _OPCODES[code]
@@ -410,6 +467,15 @@ class OpcodeScan:
         except ValueError:
             self._malformed(start, f"memo index {text[:20]!r} is not a number")
             raise  # not reached
+
+
+def too_large(size: int) -> str:
+    """Why a value of *size* values is refused (see max_hash_size)."""
+    return (
+        f"a tuple (or object) that holds {size:,} values counting repeats (the same tuple "
+        "held again and again, through the memo), far more than the file's size accounts "
+        "for: hashing it as a dict key, or writing it out in a dump, would take as long"
+    )
 
 
 class ScanningReader:
@@ -426,6 +492,10 @@ class ScanningReader:
         self._file = file
         self._scan = OpcodeScan(source, pickles)
         self._buffer = bytearray()  # scanned, not yet consumed
+
+    def offset(self) -> int:
+        """How many bytes of the file have been scanned (handed over or not)."""
+        return self._scan.offset
 
     def _more(self, wanted: int = _CHUNK) -> bool:
         """Read, scan and buffer the next bytes of the file; False at its end."""

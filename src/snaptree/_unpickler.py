@@ -18,11 +18,11 @@ import collections
 import copyreg
 import importlib
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._pickle_scan import MAX_HASH_DEPTH, ScanningReader
+from ._pickle_scan import MAX_HASH_DEPTH, ScanningReader, max_hash_size, too_large
 from .errors import Error, InputError
 
 
@@ -73,29 +73,40 @@ class _TupleDepths:
     opcodes build, but ``tuple(a_list)`` or ``copyreg._reconstructor(tuple,
     tuple, a_list)``, called by REDUCE, OBJ or INST, wrap what a list held,
     which the scan does not follow. So these calls are measured here, as
-    they return: each tuple is walked once (its depth is kept), so a file
-    that calls them a million times costs what its tuples do.
+    they return: each tuple is walked once (its depth and size are kept), so
+    a file that calls them a million times costs what its tuples do. Their
+    size (the values a hash visits, see ``_pickle_scan.max_hash_size``) is
+    bounded as the scan bounds the ones it sees.
     """
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, offset: Callable[[], int]) -> None:
         self._source = source
-        self._known: dict[int, tuple[tuple[Any, ...], int]] = {}  # id: (the tuple, its depth)
+        self._offset = offset  # bytes of the file scanned so far
+        #: id: (the tuple, its depth, its size)
+        self._known: dict[int, tuple[tuple[Any, ...], int, int]] = {}
 
     def checked(self, value: Any) -> Any:
-        if isinstance(value, tuple) and self.depth(value) > MAX_HASH_DEPTH:
+        if not isinstance(value, tuple):
+            return value
+        depth, size = self.measure(value)
+        if depth > MAX_HASH_DEPTH:
             raise InputError(
                 f"{self._source}: the pickle makes tuples nested more than "
                 f"{MAX_HASH_DEPTH:,} levels deep, which hashing as a dict key or set element "
                 "would follow in C until the process crashed; nothing was loaded"
             )
+        if size > max_hash_size(self._offset()):
+            raise InputError(
+                f"{self._source}: the pickle makes {too_large(size)}; nothing was loaded"
+            )
         return value
 
-    def depth(self, root: tuple[Any, ...]) -> int:
-        """*root*'s nesting through tuples (only tuples: a hash stops at anything else)."""
+    def measure(self, root: tuple[Any, ...]) -> tuple[int, int]:
+        """*root*'s nesting through tuples, and its size (only tuples: a hash stops at the rest)."""
         known = self._known
         if id(root) in known:
-            return known[id(root)][1]
-        stack: list[list[Any]] = [[root, iter(root), 0]]
+            return known[id(root)][1:]
+        stack: list[list[Any]] = [[root, iter(root), 0, 1]]  # tuple, items, depth, size
         while stack:
             frame = stack[-1]
             for item in frame[1]:
@@ -103,17 +114,21 @@ class _TupleDepths:
                     found = known.get(id(item))
                     if found is None:
                         if len(stack) > MAX_HASH_DEPTH:
-                            return len(stack) + 1  # deep enough to refuse: no need to go on
-                        stack.append([item, iter(item), 0])
+                            return len(stack) + 1, 0  # deep enough to refuse: no need to go on
+                        stack.append([item, iter(item), 0, 1])
                         break
                     frame[2] = max(frame[2], found[1])
+                    frame[3] += found[2]
+                else:
+                    frame[3] += 1
             else:
                 stack.pop()
                 depth = frame[2] + 1
-                known[id(frame[0])] = (frame[0], depth)
+                known[id(frame[0])] = (frame[0], depth, frame[3])
                 if stack:
                     stack[-1][2] = max(stack[-1][2], depth)
-        return known[id(root)][1]
+                    stack[-1][3] += frame[3]
+        return known[id(root)][1:]
 
 
 class _DefaultDict(collections.defaultdict):  # type: ignore[type-arg]
@@ -219,7 +234,7 @@ class AllowListUnpickler(pickle.Unpickler):
         super().__init__(self.reader)
         self._allowed = _parse_allow(allow)
         self._source = source
-        self._tuples = _TupleDepths(source)
+        self._tuples = _TupleDepths(source, self.reader.offset)
         self._measured: dict[type, type] = {}  # allowed tuple subclasses: their stand-ins
         #: Each class or function handed to the pickle, with its attributes then.
         self._handed: dict[int, tuple[Any, dict[str, Any]]] = {}

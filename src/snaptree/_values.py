@@ -117,17 +117,36 @@ def _is_nan(key: Any) -> bool:
     return False
 
 
+def _first_visit(seen: dict[int, int], item: tuple[Any, ...] | frozenset[Any], depth: int) -> bool:
+    """Whether a walk must look inside *item* at *depth*: not if it did already, as deep.
+
+    A tuple may hold the same tuple twice, and that one the next twice: a
+    walk that did not remember them would visit 2**K tuples for K of them
+    (a few hundred bytes of pickle). Looked at again at the same depth or
+    nearer the top, what it holds has nothing new to say; deeper, it may be
+    too deep, so it is looked at again. *seen* keeps ids: the walked value
+    holds every tuple alive until the walk ends.
+    """
+    if seen.get(id(item), -1) >= depth:
+        return False
+    seen[id(item)] = depth
+    return True
+
+
 def mapping_key_problem(key: Any) -> str | None:
     """Why *key* cannot be a key of a Mapping, or None if it can."""
     kind = type(key)
     if kind is str or kind is int:
         return None
     stack = [(key, 0)]
+    seen: dict[int, int] = {}
     while stack:
         item, depth = stack.pop()
         if isinstance(item, tuple):
             if depth >= MAX_VALUE_DEPTH:
                 return TOO_DEEP
+            if not _first_visit(seen, item, depth):
+                continue
             stack.extend((part, depth + 1) for part in reversed(item))  # first problem first
         elif _is_nan(item):
             return NAN_KEY
@@ -154,6 +173,7 @@ def hashable_problem(value: Any, *, nan: bool) -> str | None:
     acceptable (as a set element it is, as a key it is not).
     """
     stack = [(value, 0)]
+    seen: dict[int, int] = {}
     while stack:
         item, depth = stack.pop()
         kind = type(item)
@@ -165,7 +185,8 @@ def hashable_problem(value: Any, *, nan: bool) -> str | None:
         elif isinstance(item, tuple | frozenset):
             if depth >= MAX_VALUE_DEPTH:
                 return TOO_DEEP
-            stack.extend((part, depth + 1) for part in item)
+            if _first_visit(seen, item, depth):
+                stack.extend((part, depth + 1) for part in item)
         elif not isinstance(item, Persistent):
             return (
                 f"a {type_name(item)} cannot be stored as a key or set element: it would "
