@@ -74,14 +74,27 @@ class Pair:
 
     def abort(self) -> None:
         """Abort the transaction the call left, if any (a failed commit, an exception)."""
-        _abort(self.tm)
+        self.tm.abort()
 
 
-def _abort(tm: Any) -> None:
-    try:
-        tm.abort()
-    except NoTransaction:
-        pass
+class _Manager(transaction.TransactionManager):
+    """An explicit transaction manager whose abort() without a transaction does nothing.
+
+    ZODB's ``DB.close()`` aborts the manager of every connection, those of
+    calls still running when a store closes with a timeout included. A call
+    between two transactions (committed, not yet given back) has none, and
+    an explicit manager refused: NoTransaction stopped ``DB.close()`` before
+    it closed the storage, and ``store.close()`` raised it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(explicit=True)
+
+    def abort(self) -> None:
+        try:
+            super().abort()
+        except NoTransaction:
+            pass
 
 
 class _Holder:
@@ -181,7 +194,7 @@ class ConnectionPool:
                     pair = self._longest_idle()  # another thread's
         if pair is None:
             try:
-                tm = transaction.TransactionManager(explicit=True)
+                tm = _Manager()
                 pair = Pair(self.db.open(transaction_manager=tm), tm)
             except BaseException:
                 with self._lock:
@@ -296,7 +309,7 @@ class ConnectionPool:
         try:
             if spare is not None:
                 spare.conn.close()
-            tm = transaction.TransactionManager(explicit=True)
+            tm = _Manager()
             try:
                 conn = self.db.open(transaction_manager=tm, at=at)
             except ValueError as exc:  # historical open in the future
@@ -365,7 +378,7 @@ class ConnectionPool:
         """End a lent connection's transaction and return it to ZODB's pool."""
         try:
             conn.release()
-            _abort(tm)
+            tm.abort()
             if misused:
                 conn.cacheMinimize()
             conn.close()
