@@ -43,10 +43,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 TORTURE_TIMEOUT = 1800
 
 
+#: Parametrized tests of the command line whose every case starts a process (about 0.45 s
+#: of imports on a 2-core machine): the fast suite runs their first case, the slow part of
+#: .ci/run all the others, so that the fast suite stays under a minute.
+FIRST_CASE_IN_THE_FAST_SUITE = {
+    "test_export_command_usage_errors_exit_2",
+    "test_a_damaged_zstd_source_is_bad_input_for_import_not_an_unexpected_error",
+    "test_a_password_with_a_reserved_character_never_reaches_the_output",
+    "test_a_failure_before_the_run_is_one_json_object_too",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Long --torture runs get a longer hang guard; the default stays the 120 s of pyproject."""
-    if config.getoption("--torture"):
-        for item in items:
+    """Split the families above; long --torture runs get a longer hang guard (the default
+    stays the 120 s of pyproject)."""
+    first_seen: set[str] = set()
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if name in FIRST_CASE_IN_THE_FAST_SUITE:
+            if name in first_seen:
+                item.add_marker(pytest.mark.slow)
+            first_seen.add(name)
+        if config.getoption("--torture"):
             item.add_marker(pytest.mark.timeout(TORTURE_TIMEOUT))
 
 

@@ -636,15 +636,40 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)])
-        if c.xfail
-        else pytest.param(c, id=c.id)
-        for c in CASES
-    ],
-)
+#: The cases the fast suite runs: one or two per command and exit code. Each case starts a
+#: process (about 0.45 s of imports on a 2-core machine), so the rest run in the slow part
+#: of .ci/run, which runs every case.
+FAST_CASES = {
+    "export-unknown-scheme",
+    "import-missing-directory",
+    "export-db-is-a-directory",
+    "import-missing-file",
+    "verify-missing-file",
+    "export-output-under-a-file",
+    "import-malformed-json",
+    "import-pickle-calling-os-system",
+    "import-pickle-bomb",
+    "export-json-of-bytes",
+    "export-zodb-of-a-scalar",
+    "export-every-negative",
+    "export-keep-zero",
+    "unknown-command",
+    "verify-altered-dump",
+    "verify-hostile-pickle-under-a-real-manifest",
+    "import-forged-zexp",
+    "export-over-its-own-database",
+}
+assert {case.id for case in CASES} >= FAST_CASES, "FAST_CASES names a case that does not exist"
+
+
+def _marks(case: Case) -> list[pytest.MarkDecorator]:
+    marks = [] if case.id in FAST_CASES else [pytest.mark.slow]
+    if case.xfail:
+        marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+    return marks
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CASES])
 def test_bad_input_gets_one_clear_line_and_changes_nothing(world: World, case: Case) -> None:
     before = _fingerprint(world)
     try:

@@ -186,6 +186,7 @@ def test_the_exporter_process_writes_compressed_dumps(tmp_path):
     assert snaptree.verify(result.info.path).summary["keys"] == 1
 
 
+@pytest.mark.slow
 def test_export_command_compresses_into_a_directory(tmp_path):
     db = tmp_path / "Data.fs"
     with snaptree.open(str(db)) as store:

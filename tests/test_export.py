@@ -455,6 +455,7 @@ def test_the_blob_directory_is_refused(tmp_path):
             store.export(tmp_path / "app.fs", format="pickle")
 
 
+@pytest.mark.slow
 def test_the_command_refuses_to_overwrite_its_own_database(tmp_path):
     """``snaptree export --db app.fs -o app.fs``: one error line, exit 5, the file as it was."""
     db = tmp_path / "app.fs"

@@ -253,6 +253,7 @@ SOURCE = {
 
 
 @pytest.mark.parametrize("path", ["/", "restored/copy"])
+@pytest.mark.slow
 def test_a_zodb_export_imports_anywhere_and_reads_back_equal(
     store: snaptree.Store, tmp_path: Path, path: str
 ) -> None:
@@ -276,6 +277,7 @@ def test_a_zodb_export_imports_anywhere_and_reads_back_equal(
         assert root["restored"]["copy"] == expected and root["existing"] == 1
 
 
+@pytest.mark.slow
 def test_a_zodb_export_of_a_subtree_imports_through_the_command(
     store: snaptree.Store, tmp_path: Path
 ) -> None:
@@ -293,6 +295,7 @@ def test_a_zodb_export_of_a_subtree_imports_through_the_command(
         assert snaptree.to_plain(snap.root["by-header"]) == SOURCE["accounts"]
 
 
+@pytest.mark.slow
 def test_a_deep_tree_round_trips_through_the_zodb_format(tmp_path: Path) -> None:
     """Nesting 5,000 deep: the reader and the rebuild are iterative, not recursive."""
     depth = 5000

@@ -58,6 +58,7 @@ def test_mapping_with_unorderable_keys_falls_back_to_flat_mapping(store: snaptre
         assert list(snap.root["ints"].keys()) == [1, 2]
 
 
+@pytest.mark.slow
 def test_large_mapping_keeps_every_key(store: snaptree.Store) -> None:
     """Dicts larger than one BTree bucket, and than one level of buckets, keep all items."""
     medium = {f"k{i:05}": i for i in range(500)}

@@ -55,6 +55,7 @@ def test_imports_a_json_file(db: str, tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_savepoint_every_of_older_scripts_still_works(db: str, tmp_path: Path) -> None:
     """The option's old name stays (hidden from --help), meaning --commit-every."""
     source = tmp_path / "model.json"
@@ -74,6 +75,7 @@ def test_path_puts_the_data_in_a_subtree(db: str, tmp_path: Path) -> None:
     assert state(db)[1]["bank"] == {"accounts": {"a1": {"balance": 7}}}
 
 
+@pytest.mark.slow
 def test_existing_key_fails_without_replace_and_succeeds_with_it(db: str, tmp_path: Path) -> None:
     source = tmp_path / "e.json"
     source.write_text('{"existing": {"new": 2}}')
@@ -118,6 +120,7 @@ def test_hostile_pickle_is_refused_and_runs_nothing(db: str, tmp_path: Path) -> 
     assert state(db) == before
 
 
+@pytest.mark.slow
 def test_allow_lets_a_named_class_through(db: str, tmp_path: Path) -> None:
     source = tmp_path / "frac.pickle"
     from fractions import Fraction
@@ -218,6 +221,7 @@ def test_an_empty_path_is_a_usage_error_and_changes_nothing(db: str, tmp_path: P
     assert state(db) == before
 
 
+@pytest.mark.slow
 def test_max_objects_lets_intended_sharing_in(db: str, tmp_path: Path) -> None:
     """--max-objects raises (or lowers) the limit on what shared containers may expand to."""
     shared: Any = [[]] * 50
@@ -232,6 +236,7 @@ def test_max_objects_lets_intended_sharing_in(db: str, tmp_path: Path) -> None:
     assert state(db)[1]["s"] == [shared] * 50
 
 
+@pytest.mark.slow
 def test_a_failed_streamed_import_into_a_new_store_leaves_no_store_behind(tmp_path: Path) -> None:
     """A typo in --db plus a bad file must not create a database (a JSON file is read once open)."""
     bad = tmp_path / "bad.json"

@@ -301,6 +301,7 @@ def test_prune_command_dry_run_lists_what_would_go_and_why(tmp_path, weeks_of_du
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_prune_command_deletes_under_the_lock_and_is_refused_while_a_schedule_holds_it(
     tmp_path, weeks_of_dumps
 ):

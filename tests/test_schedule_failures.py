@@ -183,6 +183,7 @@ def _fails_then_succeeds(store, directory, records, fmt: str, fix: Callable[[Any
     return errors
 
 
+@pytest.mark.slow
 def test_a_value_the_format_cannot_hold_fails_one_run_of_the_exporter_not_the_schedule(
     store, tmp_path, records
 ):
@@ -195,6 +196,7 @@ def test_a_value_the_format_cannot_hold_fails_one_run_of_the_exporter_not_the_sc
         assert json.load(f) == {"name": "fixed"}
 
 
+@pytest.mark.slow
 def test_an_unexpected_exception_is_one_line_naming_its_type_and_the_schedule_goes_on(
     store, tmp_path, records, importable_trap
 ):
@@ -206,6 +208,7 @@ def test_an_unexpected_exception_is_one_line_naming_its_type_and_the_schedule_go
     assert "unexpected ZeroDivisionError: this Trap refuses to be exported" in errors[0]
 
 
+@pytest.mark.slow
 def test_an_export_abandoned_at_stop_is_logged_at_info_not_as_a_failure(tmp_path, records, gate):
     store = snaptree.open(str(tmp_path / "Data.fs"))
     try:
@@ -248,6 +251,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_a_class_the_exporter_process_cannot_import_is_one_clear_line(tmp_path):
     """Classes defined in the application's __main__ are broken objects in the exporter."""
     dumps = tmp_path / "dumps"

@@ -87,6 +87,7 @@ def _read_to_end(stream: Any, timeout: float = WAIT) -> bytes:
 # -- a second writer is refused at once -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_schedule_on_a_directory_is_refused_at_once_naming_its_holder(store, tmp_path):
     """While one Exporter runs, another Exporter, its export_now and a one-off run are refused."""
     _bump(store, 1)
@@ -111,6 +112,7 @@ def test_a_second_schedule_on_a_directory_is_refused_at_once_naming_its_holder(s
     assert lock_path(tmp_path, "pickle").read_text() == ""  # released cleanly
 
 
+@pytest.mark.slow
 def test_schedules_of_different_formats_may_share_a_directory(store, tmp_path):
     """Each format has its own names, latest, retention and lock."""
     _bump(store, 1)
@@ -212,6 +214,7 @@ def test_the_exporter_process_keeps_the_directory_locked_until_its_export_ends(t
         assert snaptree.verify(dump).objects >= 1
 
 
+@pytest.mark.slow
 def test_two_commands_on_one_directory_and_a_killed_holder(db_file, tmp_path):
     """A second command is refused with the first's pid and command; once that is killed, not."""
     dumps = tmp_path / "dumps"
@@ -295,6 +298,7 @@ def test_a_missing_or_unwritable_place_is_one_clear_error(tmp_path):
 # -- a past state never goes into a schedule directory ------------------------------------
 
 
+@pytest.mark.slow
 def test_a_past_state_is_refused_in_a_schedule_directory(db_file, tmp_path):
     """--dir with --at would make latest serve old data; it is refused, nothing is written."""
     dumps = tmp_path / "dumps"

@@ -62,6 +62,7 @@ def expected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     return db, _exports(str(db), work)
 
 
+@pytest.mark.slow
 def test_prefetching_walks_never_change_what_is_written(expected, tmp_path, monkeypatch):
     """Every prefetch path (windows of buckets, of list items, walks cut short) on a file."""
     db, from_file = expected

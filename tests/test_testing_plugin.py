@@ -74,6 +74,7 @@ def test_the_plugin_is_registered_through_the_pytest11_entry_point():
 
 
 @pytest.mark.parametrize("backend", ["memory", pytest.param("file", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_the_example_bank_suite_passes_under_chaos_with_conflicts_forced(backend):
     run = _pytest(
         str(TESTS / "example_bank"),
@@ -91,6 +92,7 @@ def test_the_example_bank_suite_passes_under_chaos_with_conflicts_forced(backend
     assert "--snaptree-chaos=0.5 --snaptree-seed=4" in run.stdout
 
 
+@pytest.mark.slow
 def test_chaos_exposes_a_retry_bug_even_in_a_store_a_conftest_opened_at_import(app_suite):
     run = _pytest("-s", "--snaptree-chaos=1", "--snaptree-seed=1", cwd=app_suite)
     assert run.returncode == 1, run.stdout + run.stderr

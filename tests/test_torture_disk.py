@@ -347,6 +347,7 @@ def test_full_disk_leaves_earlier_dumps_no_temporary_and_writers_unaffected(
     assert snaptree.verify(run.info.path).sha256 == run.info.sha256
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_clear_error_naming_the_file_and_what_to_do(
     full_disk: Any, db: Path, store: snaptree.Store, writer: Writer
 ) -> None:
@@ -385,6 +386,7 @@ def test_full_disk_is_one_clear_error_naming_the_file_and_what_to_do(
 # -- an unwritable directory -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_read_only_filesystem_is_a_clear_error_and_changes_nothing(
     tmp_path: Path, db: Path, store: snaptree.Store, writer: Writer
 ) -> None:
@@ -422,6 +424,7 @@ def test_read_only_filesystem_is_a_clear_error_and_changes_nothing(
         assert _temporaries(out) == []
 
 
+@pytest.mark.slow
 def test_export_directory_that_is_a_regular_file_fails_and_changes_nothing(
     tmp_path: Path, db: Path, store: snaptree.Store, writer: Writer
 ) -> None:

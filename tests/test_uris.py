@@ -43,6 +43,7 @@ def test_scrub_removes_a_password_quoted_in_a_message_even_percent_decoded() -> 
     assert uris.scrub("auth failed for p@ss and p%40ss", uri) == "auth failed for *** and ***"
 
 
+@pytest.mark.slow
 def test_unreachable_zeo_server_fails_within_the_wait_timeout(closed_port: int) -> None:
     """Nobody listening: OpenError naming the address and what to do, after ?wait_timeout."""
     with pytest.raises(snaptree.OpenError) as failure:
@@ -85,6 +86,7 @@ def test_unknown_zeo_option_is_an_open_error_naming_it() -> None:
         uris.resolve("zeo://127.0.0.1:1?wait_timout=3")
 
 
+@pytest.mark.slow
 def test_zeo_password_option_is_masked_in_errors_and_logs(
     closed_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:

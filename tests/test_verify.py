@@ -64,6 +64,7 @@ def test_verify_loads_the_dump_not_only_its_checksum(dumps):
         snaptree.verify(info.path)
 
 
+@pytest.mark.slow
 def test_verify_command_exit_codes(dumps):
     """Exit 0 and a summary for a good dump; exit 3 (bad input) and one error line for a bad one."""
     good = run_snaptree("verify", dumps["pickle"].path)

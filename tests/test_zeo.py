@@ -87,6 +87,7 @@ def test_history_survives_in_the_served_file_storage(tmp_path: Path) -> None:
             assert (past.root["n"], now.root["n"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_serve_stops_cleanly_on_sigint_and_logs_where_it_listens(tmp_path: Path) -> None:
     """Ctrl-C: exit code 0, the file closed (another server can open it), the address logged."""
     server = ZeoProcess(tmp_path / "Data.fs", tmp_path / "serve.log")
@@ -115,6 +116,7 @@ def test_serve_rejects_a_malformed_listen_address(tmp_path: Path) -> None:
     assert "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_exporter_on_a_zeo_store_exports_from_its_own_process(tmp_path: Path) -> None:
     """The Exporter reopens the store's own zeo:// URI in its exporter process."""
     with zeo_server(tmp_path) as server, snaptree.open(server.uri) as store:
