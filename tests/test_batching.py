@@ -333,3 +333,56 @@ def test_batches_run_on_the_connection_of_the_last_batch_whichever_thread_combin
     assert own != mine
     assert (batched, loads) == (mine, 0)
     assert patient.run(lambda root: root["box"]["n"]) == 6
+
+
+def test_a_batch_never_sleeps_past_the_deadline_of_one_of_its_calls(store_uri):
+    """The batch sleeps its longest back-off: a call whose deadline that would pass gives up
+    rather than sleep past it (it was retried after sleeping 1 s with 0.5 s left)."""
+    draws = iter([0.1, 1.0])  # the first call queued draws 0.1 s, the second 1 s
+    slept: list[float] = []
+    policy = RetryPolicy(
+        attempts=5,
+        base_delay=1.0,
+        max_delay=1.0,
+        deadline=None,
+        sleep=slept.append,
+        clock=lambda: 0.0,  # no time passes but the sleeps
+        rand=lambda: next(draws),
+    )
+    with snaptree.open(store_uri, retry=policy) as store:
+        store.run(lambda root: root.update(log=[], counts={}))
+        hurried = store.transactional(deadline=0.5, batched=True)(note)
+        entered, release = threading.Event(), threading.Event()
+
+        def hold(root: Any) -> None:
+            entered.set()
+            assert release.wait(WAIT)
+
+        def outcome(call: Callable[[], Any]) -> Any:
+            try:
+                return call()
+            except Exception as exc:
+                return exc
+
+        results: dict[str, Any] = {}
+        holder = threading.Thread(target=store.run_batched, args=(hold,), daemon=True)
+        holder.start()
+        assert entered.wait(WAIT)
+        with force_conflicts(store, times=1, where=note):
+            callers = [
+                threading.Thread(target=lambda: results.update(h=outcome(lambda: hurried("h")))),
+                threading.Thread(
+                    target=lambda: results.update(p=outcome(lambda: store.run_batched(note, "p")))
+                ),
+            ]
+            for number, caller in enumerate(callers, 1):  # queued in this order
+                caller.start()
+                wait_until(lambda number=number: queued(store) == number)
+            release.set()
+            for thread in [holder, *callers]:
+                thread.join(WAIT)
+                assert not thread.is_alive()
+        assert isinstance(results["h"], RetriesExhausted), results["h"]
+        assert "deadline of 0.5 s reached" in str(results["h"])
+        assert results["p"] == "p ok" and slept == [1.0]
+        assert store.run(lambda root: dict(root["counts"])) == {"p": 1}

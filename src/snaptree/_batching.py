@@ -239,21 +239,31 @@ class Combiner:
     def _after_conflict(
         self, pending: list[BatchedCall], cause: BaseException
     ) -> list[BatchedCall]:
-        """Each call spent one attempt: the ones with attempts left, after the back-off."""
+        """Each call spent one attempt: the ones with attempts left, after the back-off.
+
+        The batch sleeps the longest back-off its calls drew, so a call whose
+        deadline that sleep would pass gives up now, as :meth:`Store.run`
+        would rather than sleep past it (its own, shorter draw may have fit).
+        """
         self._stats.count("conflicts", describe_conflict(cause)[1])
+        waits = [call.policy.backoff(call.number) for call in pending]
+        delay = max(  # of the calls that go on by their own draw
+            (
+                wait
+                for call, wait in zip(pending, waits, strict=True)
+                if not give_up_reason(call.policy, call.number, call.started, wait)
+            ),
+            default=0.0,
+        )
         again = []
-        delay = 0.0
         for call in pending:
-            policy = call.policy
-            wait = policy.backoff(call.number)
-            reason = give_up_reason(policy, call.number, call.started, wait)
+            reason = give_up_reason(call.policy, call.number, call.started, delay)
             if reason:
                 self._stats.count("exhausted")
                 call.fail(exhausted(call.number, cause, reason, self._locate))
             else:
                 self._stats.count("retries")
                 call.number += 1
-                delay = max(delay, wait)
                 again.append(call)
         if again:
             again[0].policy.sleep(delay)
