@@ -45,12 +45,15 @@ def wait_until(predicate: Callable[[], bool]) -> None:
     raise AssertionError("timed out")
 
 
-def one_batch(store: snaptree.Store, calls: list[Callable[[], Any]]) -> list[Any]:
+def one_batch(
+    store: snaptree.Store, calls: list[Callable[[], Any]], *, in_order: bool = False
+) -> list[Any]:
     """Run *calls* (each a run_batched call) so that all of them land in one batch.
 
     A first call holds the combiner role until the others are queued; the
-    next batch takes them all. Returns each call's result, or the exception
-    it raised.
+    next batch takes them all, in the order they were queued (*in_order*:
+    the order of *calls*). Returns each call's result, or the exception it
+    raised.
     """
     entered, release = threading.Event(), threading.Event()
 
@@ -58,7 +61,9 @@ def one_batch(store: snaptree.Store, calls: list[Callable[[], Any]]) -> list[Any
         entered.set()
         assert release.wait(WAIT)
 
-    def outcome(call: Callable[[], Any]) -> Any:
+    def outcome(place: int, call: Callable[[], Any]) -> Any:
+        if in_order:
+            wait_until(lambda: queued(store) == place)  # the calls before it are queued
         try:
             return call()
         except Exception as exc:
@@ -71,7 +76,9 @@ def one_batch(store: snaptree.Store, calls: list[Callable[[], Any]]) -> list[Any
     holder = threading.Thread(target=store.run_batched, args=(hold,), daemon=True)
     holder.start()
     assert entered.wait(WAIT)  # the holder is the combiner, inside its own batch
-    results = run_threads([release_when_queued, *[lambda c=c: outcome(c) for c in calls]])
+    results = run_threads(
+        [release_when_queued, *[lambda i=i, c=c: outcome(i, c) for i, c in enumerate(calls)]]
+    )
     holder.join(WAIT)
     assert not holder.is_alive()
     return results[1:]
@@ -352,37 +359,11 @@ def test_a_batch_never_sleeps_past_the_deadline_of_one_of_its_calls(store_uri):
     with snaptree.open(store_uri, retry=policy) as store:
         store.run(lambda root: root.update(log=[], counts={}))
         hurried = store.transactional(deadline=0.5, batched=True)(note)
-        entered, release = threading.Event(), threading.Event()
-
-        def hold(root: Any) -> None:
-            entered.set()
-            assert release.wait(WAIT)
-
-        def outcome(call: Callable[[], Any]) -> Any:
-            try:
-                return call()
-            except Exception as exc:
-                return exc
-
-        results: dict[str, Any] = {}
-        holder = threading.Thread(target=store.run_batched, args=(hold,), daemon=True)
-        holder.start()
-        assert entered.wait(WAIT)
         with force_conflicts(store, times=1, where=note):
-            callers = [
-                threading.Thread(target=lambda: results.update(h=outcome(lambda: hurried("h")))),
-                threading.Thread(
-                    target=lambda: results.update(p=outcome(lambda: store.run_batched(note, "p")))
-                ),
-            ]
-            for number, caller in enumerate(callers, 1):  # queued in this order
-                caller.start()
-                wait_until(lambda number=number: queued(store) == number)
-            release.set()
-            for thread in [holder, *callers]:
-                thread.join(WAIT)
-                assert not thread.is_alive()
-        assert isinstance(results["h"], RetriesExhausted), results["h"]
-        assert "deadline of 0.5 s reached" in str(results["h"])
-        assert results["p"] == "p ok" and slept == [1.0]
+            h, p = one_batch(
+                store, [lambda: hurried("h"), lambda: store.run_batched(note, "p")], in_order=True
+            )
+        assert isinstance(h, RetriesExhausted), h
+        assert "deadline of 0.5 s reached" in str(h)
+        assert p == "p ok" and slept == [1.0]
         assert store.run(lambda root: dict(root["counts"])) == {"p": 1}
