@@ -121,16 +121,18 @@ PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
 
 def _unstorable_clocks(
-    when: datetime.datetime, time: datetime.time, key: str
+    when: datetime.datetime, other: datetime.datetime | datetime.time, key: str
 ) -> dict[str, tuple[str, Callable[[Any], Any]]]:
-    """Every place a datetime (*when*) or time can go, with the path its refusal names."""
+    """Every place a datetime (*when*) can go, with the path its refusal names; *other* is
+    another value refused for the same reason."""
     return {
         "a value": ("a/t", lambda root: root["a"].update(t=when)),
-        "a time": ("a/t", lambda root: root["a"].update(t=time)),
+        "another value": ("a/t", lambda root: root["a"].update(t=other)),
         "in a tuple": ("a/t/1", lambda root: root["a"].update(t=(1, when))),
         "in a new dict": ("b/c", lambda root: root.update(b={"c": when})),
         "appended": ("a/log/0", lambda root: root["a"]["log"].append(when)),
         "a key": (f"a/{key}", lambda root: root["a"].update({when: 1})),
+        "a key of a new dict": (f"b/{key}", lambda root: root.update(b={when: 1})),
         "a set element": ("a/s", lambda root: root["a"].update(s={when})),
         "added to a set": (
             "a/s",
@@ -144,10 +146,23 @@ ZONED = _unstorable_clocks(
     datetime.time(9, tzinfo=PARIS),
     r"2026-01-01 00:00:00\+01:00",
 )
-#: The second 02:30 of the night Paris went back from summer time (fold=1).
+
+
+class _EndOfSummerTime(datetime.tzinfo):
+    """Paris on the night of 2026-10-25, when 02:00-03:00 came twice: fold=1 is the second."""
+
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(hours=1 if dt is not None and dt.fold else 2)
+
+    def dst(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(hours=0 if dt is not None and dt.fold else 1)
+
+
+#: The second 02:30 of the night Paris went back from summer time (fold=1): naive, and with
+#: a timezone whose offset reads the fold.
 FOLDED = _unstorable_clocks(
     datetime.datetime(2026, 10, 25, 2, 30, fold=1),
-    datetime.time(2, 30, fold=1),
+    datetime.datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=_EndOfSummerTime()),
     "2026-10-25 02:30:00",
 )
 
@@ -183,6 +198,22 @@ def test_datetimes_in_utc_with_fixed_offsets_or_naive_are_stored(store):
     ]
     store.run(lambda root: root.update(t=values))
     assert store.run(lambda root: list(root["t"])) == values
+
+
+def test_a_fold_that_picks_no_other_instant_is_stored_and_comes_back_equal(store):
+    """In UTC, at a fixed offset or in a time, fold=1 changes no offset: it is not refused
+    (it comes back as fold=0, equal and with the same hash), as a dict key too."""
+    values = [
+        datetime.datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=datetime.timezone.min),
+        datetime.time(2, 30, fold=1),
+        datetime.time(2, 30, fold=1, tzinfo=datetime.UTC),
+    ]
+    store.run(lambda root: root.update(t=values, k={values[0]: 1}))
+    store.db.cacheMinimize()  # read back from the storage's records
+    stored, keys = store.run(lambda root: (list(root["t"]), list(root["k"])))
+    assert stored == values and keys == values[:1]
+    assert [hash(v) for v in stored] == [hash(v) for v in values]
 
 
 CONSTRUCTIONS = {

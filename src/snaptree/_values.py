@@ -75,10 +75,12 @@ def clock_problem(value: datetime.datetime | datetime.time) -> str | None:
     ZODB pickles records with protocol 3, which loses two things silently or
     loudly: it cannot name the class method a ``zoneinfo.ZoneInfo`` pickles
     itself with (the commit would fail with a bare PicklingError, far from
-    the value), and it drops ``fold`` (a ``fold=1`` value, the second 01:30
-    of a night the clocks go back, would come back as the first: a silently
-    different instant). Fixed offsets (``datetime.timezone``), UTC and other
-    tzinfo classes pickle fine.
+    the value), and it drops ``fold``. A ``fold=1`` that picks an instant
+    (a naive datetime, the second 01:30 of the night local clocks go back,
+    or a timezone whose offset depends on it) would come back as the other
+    instant, silently; where fold changes nothing (UTC, a fixed offset, a
+    time) it is stored, and comes back equal, with ``fold=0``. Fixed
+    offsets (``datetime.timezone``), UTC and other tzinfo classes pickle fine.
     """
     zone = value.tzinfo
     kind = type(value).__name__
@@ -89,7 +91,7 @@ def clock_problem(value: datetime.datetime | datetime.time) -> str | None:
             "store it in UTC (value.astimezone(datetime.UTC)) or with a fixed "
             "datetime.timezone offset, and the zone's name beside it if you need it"
         )
-    if value.fold:
+    if value.fold and _fold_picks_the_instant(value):
         return (
             f"a {kind} with fold=1 cannot be stored: ZODB pickles records with protocol 3, "
             "which drops fold, so it would come back as the other of the two equal wall "
@@ -97,6 +99,15 @@ def clock_problem(value: datetime.datetime | datetime.time) -> str | None:
             "no fold"
         )
     return None
+
+
+def _fold_picks_the_instant(value: datetime.datetime | datetime.time) -> bool:
+    """Whether *value* (with fold=1) means another instant than with fold=0."""
+    if not isinstance(value, datetime.datetime):
+        return False  # a time's offset is its tzinfo's utcoffset(None): fold is not read
+    if value.tzinfo is None:
+        return True  # timestamp() and astimezone() read it against local time
+    return value.utcoffset() != value.replace(fold=0).utcoffset()
 
 
 def type_name(value: Any) -> str:

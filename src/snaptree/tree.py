@@ -196,10 +196,9 @@ def dict_node(keys: Any, values: list[Any], path: str = "") -> Mapping | FlatMap
     return flat
 
 
-#: Key types that need no check: hashable values that cannot be NaN.
-_SIMPLE_KEY_TYPES = frozenset(
-    {str, int, bytes, bool, type(None), datetime.date, datetime.datetime, datetime.time}
-)
+#: Key types that need no check: hashable values that cannot be NaN and that protocol 3
+#: pickles whole (not datetimes and times: a ZoneInfo or a fold=1 must be refused).
+_SIMPLE_KEY_TYPES = frozenset({str, int, bytes, bool, type(None), datetime.date})
 #: A dict whose keys are all of one of these types becomes a Mapping.
 _MAPPING_KEY_TYPES = frozenset(
     {str, int, float, bytes, tuple, datetime.date, datetime.datetime, decimal.Decimal}
