@@ -59,9 +59,9 @@ MAX_HASH_DEPTH = 5_000
 #: How far a memo index may run ahead of the entries stored so far (a real pickle's never does).
 MEMO_SLACK = 100_000
 #: A value's size (see max_hash_size) may be this many times the bytes read so far ...
-HASH_SIZE_PER_BYTE = 16
-#: ... or this many values, whichever is more: about 25 ms of hashing in C.
-MIN_HASH_SIZE = 1 << 20
+HASH_SIZE_PER_BYTE = 1024
+#: ... or this many values, whichever is more: about 0.4 s of hashing in C.
+MIN_HASH_SIZE = 1 << 24
 
 # Each value on the scan's stack, and in its memo, is one int: its size (how many values
 # a hash of it visits, saturated at _SIZE_CAP) above its depth (below MAX_HASH_DEPTH < 2**13).
@@ -76,10 +76,12 @@ def max_hash_size(offset: int) -> int:
 
     Without repeats a value's size is at most the bytes that wrote it (each
     value is an opcode); holding the same tuple again through the memo adds
-    its size again for a few bytes. A bound in proportion to the file lets
-    real pickles that repeat small tuples through, and keeps what a file can
-    make a hash (or a dump, which writes every repeat out) do in proportion
-    to its size.
+    its size again for a few bytes. Real pickles repeat tuples too (20,000
+    references to one 100-tuple: 2 million values in 60 KB), so the bound is
+    generous: it is there for the tuples that each hold the previous one
+    twice, whose size doubles with every few bytes, and it keeps what one
+    hash of a value can cost in proportion to the file. A value hashed again
+    and again (the same key in many dicts) is not bounded by it.
     """
     return max(MIN_HASH_SIZE, HASH_SIZE_PER_BYTE * offset)
 

@@ -74,9 +74,14 @@ class _TupleDepths:
     tuple, a_list)``, called by REDUCE, OBJ or INST, wrap what a list held,
     which the scan does not follow. So these calls are measured here, as
     they return: each tuple is walked once (its depth and size are kept), so
-    a file that calls them a million times costs what its tuples do. Their
-    size (the values a hash visits, see ``_pickle_scan.max_hash_size``) is
-    bounded as the scan bounds the ones it sees.
+    a file that calls them a million times costs what its tuples do.
+
+    The scan goes on from the size it saw the call's arguments have, where a
+    list, a dict or a set counts as one value: a tuple made of what a list
+    held (``tuple([t, t])``), larger than its arguments, would let tuples
+    built on it later double in size out of the scan's sight. No pickler
+    writes one, so it is refused; a tuple class called with its fields (a
+    namedtuple) is as large as they are, and loads.
     """
 
     def __init__(self, source: str, offset: Callable[[], int]) -> None:
@@ -85,10 +90,20 @@ class _TupleDepths:
         #: id: (the tuple, its depth, its size)
         self._known: dict[int, tuple[tuple[Any, ...], int, int]] = {}
 
-    def checked(self, value: Any) -> Any:
+    def checked(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """*value*, which a call with *args* and *kwargs* returned, once it is measured."""
         if not isinstance(value, tuple):
             return value
         depth, size = self.measure(value)
+        # Keyword arguments arrive in a dict (NEWOBJ_EX), which the scan counts as one value.
+        seen = 1 + len(kwargs) + sum(self.measure(a)[1] if type(a) is tuple else 1 for a in args)
+        if size > seen:
+            raise InputError(
+                f"{self._source}: the pickle makes a tuple of {size:,} values out of "
+                f"arguments of {seen:,} (what a list or a dict of keyword arguments held, "
+                "by calling tuple() or a tuple class): no pickler writes one, and tuples "
+                "built on it could grow out of the checks' sight; nothing was loaded"
+            )
         if depth > MAX_HASH_DEPTH:
             raise InputError(
                 f"{self._source}: the pickle makes tuples nested more than "
@@ -284,13 +299,13 @@ class AllowListUnpickler(pickle.Unpickler):
 
     def _tuple(self, *args: Any) -> tuple[Any, ...]:
         """``tuple`` as a pickle may call it: the result's nesting measured."""
-        return self._tuples.checked(tuple(*args))  # type: ignore[no-any-return]
+        return self._tuples.checked(tuple(*args), args, {})  # type: ignore[no-any-return]
 
     def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
         # Protocols 0-1 write a tuple subclass as _reconstructor(cls, builtins.tuple, state):
         # the pickle got this unpickler's tuple() for builtins.tuple, the class is meant.
         cls, base = (self._unmeasured(c) for c in (cls, base))
-        return self._tuples.checked(_reconstructor(cls, base, state))
+        return self._tuples.checked(_reconstructor(cls, base, state), (cls, base, state), {})
 
     def _unmeasured(self, handed: Any) -> Any:
         """The class a pickle meant by what find_class handed it for a tuple class."""
@@ -319,10 +334,10 @@ class AllowListUnpickler(pickle.Unpickler):
 
             class _Calls(type(cls)):  # type: ignore[misc]
                 def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                    return checked(cls(*args, **kwargs))
+                    return checked(cls(*args, **kwargs), args, kwargs)
 
             def new(kind: type, *args: Any, **kwargs: Any) -> Any:
-                return checked(cls.__new__(cls, *args, **kwargs))
+                return checked(cls.__new__(cls, *args, **kwargs), args, kwargs)
 
             measured = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
             measured.__module__, measured.__qualname__ = cls.__module__, cls.__qualname__
