@@ -92,9 +92,10 @@ class _Manager(transaction.TransactionManager):
 
     def abort(self) -> None:
         try:
-            super().abort()
+            txn = self.get()
         except NoTransaction:
-            pass
+            return
+        txn.abort()  # what goes wrong inside (a synchronizer's error) still raises
 
 
 class _Holder:
