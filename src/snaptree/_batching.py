@@ -8,11 +8,12 @@ instead ("flat combining", no thread of its own):
 
 1. A caller queues its call. If no caller is combining, it becomes the
    combiner; otherwise it sleeps on a lock of its own.
-2. The combiner takes the queued calls (its own first, at most
-   :data:`MAX_BATCH`), runs their functions one after another in one
-   transaction, commits once, and waits for the commit to be durable as the
-   store's mode says, still holding the role: calls arriving meanwhile
-   queue up, so the next batch is bigger.
+2. The combiner lets the callers the last batch finished queue their next
+   calls (waiting at most :data:`GATHER`), takes the queued calls (its own
+   first, at most :data:`MAX_BATCH`), runs their functions one after another
+   in one transaction, commits once, and waits for the commit to be
+   durable as the store's mode says, still holding the role: calls arriving
+   meanwhile queue up, so the next batch is bigger.
 3. It hands the role to exactly one waiting caller (the first queued) and
    wakes exactly the callers it finished: no herd of threads woken at once.
 
@@ -49,6 +50,18 @@ MAX_BATCH = 64
 
 #: Seconds between two looks of a waiting caller (the combiner always wakes it).
 _WAIT_STEP = 60.0
+
+#: Seconds a combiner waits, before taking its batch, for the callers the
+#: last batch finished to queue their next calls. Woken, such a caller needs
+#: a turn of the interpreter lock to return and call again, and the thread
+#: that finished the batch holds that lock: without the wait, it comes back
+#: first and commits alone, the others queue behind it, and batches alternate
+#: between one call and the rest. That cost more commits than batching saved
+#: when a commit has no fsync to wait for (``relaxed``: 4 threads committed
+#: less than 1). The bound is what a caller that does not come back (its
+#: thread has other work) costs the next batch; a returning caller takes tens
+#: of microseconds (measured with scripts/bench/bench_writes.py).
+GATHER = 0.0003
 
 
 class BatchCommitFailed(Exception):
@@ -123,6 +136,8 @@ class Combiner:
         self._lock = threading.Lock()
         self._queue: collections.deque[BatchedCall] = collections.deque()
         self._combining = False
+        self._returning = 0  # callers the last batch finished, not queued again since
+        self._returned = threading.Condition(self._lock)  # notified when that reaches 0
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, policy: RetryPolicy) -> Any:
         """Queue one call, combine or wait, and return its own result (or raise its own error)."""
@@ -131,6 +146,10 @@ class Combiner:
             self._queue.append(call)
             lead = not self._combining
             self._combining = True
+            if self._returning:
+                self._returning -= 1
+                if not self._returning:
+                    self._returned.notify()
         if not lead:
             try:
                 while not call.wake.acquire(timeout=_WAIT_STEP):
@@ -146,10 +165,16 @@ class Combiner:
         return call.result
 
     def _combine(self, mine: BatchedCall) -> None:
-        """Take the queue (*mine* first), commit it, wait for the disk, hand over, wake."""
-        with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        """Gather, take the queue (*mine* first), commit it, wait for the disk, hand over, wake."""
+        batch: list[BatchedCall] = []
         try:
+            with self._lock:
+                try:
+                    if self._returning:  # see GATHER
+                        self._returned.wait_for(lambda: not self._returning, GATHER)
+                finally:  # even if interrupted: the queue must not keep calls no one takes
+                    self._returning = 0
+                    batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
             flushed = self._run(batch)
             if flushed is not None and self._wait_durable is not None:
                 try:
@@ -181,6 +206,7 @@ class Combiner:
                     successor.handed = True
                 else:
                     self._combining = False
+                self._returning = sum(call is not mine for call in batch)
             if successor is not None:
                 successor.wake.release()
             for call in batch:
