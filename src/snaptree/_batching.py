@@ -87,6 +87,7 @@ class BatchedCall:
         "policy",
         "result",
         "started",
+        "thread",
         "wake",
     )
 
@@ -98,6 +99,7 @@ class BatchedCall:
         self.kwargs = kwargs
         self.policy = policy
         self.context = contextvars.copy_context()
+        self.thread = threading.get_ident()
         self.number = 1  # the attempt under way
         self.started = policy.clock() if policy.deadline is not None else 0.0
         self.result: Any = None
@@ -136,8 +138,9 @@ class Combiner:
         self._lock = threading.Lock()
         self._queue: collections.deque[BatchedCall] = collections.deque()
         self._combining = False
-        self._returning = 0  # callers the last batch finished, not queued again since
-        self._returned = threading.Condition(self._lock)  # notified when that reaches 0
+        #: The threads of the calls the last batch finished for others, not queued again since.
+        self._returning: set[int] = set()
+        self._returned = threading.Condition(self._lock)  # notified when it empties
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, policy: RetryPolicy) -> Any:
         """Queue one call, combine or wait, and return its own result (or raise its own error)."""
@@ -147,7 +150,7 @@ class Combiner:
             lead = not self._combining
             self._combining = True
             if self._returning:
-                self._returning -= 1
+                self._returning.discard(call.thread)
                 if not self._returning:
                     self._returned.notify()
         if not lead:
@@ -173,7 +176,7 @@ class Combiner:
                     if self._returning:  # see GATHER
                         self._returned.wait_for(lambda: not self._returning, GATHER)
                 finally:  # even if interrupted: the queue must not keep calls no one takes
-                    self._returning = 0
+                    self._returning.clear()
                     batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
             flushed = self._run(batch)
             if flushed is not None and self._wait_durable is not None:
@@ -206,7 +209,7 @@ class Combiner:
                     successor.handed = True
                 else:
                     self._combining = False
-                self._returning = sum(call is not mine for call in batch)
+                self._returning = {call.thread for call in batch if call is not mine}
             if successor is not None:
                 successor.wake.release()
             for call in batch:
