@@ -1306,3 +1306,21 @@ def test_a_mapping_key_holding_the_same_tuple_twice_over_and_over_is_checked_onc
         store.run(lambda root: root.update(m=Mapping()) or root["m"].__setitem__(key, 1))
         store.db.cacheMinimize()
         assert store.run(levels) == 60
+
+
+def _nested(levels: int, inner: Any) -> tuple[Any, ...]:
+    """*inner* inside *levels* one-item tuples."""
+    for _ in range(levels):
+        inner = (inner,)
+    return inner
+
+
+def test_a_tuple_held_again_deeper_is_checked_where_it_is_held_again(store):
+    """The conversion converts a tuple once; met again 40 levels deeper, it was taken as it
+    was converted, and a value 101 deep was stored (then no pickle export could write it)."""
+    shallow = _nested(60, "x")  # 61 levels of tuples, within the 100 allowed
+    with pytest.raises(UnstorableValueError, match="nested more than 100 deep"):
+        store.run(lambda root: root.update(v=(shallow, _nested(40, shallow))))
+    assert store.run(lambda root: "v" in root) is False
+    store.run(lambda root: root.update(v=(shallow, _nested(39, shallow))))  # 100 deep: stored
+    assert store.run(lambda root: root["v"][1]) == _nested(39, shallow)

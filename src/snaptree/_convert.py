@@ -112,6 +112,7 @@ class _Frame:
         "added",
         "base",
         "depth",
+        "height",
         "items",
         "keys",
         "kind",
@@ -128,6 +129,7 @@ class _Frame:
         self.kind = kind
         self.position = position  # its index among its parent's children
         self.depth = depth  # how many tuples and frozensets it is (inside): 0 for nodes
+        self.height = 1  # a tuple's: how many levels of tuples it and what it holds span
         self.items: Iterator[Any] = iter(source.values() if kind == _DICT else source)
         self.out: list[Any] = []
         self.added = 0  # how much of ``out`` :meth:`Converter.pending` has handed out
@@ -156,6 +158,7 @@ class Converter:
     __slots__ = (
         "_anchor",
         "_batch",
+        "_heights",
         "_key",
         "_memo",
         "_next_batch",
@@ -185,6 +188,9 @@ class Converter:
         self._prefix = prefix
         self._shared = shared
         self._memo: dict[int, Any] = {}
+        #: The height of each tuple and frozenset in the memo: met again deeper, it may be
+        #: too deep there (a tuple that holds the same tuple at two depths).
+        self._heights: dict[int, int] = {}
         self._on_path: set[int] = set()
         self._stack: list[_Frame] = []
         self._originals: Any = _UNKNOWN if record else None
@@ -298,7 +304,10 @@ class Converter:
                 done = self._finish(frame)
                 if not stack:
                     return done
-                stack[-1].out.append(done)
+                parent = stack[-1]
+                if frame.depth and parent.depth:
+                    parent.height = max(parent.height, frame.height + 1)
+                parent.out.append(done)
                 if self.made >= self._next_batch >= 0:
                     self._next_batch += self._batch
                     self._on_batch(self)  # type: ignore[misc]
@@ -321,6 +330,12 @@ class Converter:
                 return value
             if isinstance(value, tuple | frozenset):
                 if all(type(item) in STORED_AS_IS for item in value):
+                    if parent is not None and parent.depth:  # one more level of tuples
+                        if parent.depth >= MAX_VALUE_DEPTH:
+                            raise UnstorableValueError(
+                                self._path(self._keys(parent, position)), TOO_DEEP
+                            )
+                        parent.height = max(parent.height, 2)
                     return value
             elif not isinstance(value, dict | list | set):
                 if isinstance(value, enum.Enum | str | int | float | bytes):
@@ -333,6 +348,13 @@ class Converter:
         if memo:
             done = memo.get(ident)
             if done is not None:
+                height = self._heights.get(ident)
+                if height is not None and parent is not None and parent.depth:
+                    if parent.depth + height > MAX_VALUE_DEPTH:
+                        raise UnstorableValueError(
+                            self._path(self._keys(parent, position)), TOO_DEEP
+                        )
+                    parent.height = max(parent.height, height + 1)
                 return done
         if ident in self._on_path:
             raise UnstorableValueError(self._path(self._keys(parent, position)), _CYCLE)
@@ -390,6 +412,8 @@ class Converter:
         shared = self._shared
         if shared is None or id(source) in shared:
             self._memo[id(source)] = done
+            if frame.depth:
+                self._heights[id(source)] = frame.height
         if kind <= _SET:
             self.made += 1
             originals = self._originals
