@@ -85,6 +85,24 @@ class OwnedConnection(Connection):
             raise misuse_error(self.snaptree_misuse)
         super().commit(transaction)
 
+    def setstate(self, obj: object) -> None:
+        """Load a ghost's state, unless another thread's call has the connection.
+
+        A node kept from a call and read from another thread while the
+        connection serves someone's call would load into that call's cache
+        from two threads at once (a connection is not thread-safe). An idle
+        connection loads as ZODB does (opening a database reads its root so).
+        """
+        owner = self._snaptree_owner
+        if owner != _IDLE and owner != _get_ident():
+            raise WrongThreadError(
+                f"{type(obj).__name__} was read from another thread while the call that "
+                "has its connection runs; persistent objects belong to the "
+                "store.run()/store.transaction() call that loaded them: read them inside "
+                "a call of your own (results come back as plain copies)"
+            )
+        super().setstate(obj)
+
     def check_owner(self, obj: object) -> None:
         owner = self._snaptree_owner
         me = _get_ident()
