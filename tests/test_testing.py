@@ -7,7 +7,10 @@ store's own retry path; races are deterministic given their seed.
 
 from __future__ import annotations
 
+import array
 import functools
+import io
+import queue
 import re
 import sys
 import sysconfig
@@ -161,6 +164,57 @@ def test_assert_retry_safe_follows_methods_defaults_and_test_doubles(bank_store,
     """State reached through self, cls, a default that is code, the function, or a Mock."""
     with pytest.raises(AssertionError, match=rf"outside the tree, {re.escape(place)}"):
         assert_retry_safe(bank_store, fn)
+
+
+_OUTBOX: queue.Queue[str] = queue.Queue()
+_LOG = io.StringIO()
+_WIRE = io.BytesIO()
+_SAMPLES = array.array("d")
+
+
+def _queues_a_mail(root: Any) -> None:
+    _OUTBOX.put("mail")
+    _deposit(root)
+
+
+def _writes_a_log_line(root: Any) -> None:
+    _LOG.write("deposit\n")
+    _deposit(root)
+
+
+def _sends_bytes(root: Any) -> None:
+    _WIRE.write(b"deposit")
+    _deposit(root)
+
+
+def _records_a_sample(root: Any) -> None:
+    _SAMPLES.append(1.0)
+    _deposit(root)
+
+
+@pytest.mark.parametrize(
+    ("fn", "shown"),
+    [
+        (_queues_a_mail, "a Queue holding ['mail', 'mail', 'mail', 'mail']"),
+        (_writes_a_log_line, "a StringIO holding 'deposit\\ndeposit\\ndeposit\\ndeposit\\n'"),
+        (_sends_bytes, "a BytesIO holding b'depositdepositdepositdeposit'"),
+        (_records_a_sample, "a array holding [1.0, 1.0, 1.0, 1.0]"),
+    ],
+    ids=["queue", "stringio", "bytesio", "array"],
+)
+def test_assert_retry_safe_sees_into_the_standard_librarys_queues_and_buffers(
+    bank_store, fn, shown
+):
+    """They were compared by identity, as library objects are: a mail queued on every
+    attempt passed as retry-safe."""
+    _OUTBOX.queue.clear()
+    for buffer in (_LOG, _WIRE):
+        buffer.seek(0)
+        buffer.truncate()
+    del _SAMPLES[:]
+    with pytest.raises(AssertionError) as info:
+        assert_retry_safe(bank_store, fn)
+    assert f"changed it again, to {shown}" in str(info.value)
 
 
 def test_assert_retry_safe_catches_reading_the_clock(bank_store):

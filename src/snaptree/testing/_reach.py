@@ -12,12 +12,15 @@ to keep retry-safe.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextvars
 import functools
 import inspect
+import io
 import itertools
 import os
+import queue
 import random
 import reprlib
 import site
@@ -45,6 +48,9 @@ def show(value: Any) -> str:
     """*value* as a message shows it: shortened, and a random generator by its state."""
     if isinstance(value, random.Random):  # its repr is its address: show what changes
         return f"a generator in state #{hash(value.getstate()) & 0xFFFF:04x}"
+    contents = _buffered(value)
+    if contents is not None:  # its repr is its address too
+        return f"a {type(value).__name__} holding {_repr.repr(contents)}"
     return _repr.repr(value)
 
 
@@ -238,6 +244,26 @@ def _mock_calls(value: Any) -> int | None:
     return None
 
 
+def _buffered(value: Any) -> Any:
+    """What a standard-library queue or in-memory file holds; None for anything else.
+
+    These are library objects, compared by identity like the rest, but what
+    they hold is the application's: a message put in a ``queue.Queue`` or a
+    line written to a ``StringIO`` on every attempt is a side effect a
+    retry repeats, as an append to a list is.
+    """
+    if isinstance(value, io.StringIO | io.BytesIO):
+        return value.getvalue()
+    if isinstance(value, queue.Queue):
+        with value.mutex:
+            return list(value.queue)
+    if isinstance(value, queue.SimpleQueue):
+        return ("items", value.qsize())  # not readable without taking them
+    if isinstance(value, array.array):
+        return value.tolist()
+    return None
+
+
 _EMPTY_CELL = object()
 
 
@@ -324,6 +350,9 @@ def fingerprint(value: Any, *, copies: bool = False) -> Any:
             return ("count", repr(item))
         if isinstance(item, bytearray):
             return (kind, bytes(item))
+        contents = _buffered(item)
+        if contents is not None:  # an outbox or a log the standard library keeps
+            return (kind, walk(contents))
         if isinstance(item, Persistent):
             return ("identity", kind, id(item))
         if not _is_user_code(type(item)):
