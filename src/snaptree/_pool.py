@@ -156,13 +156,8 @@ class ConnectionPool:
         *prefer*, when it is idle, is taken instead: batched calls run on
         the pair the last batch ran on, whichever thread combines them.
         """
-        if prefer is not None:
-            with self._lock:
-                if self.closing:
-                    raise self.closed_error()
-                if self._idle.pop(prefer, True) is None:
-                    self._in_use += 1
-                    return prefer
+        if prefer is not None and self._take_idle(prefer):
+            return prefer
         try:
             pair = self._local.holder.pair
         except AttributeError:  # the thread's first call
@@ -339,16 +334,21 @@ class ConnectionPool:
         """The calling thread's kept pair, taken out of the idle ones; None if it has none idle."""
         holder = getattr(self._local, "holder", None)
         pair = holder.pair if holder is not None else None
-        if pair is None:
+        if pair is None or not self._take_idle(pair):
             return None
+        holder.leases += 1  # the thread's own count: only it reads it
+        return pair
+
+    def _take_idle(self, pair: Pair) -> bool:
+        """Take *pair* out of the idle ones, for a call or a lease; False if it is not idle
+        (in a call, or taken by another thread)."""
         with self._lock:
             if self.closing:
                 raise self.closed_error()
-            if self._idle.pop(pair, True) is not None:  # in a call, or taken by another thread
-                return None
+            if self._idle.pop(pair, True) is not None:
+                return False
             self._in_use += 1
-            holder.leases += 1
-        return pair
+            return True
 
     @contextmanager
     def _lend_own(self, pair: Pair) -> Iterator[tuple[Any, Any]]:

@@ -83,20 +83,19 @@ def clock_problem(value: datetime.datetime | datetime.time) -> str | None:
     offsets (``datetime.timezone``), UTC and other tzinfo classes pickle fine.
     """
     zone = value.tzinfo
-    kind = type(value).__name__
     if isinstance(zone, zoneinfo.ZoneInfo):
         return (
-            f"a {kind} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
+            f"a {type(value).__name__} with the timezone ZoneInfo({zone.key!r}) cannot be stored: "
             "ZODB pickles records with protocol 3, which cannot pickle a zoneinfo.ZoneInfo; "
             "store it in UTC (value.astimezone(datetime.UTC)) or with a fixed "
             "datetime.timezone offset, and the zone's name beside it if you need it"
         )
     if value.fold and _fold_picks_the_instant(value):
         return (
-            f"a {kind} with fold=1 cannot be stored: ZODB pickles records with protocol 3, "
-            "which drops fold, so it would come back as the other of the two equal wall "
-            "times; store it in UTC or with a fixed datetime.timezone offset, which need "
-            "no fold"
+            f"a {type(value).__name__} with fold=1 cannot be stored: ZODB pickles records "
+            "with protocol 3, which drops fold, so it would come back as the other of the two "
+            "equal wall times; store it in UTC or with a fixed datetime.timezone offset, "
+            "which need no fold"
         )
     return None
 
