@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from . import paths
 from ._directory_lock import DirectoryLock
 from ._export_process import Abandoned, ExportProcess
+from ._signals import SignalStop
 from .dump_directory import lock_directory
 from .errors import ArgumentError, Error
 from .export_run import RunResult, describe_failure, export_into
@@ -123,7 +124,7 @@ def run_periodically(
     run_once: Callable[[], RunResult | None],
     *,
     every: float,
-    stop: threading.Event,
+    stop: threading.Event | SignalStop,
     clock: Callable[[], float] = time.monotonic,
     on_error: Callable[[Exception], None] | None = None,
     flush_share: float = FLUSH_SHARE,

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import signal
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import zc.lockfile
@@ -30,6 +29,7 @@ from ZODB.FileStorage.FileStorage import FileStorageFormatError
 
 from . import uris
 from ._database import created_by_opening, not_a_filestorage, remove_created
+from ._signals import stop_on_signals
 from .errors import ArgumentError, Error, OpenError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -306,15 +306,7 @@ def serve(
     ``on_listening`` is called once the server accepts connections (with
     port 0 that is when the port is known).
     """
-    stop = threading.Event()
-    received: list[str] = []
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_on_signals() as stop:
         server = Server(
             db, listen, tls=tls, read_only=read_only, durability=durability, sync_every=sync_every
         )
@@ -325,12 +317,9 @@ def serve(
             # A bounded wait, so that a server thread that died is noticed too.
             while not stop.wait(1.0) and server.running:
                 pass
-            if received:
-                log.info("received %s, stopping", received[0])
+            if stop.received:
+                log.info("received %s, stopping", stop.received)
             elif not server.running:
                 raise Error(f"the ZEO server for {server.path} stopped unexpectedly")
         finally:
             server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import click
 from .. import schedule
 from .._following_reader import FollowingReader
 from .._history import parse_point
+from .._signals import stop_on_signals
 from ..dump_directory import lock_directory
 from ..errors import Error
 from ..export_run import RunResult, describe_failure, export_file, export_into, failure_json
@@ -145,26 +143,11 @@ def _report_failure(exc: Exception) -> None:
     click.echo(f"snaptree: error: {describe_failure(exc)}", err=True)
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish the export in progress, then stop. Second: abandon it."""
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        click.echo(
-            f"snaptree: {signal.Signals(signum).name}: stopping after the export in progress "
-            "(send it again to abandon that export)",
-            err=True,
-        )
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+def _stopping_message(name: str) -> str:
+    return (
+        f"snaptree: {name}: stopping after the export in progress "
+        "(send it again to abandon that export)"
+    )
 
 
 @click.command("export")
@@ -353,8 +336,7 @@ def export_command(
             if every is None:
                 run_once()
                 return
-            stop = threading.Event()
-            with _stop_on_signals(stop):
+            with stop_on_signals(_stopping_message, abandon_on_second=True) as stop:
                 try:
                     schedule.run_periodically(
                         run_once, every=every, stop=stop, on_error=_report_failure
