@@ -711,7 +711,7 @@ def test_a_password_with_a_reserved_character_never_reaches_the_output(
 ) -> None:
     """An unencoded #, / or ?: exit 2, one line, no piece of the password."""
     code, stdout, stderr = _run(world, ["export", "--db", uri, "-o", OUT])
-    assert code == 2
+    assert code == 2, stderr
     line = _error_line(stderr)
     assert "se#cret9" not in stdout + stderr and "cret9" not in stdout + stderr
     assert re.match(r"snaptree: error: cannot open (postgresql|zeo)://\*\*\*@127\.0\.0\.1:1", line)

@@ -203,6 +203,34 @@ def current_connection() -> OwnedConnection | None:
     return None
 
 
+def check_readable(obj: object) -> None:
+    """Raise WrongThreadError unless *obj* is read inside the call that has its connection.
+
+    After the call ended, a loaded node keeps whatever the connection's
+    cache held then: another thread's later commits are not in it until
+    the connection's next call, so a kept node reads silently stale
+    values. From another thread while the connection serves a call, it
+    shows that call's changes before they are committed (and perhaps
+    never are). A plain dict kept in a variable has neither problem, so
+    the read is refused instead. Nodes not in a store, and objects of
+    connections that are not snaptree's, are read as they are.
+    """
+    jar = obj._p_jar  # type: ignore[attr-defined]
+    if type(jar) is OwnedConnection and jar._snaptree_owner != _get_ident():
+        if jar._snaptree_owner == _IDLE:
+            where = "after the call that loaded it ended"
+            why = "it holds what was committed then, not what other threads committed since"
+        else:
+            where = "from another thread while a call has its connection"
+            why = "it would show that call's changes before they are committed"
+        raise WrongThreadError(
+            f"{type(obj).__name__} was read {where}: {why}. Persistent objects belong "
+            "to the store.run()/store.transaction()/store.snapshot() call that loaded "
+            "them: read them inside a call (results come back as plain copies), or "
+            "keep the plain copy a call returns"
+        )
+
+
 def check_writable(obj: object) -> None:
     """Raise WrongThreadError if *obj* is not owned by the calling thread's transaction."""
     jar = getattr(obj, "_p_jar", None)

@@ -13,13 +13,14 @@ import collections.abc as abc
 import itertools
 import reprlib
 from collections.abc import Iterable, Iterator
+from threading import get_ident
 from typing import Any
 
 from BTrees.OOBTree import OOBTree
 
-from ._connection import check_writable
+from ._connection import OwnedConnection, check_readable, check_writable
 from ._convert import Converter
-from ._node_base import MISSING, NodeBase
+from ._node_base import MISSING, CheckedAttribute, NodeBase
 from ._values import STORED_AS_IS, mapping_key_problem, type_name
 from ._views import (
     FlatItems,
@@ -45,6 +46,8 @@ _bt_getitem = OOBTree.__getitem__
 _bt_setitem = OOBTree.__setitem__
 _bt_delitem = OOBTree.__delitem__
 _bt_contains = OOBTree.__contains__
+_bt_len = OOBTree.__len__
+_bt_bool = OOBTree.__bool__
 # BTree's iterators, faster than iterating its keys()/values()/items() sequences
 _bt_keys = OOBTree.iterkeys
 _bt_values = OOBTree.itervalues
@@ -63,6 +66,7 @@ def dict_pairs(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> list
     if args:
         other = args[0]
         if isinstance(other, MappingMethods):
+            check_readable(other)
             pairs = list(_bt_items(other))
         elif isinstance(other, FlatMappingMethods):
             pairs = list(other.data.items())
@@ -94,6 +98,7 @@ def plain_dict(other: Any) -> dict[Any, Any] | None:
     if type(other) is dict:
         return other
     if isinstance(other, MappingMethods):
+        check_readable(other)
         return dict(_bt_items(other))
     if isinstance(other, FlatMappingMethods):
         return other.data
@@ -157,9 +162,13 @@ class MappingMethods(GuardedIteration, DictOperators):
         if args or kwargs:
             self._put_all(dict_pairs(args, kwargs, "Mapping"))
 
-    # -- reading
+    # -- reading: each read is checked first (check_readable); BTree's own
+    # read methods, in C, are replaced for that
 
     def __getitem__(self, key: Any) -> Any:
+        jar = self._p_jar  # check_readable's test, inline: the commonest reads
+        if type(jar) is OwnedConnection and jar._snaptree_owner != get_ident():
+            check_readable(self)
         try:
             return _bt_getitem(self, key)
         except TypeError:  # a key of another type: not here, as a dict would say
@@ -167,6 +176,9 @@ class MappingMethods(GuardedIteration, DictOperators):
             raise KeyError(key) from None
 
     def get(self, key: Any, default: Any = None) -> Any:
+        jar = self._p_jar  # check_readable's test, inline: the commonest reads
+        if type(jar) is OwnedConnection and jar._snaptree_owner != get_ident():
+            check_readable(self)
         try:
             return _bt_get(self, key, default)
         except TypeError:
@@ -174,11 +186,32 @@ class MappingMethods(GuardedIteration, DictOperators):
             return default
 
     def __contains__(self, key: Any) -> bool:
+        jar = self._p_jar  # check_readable's test, inline: the commonest reads
+        if type(jar) is OwnedConnection and jar._snaptree_owner != get_ident():
+            check_readable(self)
         try:
             return _bt_contains(self, key)
         except TypeError:
             hash(key)
             return False
+
+    has_key = __contains__
+
+    def __len__(self) -> int:
+        check_readable(self)
+        return _bt_len(self)
+
+    def __bool__(self) -> bool:
+        check_readable(self)
+        return _bt_bool(self)
+
+    def minKey(self, *bound: Any) -> Any:  # noqa: N802 - BTree's name
+        check_readable(self)
+        return OOBTree.minKey(self, *bound)
+
+    def maxKey(self, *bound: Any) -> Any:  # noqa: N802 - BTree's name
+        check_readable(self)
+        return OOBTree.maxKey(self, *bound)
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterate(_bt_keys)
@@ -207,11 +240,13 @@ class MappingMethods(GuardedIteration, DictOperators):
 
     def copy(self) -> Any:
         """A new, free-standing node with the same items (shared, as dict.copy shares them)."""
+        check_readable(self)
         node = type(self)()
         fill(node, list(_bt_keys(self)), list(_bt_values(self)))
         return node
 
     def __eq__(self, other: object) -> bool:
+        check_readable(self)
         plain = plain_dict(other)
         if plain is None:
             return NotImplemented
@@ -219,9 +254,11 @@ class MappingMethods(GuardedIteration, DictOperators):
 
     @reprlib.recursive_repr("{...}")
     def __repr__(self) -> str:
+        check_readable(self)
         return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in _bt_items(self)) + "}"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        check_readable(self)
         return (dict, (), None, None, iter(_bt_items(self)))
 
     # A BTree's &, - and | work on key sets; a dict has none of them (| is above).
@@ -370,6 +407,8 @@ class FlatMappingMethods(DictOperators):
     """What :class:`snaptree.tree.FlatMapping` does on top of PersistentMapping."""
 
     __slots__ = ()
+
+    data = CheckedAttribute()  # UserDict's methods all read it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_writable(self)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._connection import check_writable
-from ._node_base import NodeBase
+from ._node_base import CheckedAttribute, NodeBase
 from ._values import STORED_AS_IS
 
 
@@ -19,6 +19,8 @@ class ListMethods(NodeBase):
     """What :class:`snaptree.tree.List` does on top of PersistentList."""
 
     __slots__ = ()
+
+    data = CheckedAttribute()  # UserList's methods all read it
 
     def __init__(self, initlist: Iterable[Any] | None = None) -> None:
         check_writable(self)

@@ -14,7 +14,7 @@ from typing import Any
 from ZODB.POSException import ConflictError
 
 from ._connection import check_writable
-from ._node_base import NodeBase
+from ._node_base import CheckedAttribute, NodeBase
 from ._values import STORED_AS_IS
 
 
@@ -37,6 +37,8 @@ class SetMethods(NodeBase):
     """What :class:`snaptree.tree.Set` does on top of Persistent and MutableSet."""
 
     __slots__ = ()
+
+    data = CheckedAttribute()  # every method reads it
 
     def __init__(self, iterable: Iterable[Any] = ()) -> None:
         check_writable(self)

@@ -25,6 +25,8 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree
 
+from ._connection import check_readable
+
 # BTree's iterators, faster than iterating its keys()/values()/items() sequences
 bt_keys = OOBTree.iterkeys
 bt_values = OOBTree.itervalues
@@ -63,6 +65,7 @@ class GuardedIteration:
         so their iteration, which exports run over the whole tree, needs no
         guard.
         """
+        check_readable(self)
         if getattr(self._p_jar, "_snaptree_read_only", False):  # type: ignore[attr-defined]
             return iter(source(self))
         return self._guarded(source)

@@ -62,7 +62,7 @@ from persistent.mapping import PersistentMapping
 from ._convert import Converter, NodeTypes
 from ._dict_nodes import FlatMappingMethods, MappingMethods, fill
 from ._list_node import ListMethods
-from ._node_base import NodeBase
+from ._node_base import CheckedAttribute, NodeBase
 from ._plain import PlainCopier
 from ._set_node import SetMethods
 from ._values import SCALAR_TYPES, hashable_problem, mapping_key_problem
@@ -139,6 +139,8 @@ class Counter(Length):
     old), so the value is right but a transaction cannot rely on reading an
     exact value while others add. Read it with ``counter.value`` or ``int(counter)``.
     """
+
+    value = CheckedAttribute(0)  # Length's class default, for copy.deepcopy
 
     def add(self, delta: int = 1) -> None:
         self.change(delta)
