@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,22 @@ def start(*args: str | os.PathLike[str], **popen: Any) -> subprocess.Popen[str]:
     popen.setdefault("stdout", subprocess.PIPE)
     popen.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen([*COMMAND, *(os.fspath(a) for a in args)], text=True, **popen)
+
+
+@contextmanager
+def reaped(
+    proc: subprocess.Popen[str], timeout: float = TIMEOUT
+) -> Iterator[subprocess.Popen[str]]:
+    """*proc*, killed and waited for at the end if it is still running (a failed test)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import snaptree
+from _cli import reaped
 from _cli import start as start_snaptree
 
 WAIT = 60.0
@@ -79,15 +80,11 @@ def test_a_signal_that_arrives_while_the_wait_blocks_wakes_it() -> None:
             sys.exit(0 if stop.wait(3 * 60) and stop.received == "SIGTERM" else 1)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
+    command = [sys.executable, "-c", script]
+    with reaped(subprocess.Popen(command, stdout=subprocess.PIPE, text=True)) as proc:
         assert proc.stdout is not None and proc.stdout.readline() == "waiting\n"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
 
 
 def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path) -> None:
@@ -100,19 +97,10 @@ def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path) -> No
     out = tmp_path / "dumps"
     out.mkdir()
     for attempt in range(20):
-        proc = start_snaptree(
-            "export", "--db", str(db_file), "--dir", str(out), "--every", "0", "--json",
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
+        args = ("--db", str(db_file), "--dir", str(out), "--every", "0", "--json")
+        with reaped(start_snaptree("export", *args)) as proc:
             assert proc.stdout is not None
             for _ in range(1 + attempt % 3):
                 assert "written" in json.loads(proc.stdout.readline())
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-            proc.stdout.close()
-            proc.stderr.close()
