@@ -104,3 +104,30 @@ def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path) -> No
                 assert "written" in json.loads(proc.stdout.readline())
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT) == 0
+
+
+def test_the_first_signal_is_announced_and_a_second_abandons_the_work() -> None:
+    """What ``export --every`` asks for: the first SIGTERM sets the stop and says so on
+    stderr; the second raises KeyboardInterrupt where the main thread is (the export in
+    progress); after the block, the previous handlers are back."""
+    script = textwrap.dedent(
+        """
+        import signal
+        from snaptree._signals import stop_on_signals
+        before = signal.getsignal(signal.SIGTERM)
+        with stop_on_signals(lambda name: f"got {name}", abandon_on_second=True) as stop:
+            signal.raise_signal(signal.SIGTERM)
+            print("set" if stop.wait(0) else "not set", flush=True)
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                print("abandoned", flush=True)
+        print("restored" if signal.getsignal(signal.SIGTERM) is before else "kept", flush=True)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["set", "abandoned", "restored"]
+    assert child.stderr.splitlines() == ["got SIGTERM"]
