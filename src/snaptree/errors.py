@@ -135,7 +135,7 @@ class MisuseError(Error):
 
 
 class WrongThreadError(MisuseError):
-    """A persistent object was changed outside the transaction that loaded it."""
+    """A persistent object was changed, or a node read, outside the call that loaded it."""
 
 
 class UnstorableValueError(Error, TypeError):
