@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from persistent import Persistent
 from ZODB.POSException import ConflictError
 from ZODB.utils import oid_repr
 
@@ -397,3 +398,39 @@ def test_a_node_assigned_again_after_a_conflict_in_store_is_written_not_lost(
     assert len(attempts) == 2
     with snaptree.open(path) as store:
         assert store.run(lambda root: root["f"]["new"]) == {"v": 1, "deep": {"w": 2}}
+
+
+class _StoredOnTheSecondTry(Persistent):
+    """A new object whose first store fails transiently while it is itself being pickled."""
+
+    failures = 1
+
+    def __init__(self) -> None:
+        self.value = "kept"
+
+    def __getstate__(self) -> Any:
+        if type(self).failures:
+            type(self).failures -= 1
+            raise ConflictError("the first store of this new object fails")
+        return super().__getstate__()
+
+
+def test_a_new_object_whose_own_store_failed_is_written_in_full_on_the_retry(
+    tmp_path: Path,
+) -> None:
+    """The object being stored when the store failed is new: ZODB had given it an oid and
+    this connection. Left so, the retry, assigning it again, wrote only a reference to it,
+    and the tree pointed at a record that was never written."""
+    path = str(tmp_path / "new.fs")
+    obj = _StoredOnTheSecondTry()
+    attempts: list[int] = []
+
+    def put(root: Any) -> None:
+        attempts.append(1)
+        root["obj"] = obj
+
+    with snaptree.open(path) as store:
+        store.run(put)
+    assert len(attempts) == 2
+    with snaptree.open(path) as store:
+        assert store.run(lambda root: root["obj"].value) == "kept"
