@@ -1326,6 +1326,35 @@ def test_a_tuple_held_again_deeper_is_checked_where_it_is_held_again(store):
     assert store.run(lambda root: root["v"][1]) == _nested(39, shallow)
 
 
+def _doubling(levels: int) -> tuple[Any, ...]:
+    """A tuple that holds the one before twice, *levels* times over: 2**levels leaves."""
+    value: tuple[Any, ...] = ("leaf",)
+    for _ in range(levels):
+        value = (value, value)
+    return value
+
+
+def test_tuples_that_hold_the_same_tuple_twice_over_and_over_are_refused(store, tmp_path):
+    """ZODB's record keeps one copy of each (a few hundred bytes), but every export wrote
+    them out in full: 24 levels were a 100 MB dump, 40 would fill the disk at every export."""
+    with pytest.raises(UnstorableValueError, match=r"^v/.*counting repeats") as info:
+        store.run(lambda root: root.update(v=[1, {"deep": _doubling(24)}]))
+    assert "values counting repeats" in str(info.value) and info.value.path.startswith("v/1/deep")
+    assert store.run(lambda root: "v" in root) is False
+    store.run(lambda root: root.update(v=_doubling(20)))  # a million leaves: still stored
+    dump = tmp_path / "dump.pickle"
+    store.export(dump)
+    assert dump.stat().st_size < 10 * 2**20
+
+
+def test_a_tuple_repeated_thousands_of_times_in_one_tuple_is_stored(store):
+    """Repeats that the data spells out are ordinary: a tuple of a thousand pairs, held two
+    thousand times by one tuple (6 million values counting repeats), is stored."""
+    pairs = tuple((i, "x") for i in range(1_000))
+    store.run(lambda root: root.update(v=tuple([pairs] * 2_000)))
+    assert store.run(lambda root: (len(root["v"]), root["v"][1_999][999])) == (2_000, (999, "x"))
+
+
 def test_a_node_read_from_another_thread_during_its_connections_call_is_refused(store):
     """A ghost kept from a call, read from another thread while its connection served a
     call, loaded into that call's cache from two threads at once; now it is refused."""

@@ -85,9 +85,32 @@ _CYCLE = (
     "back to each other"
 )
 
+#: A tuple (or frozenset) whose size, the values a full write of it visits counting repeats,
+#: is above both of these is refused. A tuple that holds the same tuple twice, over and
+#: over, doubles its size at every level for two values of conversion work: ZODB pickles
+#: it small (its memo keeps one copy), but every pickle or JSON export writes it out in
+#: full, so 40 levels would be terabytes, filling the disk at each scheduled export. The
+#: same bounds as the pickle scan's (_pickle_scan.MIN_HASH_SIZE, HASH_SIZE_PER_BYTE), with
+#: the values the conversion looked at in tuples (repeats of a tuple it converted once not
+#: counted) in place of the bytes read: data that repeats a tuple of a thousand pairs two
+#: thousand times (6 million values) is stored, a 16-million-value expansion is not.
+MIN_REPEATED_SIZE = 1 << 24
+REPEATED_SIZE_PER_VALUE = 1024
+
 #: Children a dict being converted holds, at a batch, before its Mapping node is made
 #: early and filled as it goes (see :meth:`Converter.pending`).
 WIDE = 1_000
+
+
+def too_repetitive(size: int) -> str:
+    """Why a tuple of *size* values counting repeats is refused (see MIN_REPEATED_SIZE)."""
+    return (
+        f"a tuple (or frozenset) that holds {size:,} values counting repeats (the same "
+        "tuple held again and again, inside tuples that are themselves held again): the "
+        "store keeps one copy of each, but every export writes it out in full, as a plain "
+        "json.dumps would; keep the repeated part once, under a key of its own, and refer "
+        "to it by that key"
+    )
 
 
 def extend_mapping(node: Any, keys: Any, values: list[Any]) -> None:
@@ -112,6 +135,7 @@ class _Frame:
         "added",
         "base",
         "depth",
+        "extra",
         "height",
         "items",
         "keys",
@@ -130,6 +154,7 @@ class _Frame:
         self.position = position  # its index among its parent's children
         self.depth = depth  # how many tuples and frozensets it is (inside): 0 for nodes
         self.height = 1  # a tuple's: how many levels of tuples it and what it holds span
+        self.extra = 0  # a tuple's: values its tuples hold beyond one each (see _finish)
         self.items: Iterator[Any] = iter(source.values() if kind == _DICT else source)
         self.out: list[Any] = []
         self.added = 0  # how much of ``out`` :meth:`Converter.pending` has handed out
@@ -168,7 +193,9 @@ class Converter:
         "_originals",
         "_prefix",
         "_shared",
+        "_sizes",
         "_stack",
+        "_visited",
         "made",
     )
 
@@ -191,6 +218,10 @@ class Converter:
         #: The height of each tuple and frozenset in the memo: met again deeper, it may be
         #: too deep there (a tuple that holds the same tuple at two depths).
         self._heights: dict[int, int] = {}
+        #: The same for their sizes (values a full write of them visits, counting repeats),
+        #: and how many values the conversion has looked at in tuples: see too_repetitive.
+        self._sizes: dict[int, int] = {}
+        self._visited = 0
         self._on_path: set[int] = set()
         self._stack: list[_Frame] = []
         self._originals: Any = _UNKNOWN if record else None
@@ -307,6 +338,7 @@ class Converter:
                 parent = stack[-1]
                 if frame.depth and parent.depth:
                     parent.height = max(parent.height, frame.height + 1)
+                    parent.extra += frame.extra + len(frame.out)
                 parent.out.append(done)
                 if self.made >= self._next_batch >= 0:
                     self._next_batch += self._batch
@@ -330,12 +362,14 @@ class Converter:
                 return value
             if isinstance(value, tuple | frozenset):
                 if all(type(item) in STORED_AS_IS for item in value):
+                    self._visited += len(value)
                     if parent is not None and parent.depth:  # one more level of tuples
                         if parent.depth >= MAX_VALUE_DEPTH:
                             raise UnstorableValueError(
                                 self._path(self._keys(parent, position)), TOO_DEEP
                             )
                         parent.height = max(parent.height, 2)
+                        parent.extra += len(value)
                     return value
             elif not isinstance(value, dict | list | set):
                 if isinstance(value, enum.Enum | str | int | float | bytes):
@@ -355,6 +389,7 @@ class Converter:
                             self._path(self._keys(parent, position)), TOO_DEEP
                         )
                     parent.height = max(parent.height, height + 1)
+                    parent.extra += self._sizes[ident] - 1
                 return done
         if ident in self._on_path:
             raise UnstorableValueError(self._path(self._keys(parent, position)), _CYCLE)
@@ -409,11 +444,18 @@ class Converter:
         else:  # a namedtuple, or another tuple subclass
             make = getattr(type(source), "_make", None)
             done = make(out) if make is not None else type(source)(out)
+        if frame.depth:
+            self._visited += len(out)
+            size = 1 + len(out) + frame.extra
+            if size > MIN_REPEATED_SIZE and size > REPEATED_SIZE_PER_VALUE * self._visited:
+                keys = self._keys(self._stack[-1] if self._stack else None, frame.position)
+                raise UnstorableValueError(self._path(keys), too_repetitive(size))
         shared = self._shared
         if shared is None or id(source) in shared:
             self._memo[id(source)] = done
             if frame.depth:
                 self._heights[id(source)] = frame.height
+                self._sizes[id(source)] = 1 + len(out) + frame.extra
         if kind <= _SET:
             self.made += 1
             originals = self._originals
