@@ -386,3 +386,66 @@ def test_tuples_repeated_through_the_memo_load_as_pickle_loads_them(tmp_path, pr
     for number, value in enumerate(values):
         source = _write(tmp_path / f"repeats{number}.pickle", pickle.dumps(value, protocol))
         assert snaptree.load_source(source) == value
+
+
+def _one_tuple_hashed_again_and_again(levels: int, copies: int, how: str) -> bytes:
+    """The same doubling tuple (2**levels leaves) stored *copies* times, each a hash of it.
+
+    ``how``: "keys" (one dict per copy, the tuple its key: SETITEM), "additems" (a set,
+    ADDITEMS), or a constructor called with a list of the copies ("set", "frozenset"; for
+    "dict", a list of (tuple, None) pairs). Each copy costs five bytes of file.
+    """
+    build = bytearray(b"\x80\x04\x8c\x04leaf\x85\x94")  # ('leaf',), memo 0
+    for i in range(levels):
+        build += b"j" + i.to_bytes(4, "little") + b"2\x86\x94"  # (t, t), memo i + 1
+    build += b"0"  # the tuple stays in the memo only
+    get = b"j" + levels.to_bytes(4, "little")
+    if how == "keys":
+        body = b"](" + (b"}" + get + b"Ns") * copies + b"e"
+    elif how == "additems":
+        body = b"\x8f(" + get * copies + b"\x90"
+    else:
+        item = get + b"N\x86" if how == "dict" else get
+        name = how.encode()
+        body = b"\x8c\x08builtins\x8c" + bytes([len(name)]) + name + b"\x93"
+        body += b"](" + item * copies + b"e\x85R"
+    return bytes(build + body + b".")
+
+
+@pytest.mark.parametrize("how", ["keys", "additems", "set", "frozenset", "dict"])
+def test_one_large_tuple_hashed_again_and_again_is_refused(tmp_path, how):
+    """Each hash of the tuple is within bounds; forty of them were 250 million values hashed
+    for a 500-byte file (as long as plain pickle.load takes: the same tuple is hashed anew
+    each time), and with more copies an import ran for hours."""
+    data = _one_tuple_hashed_again_and_again(21, 40, how)
+    assert len(data) < 1_000
+    with pytest.raises(snaptree.InputError, match="hashing its keys and set elements"):
+        snaptree.load_source(_write(tmp_path / f"{how}.pickle", data))
+    code, stderr = _import_exit(tmp_path, data)
+    assert code == 3 and "counting repeats" in stderr, (code, stderr)
+
+
+@pytest.mark.parametrize("how", ["keys", "additems", "set", "frozenset", "dict"])
+def test_the_same_tuple_hashed_a_few_times_loads(tmp_path, how):
+    """Four hashes of a tuple of three million values (twelve million in all) are within the
+    budget: it loads."""
+    data = _one_tuple_hashed_again_and_again(20, 4, how)
+    assert snaptree.load_source(_write(tmp_path / f"{how}.pickle", data)) == pickle.loads(data)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_sets_frozensets_and_dicts_of_every_kind_load_as_pickle_loads_them(tmp_path, protocol):
+    """The constructors a pickle calls to hash (set, frozenset, dict, OrderedDict, defaultdict)
+    are stand-ins that charge the work first: what they make is the real thing."""
+    value = [
+        {1, 2, (3, 4)},
+        frozenset({(1, 2), "x"}),
+        collections.OrderedDict([((1, 2), 3), ("a", 4)]),
+        collections.defaultdict(list, {(1,): [1], "k": []}),
+        {(1, 2): {3: frozenset({4})}},
+        [{(i, "same key"): i} for i in range(10_000)],  # one small key in many dicts
+    ]
+    loaded = snaptree.load_source(_write(tmp_path / "kinds.pickle", pickle.dumps(value, protocol)))
+    assert loaded == value
+    assert [type(v) for v in loaded[:3]] == [set, frozenset, collections.OrderedDict]
+    assert isinstance(loaded[3], collections.defaultdict) and loaded[3].default_factory is list

@@ -21,7 +21,10 @@ hash of it can recurse) and its memo, and refuses a memo index more than
 :data:`MEMO_SLACK` past the entries stored so far, or a value whose hash
 would recurse more than :data:`MAX_HASH_DEPTH` levels, or whose hash would
 visit more values than :func:`max_hash_size` allows for the bytes read so
-far (its *size*: itself and every value in it, each time it is reached).
+far (its *size*: itself and every value in it, each time it is reached),
+or keys and set elements stored whose sizes add up to more than that (the
+same large tuple hashed again and again, a few bytes each time; see
+:meth:`OpcodeScan.charge`).
 Lists, dicts and sets cannot be hashed, so they stop the count (a tree of
 dicts may be as deep and as wide as it likes). What a *call* makes of them may be hashable
 (``tuple([x])`` wraps the list's items): the unpickler measures the tuples
@@ -69,6 +72,17 @@ _SHIFT = 13
 _DEPTH = (1 << _SHIFT) - 1
 _ONE = 1 << _SHIFT  # a value that holds no other: size 1, depth 0
 _SIZE_CAP = 1 << 40
+
+
+# What an opcode hashes, charged to the scan's budget of hashing work (see OpcodeScan.charge):
+_HASHES_NOTHING, _HASHES_KEY, _HASHES_KEYS, _HASHES_ITEMS = range(4)
+_HASHING = {
+    "SETITEM": _HASHES_KEY,  # the key below the value on top
+    "SETITEMS": _HASHES_KEYS,  # every other value above the mark, from the first
+    "DICT": _HASHES_KEYS,
+    "ADDITEMS": _HASHES_ITEMS,  # every value above the mark
+    "FROZENSET": _HASHES_ITEMS,
+}
 
 
 def max_hash_size(offset: int) -> int:
@@ -163,11 +177,12 @@ _SIZE_BYTES = {
 def _table() -> list[Any]:
     """Per opcode byte: how to skip its argument, and its effect; None: no such opcode.
 
-    ``(layout, width, signed, effect, count)``: one lookup per opcode.
+    ``(layout, width, signed, effect, count, hashes)``: one lookup per opcode.
     """
     table: list[Any] = [None] * 256
     for op in pickletools.opcodes:
         effect, count = _EFFECTS.get(op.name, (_PUSH, 0))
+        hashes = _HASHING.get(op.name, _HASHES_NOTHING)
         arg = op.arg
         if arg is None:
             layout, width, signed = _FIXED, 0, False
@@ -182,7 +197,7 @@ def _table() -> list[Any]:
         else:
             layout = _SIZED
             width, signed = _SIZE_BYTES[arg.n]
-        table[ord(op.code)] = (layout, width, signed, effect, count)
+        table[ord(op.code)] = (layout, width, signed, effect, count, hashes)
     return table
 
 
@@ -212,8 +227,11 @@ class OpcodeScan:
         self._memo = array("Q")  # 1 + the size and depth of each memo entry; 0: never stored
         self._filled = 0  # memo entries stored: where MEMOIZE stores next, as in the unpickler
         self._frame_end = -1  # stream offset where the current FRAME ends (-1: none)
+        self._hashed = 0  # hashing work so far: the sizes of the keys and elements stored
+        self._fed = 0  # bytes of the stream given to feed so far
 
     def feed(self, data: bytes) -> None:
+        self._fed += len(data)
         if not self._pickles:
             return
         if self._skip:
@@ -245,7 +263,7 @@ class OpcodeScan:
                 opcode = _OPCODES[code]
                 if opcode is None:
                     self._malformed(start, f"unknown opcode {bytes([code])!r}")
-                layout, width, signed, effect, _ = opcode
+                layout, width, signed, effect, _, _ = opcode
                 pos += 1
                 arg_at = pos
                 if layout == _FIXED:
@@ -342,7 +360,7 @@ class OpcodeScan:
 
     def _step(self, code: int, buf: bytes, arg_at: int, start: int) -> None:
         """Follow one opcode's effect on the stack and the memo (MARK: see :meth:`feed`)."""
-        _, _, _, effect, count = _OPCODES[code]
+        _, _, _, effect, count, hashes = _OPCODES[code]
         stack = self._stack
         fence = self._marks[-1] if self._marks else 0
         if effect == _PUSH:
@@ -354,6 +372,8 @@ class OpcodeScan:
         elif effect in (_TO_MARK, _MUTABLE_TO_MARK, _POP_MARK):
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
+            if hashes:  # FROZENSET, DICT
+                self._charge_above(self._marks[-1], hashes, start)
             mark = self._marks.pop()
             if effect == _TO_MARK:
                 self._wrap(stack[mark:], start, mark)
@@ -364,6 +384,8 @@ class OpcodeScan:
         elif effect == _INTO_TO_MARK:
             if not self._marks:
                 self._malformed(start, "no MARK to pop back to")
+            if hashes:  # SETITEMS, ADDITEMS (not APPENDS)
+                self._charge_above(self._marks[-1], hashes, start)
             mark = self._marks.pop()
             del stack[mark:]
             if not stack:
@@ -371,6 +393,10 @@ class OpcodeScan:
         elif effect == _INTO:
             if len(stack) - count < max(fence, 1):
                 self._malformed(start, "the stack underflows")
+            if hashes:  # SETITEM: its key
+                self._hashed += stack[-2] >> _SHIFT
+                if self._hashed > MIN_HASH_SIZE:
+                    self.charge(0, start)
             del stack[len(stack) - count :]
         elif effect == _BUILD:
             if len(stack) - 2 < fence:
@@ -430,6 +456,41 @@ class OpcodeScan:
             self._marks = []
             self._pickles -= 1
 
+    def _charge_above(self, mark: int, hashes: int, start: int) -> None:
+        """Charge the keys (every other value) or items above *mark* that an opcode stores.
+
+        The depths below each size add less than one per value to the sum:
+        the budget rounds up, by less than a value per key.
+        """
+        held = self._stack[mark::2] if hashes == _HASHES_KEYS else self._stack[mark:]
+        self._hashed += sum(held) >> _SHIFT
+        if self._hashed > MIN_HASH_SIZE:
+            self.charge(0, start)
+
+    def charge(self, work: int, start: int | None = None) -> None:
+        """Add *work* values hashed (keys and elements stored, by their sizes) to the budget.
+
+        Each size is bounded on its own (see max_hash_size), but the same
+        large tuple can be hashed again and again: as a key in thousands of
+        dicts, as each of a list's items when ``set(a_list)`` is called, a
+        few bytes of file each. The budget for all of them together is what
+        one value may have (max_hash_size): real pickles hash about one
+        value per key or element they store, far below it. *start*: where
+        in the current chunk the opcode that hashes starts (None: the scan's
+        offset; the unpickler charges the calls it measures so).
+        """
+        self._hashed += work
+        # A call is charged as the unpickler makes it, behind what the scan has read.
+        at = self._offset + start if start is not None else self._fed
+        if self._hashed > MIN_HASH_SIZE and self._hashed > max_hash_size(at):
+            raise InputError(
+                f"{self._source}: refused {'at' if start is not None else 'by'} byte {at:,}: "
+                f"hashing its keys and set elements would visit {self._hashed:,} values "
+                "counting repeats (the same tuple stored again and again as a key or "
+                "element, through the memo), far more than the file's size accounts for: "
+                "it would take as long; nothing was loaded"
+            )
+
     def _wrap(self, held: list[int], start: int, at: int | None = None) -> None:
         """Replace the values *held* (the top of the stack, from *at*) with one holding them."""
         if len(held) == 1:  # TUPLE1, and the argument tuples of most calls: kept quick
@@ -460,7 +521,7 @@ class OpcodeScan:
         return self._offset
 
     def _index(self, code: int, buf: bytes, arg_at: int, start: int) -> int:
-        layout, width, _, _, _ = _OPCODES[code]
+        layout, width, _, _, _, _ = _OPCODES[code]
         if layout == _FIXED:
             return int.from_bytes(buf[arg_at : arg_at + width], "little")
         text = buf[arg_at : buf.index(b"\n", arg_at)]
@@ -498,6 +559,10 @@ class ScanningReader:
     def offset(self) -> int:
         """How many bytes of the file have been scanned (handed over or not)."""
         return self._scan.offset
+
+    def charge(self, work: int) -> None:
+        """Hashing a call is about to do (``set(a_list)``): see OpcodeScan.charge."""
+        self._scan.charge(work)
 
     def _more(self, wanted: int = _CHUNK) -> bool:
         """Read, scan and buffer the next bytes of the file; False at its end."""

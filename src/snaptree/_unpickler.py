@@ -177,6 +177,17 @@ _BUILTIN_NAMES = (
 #: unpickler's own version, which measures the tuple's nesting (see _TupleDepths).
 _MEASURED = object()
 
+#: Classes whose construction hashes what it is given (elements, or the keys of pairs):
+#: a pickle gets a stand-in that charges that work to the scan's budget first (see
+#: AllowListUnpickler._hashing). Each maps to how many leading arguments to skip.
+_HASHING_CLASSES: dict[type, int] = {
+    set: 0,
+    frozenset: 0,
+    dict: 0,
+    collections.OrderedDict: 0,
+    _DefaultDict: 1,
+}
+
 #: (module, name) -> what a pickle gets when it names that global.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "bytes"): _bytes_from_pickle,
@@ -344,6 +355,60 @@ class AllowListUnpickler(pickle.Unpickler):
             self._measured[cls] = measured
         return measured
 
+    def _hashing(self, cls: type, skip: int) -> type:
+        """*cls* (set, dict ...) as a pickle may call it: what it will hash is charged first.
+
+        The scan charges the keys and elements that opcodes store (SETITEMS,
+        ADDITEMS ...), but ``set(a_list)`` or ``dict(pairs)``, called by
+        REDUCE, hash what a list holds, which the scan does not follow: the
+        same large tuple a thousand times in a list is a thousand hashes of
+        it. So the stand-in measures the argument's elements (or its pairs'
+        keys; each tuple walked once, see _TupleDepths) and charges them to
+        the scan's budget before the real *cls* is called. The value made is
+        a real *cls*. *skip*: leading arguments that are not the contents
+        (a defaultdict's factory).
+        """
+        stand_in = self._measured.get(cls)
+        if stand_in is None:
+            charge = self._charge_contents
+            pairs = issubclass(cls, dict)
+
+            class _Calls(type(cls)):  # type: ignore[misc]
+                def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                    charge(args[skip:], pairs, len(kwargs))
+                    return cls(*args, **kwargs)
+
+            def new(kind: type, *args: Any, **kwargs: Any) -> Any:
+                charge(args[skip:], pairs, len(kwargs))  # frozenset hashes in __new__
+                return cls.__new__(cls, *args, **kwargs)
+
+            stand_in = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
+            stand_in.__module__, stand_in.__qualname__ = cls.__module__, cls.__qualname__
+            self._measured[cls] = stand_in
+        return stand_in
+
+    def _charge_contents(self, args: tuple[Any, ...], pairs: bool, keywords: int) -> None:
+        """Charge the hashing of what *args* hold (the first one's elements, or pairs' keys)."""
+        work = keywords
+        if args:
+            contents = args[0]
+            if isinstance(contents, str | bytes | bytearray):
+                work += len(contents)  # one character each, a string or bytes hashed at most once
+            else:
+                if isinstance(contents, dict):
+                    contents = contents.keys()
+                elif pairs:
+                    contents = [p[0] if isinstance(p, tuple | list) and p else p for p in contents]
+                elif not isinstance(contents, list | tuple | set | frozenset):
+                    contents = list(contents)
+                if any(issubclass(kind, tuple) for kind in set(map(type, contents))):
+                    measure = self._tuples.measure
+                    for item in contents:
+                        work += measure(item)[1] if isinstance(item, tuple) else 1
+                else:  # no tuple (the common case, looked at in C): one value each
+                    work += len(contents)
+        self.reader.charge(work)
+
     def _find_class(self, module: str, name: str) -> Any:
         # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
         mapped = _compat_pickle.NAME_MAPPING.get(
@@ -370,7 +435,10 @@ class AllowListUnpickler(pickle.Unpickler):
             safe = _SAFE_GLOBALS[mapped]
             if safe is _MEASURED:  # this unpickler's own, which measures what it returns
                 return self._tuple if mapped == ("builtins", "tuple") else self._reconstructor
-            return safe if safe is not None else _resolve(*mapped)
+            found = safe if safe is not None else _resolve(*mapped)
+            if found in _HASHING_CLASSES:
+                return self._hashing(found, _HASHING_CLASSES[found])
+            return found
         raise InputError(
             f"{self._source}: refused global {module}.{name}: only builtin containers and "
             "scalars, datetime and decimal types are loaded from a pickle, plus classes "
