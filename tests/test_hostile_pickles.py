@@ -449,3 +449,32 @@ def test_sets_frozensets_and_dicts_of_every_kind_load_as_pickle_loads_them(tmp_p
     assert loaded == value
     assert [type(v) for v in loaded[:3]] == [set, frozenset, collections.OrderedDict]
     assert isinstance(loaded[3], collections.defaultdict) and loaded[3].default_factory is list
+
+
+class Countdown:
+    """An allowed class that is its own iterator: what set() is given may be read once only."""
+
+    def __init__(self, start: int) -> None:
+        self.left = start
+
+    def __iter__(self) -> Countdown:
+        return self
+
+    def __next__(self) -> int:
+        if self.left <= 0:
+            raise StopIteration
+        self.left -= 1
+        return self.left + 1
+
+
+class _SetOfCountdown:
+    def __reduce__(self) -> Any:
+        return (set, (Countdown(3),))
+
+
+def test_a_set_made_from_an_iterator_gets_its_items_after_they_are_charged(tmp_path):
+    """Charging set()'s contents reads them: an iterator is read into a list first, and the
+    list is what set() gets (reading the iterator itself left set() an empty one)."""
+    data = pickle.dumps(_SetOfCountdown(), 2)
+    loaded = snaptree.load_source(_write(tmp_path / "countdown.pickle", data), allow=[Countdown])
+    assert loaded == {1, 2, 3}

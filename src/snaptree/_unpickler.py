@@ -375,32 +375,42 @@ class AllowListUnpickler(pickle.Unpickler):
 
             class _Calls(type(cls)):  # type: ignore[misc]
                 def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                    charge(args[skip:], pairs, len(kwargs))
-                    return cls(*args, **kwargs)
+                    return cls(*charge(args, skip, pairs, len(kwargs)), **kwargs)
 
             def new(kind: type, *args: Any, **kwargs: Any) -> Any:
-                charge(args[skip:], pairs, len(kwargs))  # frozenset hashes in __new__
-                return cls.__new__(cls, *args, **kwargs)
+                # frozenset hashes in __new__
+                return cls.__new__(cls, *charge(args, skip, pairs, len(kwargs)), **kwargs)
 
             stand_in = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
             stand_in.__module__, stand_in.__qualname__ = cls.__module__, cls.__qualname__
             self._measured[cls] = stand_in
         return stand_in
 
-    def _charge_contents(self, args: tuple[Any, ...], pairs: bool, keywords: int) -> None:
-        """Charge the hashing of what *args* hold (the first one's elements, or pairs' keys)."""
+    def _charge_contents(
+        self, args: tuple[Any, ...], skip: int, pairs: bool, keywords: int
+    ) -> tuple[Any, ...]:
+        """Charge the hashing of what ``args[skip]`` holds (its elements, or its pairs' keys).
+
+        Returns the arguments to call with: an iterator (a class allowed with
+        ``--allow`` may be one) is read into a list first, which is passed
+        on, so that measuring it does not leave the constructor nothing.
+        """
         work = keywords
-        if args:
-            contents = args[0]
+        if len(args) > skip:
+            contents = args[skip]
             if isinstance(contents, str | bytes | bytearray):
                 work += len(contents)  # one character each, a string or bytes hashed at most once
             else:
                 if isinstance(contents, dict):
                     contents = contents.keys()
-                elif pairs:
-                    contents = [p[0] if isinstance(p, tuple | list) and p else p for p in contents]
-                elif not isinstance(contents, list | tuple | set | frozenset):
+                elif (
+                    not isinstance(contents, list | tuple | set | frozenset)
+                    and iter(contents) is contents
+                ):
                     contents = list(contents)
+                    args = (*args[:skip], contents, *args[skip + 1 :])
+                if pairs and not isinstance(contents, type({}.keys())):
+                    contents = [p[0] if isinstance(p, tuple | list) and p else p for p in contents]
                 if any(issubclass(kind, tuple) for kind in set(map(type, contents))):
                     measure = self._tuples.measure
                     for item in contents:
@@ -408,6 +418,7 @@ class AllowListUnpickler(pickle.Unpickler):
                 else:  # no tuple (the common case, looked at in C): one value each
                     work += len(contents)
         self.reader.charge(work)
+        return args
 
     def _find_class(self, module: str, name: str) -> Any:
         # Python 2 names (__builtin__, copy_reg) as pickle's fix_imports maps them.
