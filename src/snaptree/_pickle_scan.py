@@ -476,11 +476,10 @@ class OpcodeScan:
         few bytes of file each. The budget for all of them together is what
         one value may have (max_hash_size): real pickles hash about one
         value per key or element they store, far below it. *start*: where
-        in the current chunk the opcode that hashes starts (None: the scan's
-        offset; the unpickler charges the calls it measures so).
+        in the current chunk the opcode that hashes starts (None: a call the
+        unpickler makes, behind the scan, bounded by all the bytes fed so far).
         """
         self._hashed += work
-        # A call is charged as the unpickler makes it, behind what the scan has read.
         at = self._offset + start if start is not None else self._fed
         if self._hashed > MIN_HASH_SIZE and self._hashed > max_hash_size(at):
             raise InputError(
