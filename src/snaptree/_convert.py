@@ -183,7 +183,6 @@ class Converter:
     __slots__ = (
         "_anchor",
         "_batch",
-        "_heights",
         "_key",
         "_memo",
         "_next_batch",
@@ -193,8 +192,8 @@ class Converter:
         "_originals",
         "_prefix",
         "_shared",
-        "_sizes",
         "_stack",
+        "_tuples",
         "_visited",
         "made",
     )
@@ -215,12 +214,11 @@ class Converter:
         self._prefix = prefix
         self._shared = shared
         self._memo: dict[int, Any] = {}
-        #: The height of each tuple and frozenset in the memo: met again deeper, it may be
-        #: too deep there (a tuple that holds the same tuple at two depths).
-        self._heights: dict[int, int] = {}
-        #: The same for their sizes (values a full write of them visits, counting repeats),
-        #: and how many values the conversion has looked at in tuples: see too_repetitive.
-        self._sizes: dict[int, int] = {}
+        #: The height and size of each tuple and frozenset in the memo. Met again deeper, it
+        #: may be too deep there (a tuple that holds the same tuple at two depths); its size
+        #: (values a full write of it visits, counting repeats) counts again where it is held.
+        self._tuples: dict[int, tuple[int, int]] = {}
+        #: Values the conversion has looked at in tuples: see too_repetitive.
         self._visited = 0
         self._on_path: set[int] = set()
         self._stack: list[_Frame] = []
@@ -382,14 +380,15 @@ class Converter:
         if memo:
             done = memo.get(ident)
             if done is not None:
-                height = self._heights.get(ident)
-                if height is not None and parent is not None and parent.depth:
+                held = self._tuples.get(ident)
+                if held is not None and parent is not None and parent.depth:
+                    height, size = held
                     if parent.depth + height > MAX_VALUE_DEPTH:
                         raise UnstorableValueError(
                             self._path(self._keys(parent, position)), TOO_DEEP
                         )
                     parent.height = max(parent.height, height + 1)
-                    parent.extra += self._sizes[ident] - 1
+                    parent.extra += size - 1
                 return done
         if ident in self._on_path:
             raise UnstorableValueError(self._path(self._keys(parent, position)), _CYCLE)
@@ -454,8 +453,7 @@ class Converter:
         if shared is None or id(source) in shared:
             self._memo[id(source)] = done
             if frame.depth:
-                self._heights[id(source)] = frame.height
-                self._sizes[id(source)] = 1 + len(out) + frame.extra
+                self._tuples[id(source)] = (frame.height, size)
         if kind <= _SET:
             self.made += 1
             originals = self._originals
