@@ -16,6 +16,7 @@ import _compat_pickle
 import codecs
 import collections
 import copyreg
+import functools
 import importlib
 import pickle
 from collections.abc import Callable, Iterable, Iterator
@@ -261,7 +262,8 @@ class AllowListUnpickler(pickle.Unpickler):
         self._allowed = _parse_allow(allow)
         self._source = source
         self._tuples = _TupleDepths(source, self.reader.offset)
-        self._measured: dict[type, type] = {}  # allowed tuple subclasses: their stand-ins
+        #: Classes a pickle gets a stand-in for (allowed tuple subclasses, set, dict ...).
+        self._stand_ins: dict[type, type] = {}
         #: Each class or function handed to the pickle, with its attributes then.
         self._handed: dict[int, tuple[Any, dict[str, Any]]] = {}
 
@@ -319,41 +321,50 @@ class AllowListUnpickler(pickle.Unpickler):
         return self._tuples.checked(_reconstructor(cls, base, state), (cls, base, state), {})
 
     def _unmeasured(self, handed: Any) -> Any:
-        """The class a pickle meant by what find_class handed it for a tuple class."""
+        """The class a pickle meant by what find_class handed it (a stand-in, this tuple())."""
         if (
             getattr(handed, "__func__", None) is AllowListUnpickler._tuple
             and handed.__self__ is self
         ):
             return tuple
-        for cls, measured in self._measured.items():
-            if handed is measured:
+        for cls, stand_in in self._stand_ins.items():
+            if handed is stand_in:
                 return cls
         return handed
+
+    def _stand_in(self, cls: type, around: Callable[[Any, tuple, dict], Any]) -> type:
+        """A stand-in for *cls* that a pickle gets instead of it; one per class.
+
+        The stand-in's calls (REDUCE, OBJ, INST: the metaclass's ``__call__``)
+        and its ``__new__`` (NEWOBJ, NEWOBJ_EX) go through
+        ``around(make, args, kwargs)``, where *make* makes a real *cls* (by
+        calling it, or its ``__new__``): nothing of the stand-in's own is
+        left in what is loaded. :meth:`_unmeasured` maps it back to *cls*.
+        """
+        stand_in = self._stand_ins.get(cls)
+        if stand_in is None:
+
+            class _Calls(type(cls)):  # type: ignore[misc]
+                def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                    return around(cls, args, kwargs)
+
+            def new(kind: type, *args: Any, **kwargs: Any) -> Any:
+                return around(functools.partial(cls.__new__, cls), args, kwargs)
+
+            stand_in = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
+            stand_in.__module__, stand_in.__qualname__ = cls.__module__, cls.__qualname__
+            self._stand_ins[cls] = stand_in
+        return stand_in
 
     def _measuring(self, cls: type) -> type:
         """An allowed tuple subclass as a pickle may call it: what it makes is measured.
 
         ``Point(x=chain)`` (NEWOBJ_EX, its fields in a dict) or ``Path.__new__(Path, a_list)``
-        (NEWOBJ) nest tuples out of the scan's sight, as ``tuple(a_list)`` does. The pickle
-        gets a stand-in whose calls (REDUCE, OBJ, INST: the metaclass's ``__call__``) and
-        ``__new__`` (NEWOBJ, NEWOBJ_EX) make a real *cls* and measure it; nothing of the
-        stand-in's own is left in what is loaded.
+        (NEWOBJ) nest tuples out of the scan's sight, as ``tuple(a_list)`` does: the
+        stand-in measures the real *cls* each of them makes.
         """
-        measured = self._measured.get(cls)
-        if measured is None:
-            checked = self._tuples.checked
-
-            class _Calls(type(cls)):  # type: ignore[misc]
-                def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                    return checked(cls(*args, **kwargs), args, kwargs)
-
-            def new(kind: type, *args: Any, **kwargs: Any) -> Any:
-                return checked(cls.__new__(cls, *args, **kwargs), args, kwargs)
-
-            measured = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
-            measured.__module__, measured.__qualname__ = cls.__module__, cls.__qualname__
-            self._measured[cls] = measured
-        return measured
+        checked = self._tuples.checked
+        return self._stand_in(cls, lambda make, args, kw: checked(make(*args, **kw), args, kw))
 
     def _hashing(self, cls: type, skip: int) -> type:
         """*cls* (set, dict ...) as a pickle may call it: what it will hash is charged first.
@@ -364,27 +375,15 @@ class AllowListUnpickler(pickle.Unpickler):
         same large tuple a thousand times in a list is a thousand hashes of
         it. So the stand-in measures the argument's elements (or its pairs'
         keys; each tuple walked once, see _TupleDepths) and charges them to
-        the scan's budget before the real *cls* is called. The value made is
-        a real *cls*. *skip*: leading arguments that are not the contents
-        (a defaultdict's factory).
+        the scan's budget before the real *cls* is made (frozenset hashes in
+        ``__new__`` already). *skip*: leading arguments that are not the
+        contents (a defaultdict's factory).
         """
-        stand_in = self._measured.get(cls)
-        if stand_in is None:
-            charge = self._charge_contents
-            pairs = issubclass(cls, dict)
-
-            class _Calls(type(cls)):  # type: ignore[misc]
-                def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                    return cls(*charge(args, skip, pairs, len(kwargs)), **kwargs)
-
-            def new(kind: type, *args: Any, **kwargs: Any) -> Any:
-                # frozenset hashes in __new__
-                return cls.__new__(cls, *charge(args, skip, pairs, len(kwargs)), **kwargs)
-
-            stand_in = _Calls(cls.__name__, (cls,), {"__slots__": (), "__new__": new})
-            stand_in.__module__, stand_in.__qualname__ = cls.__module__, cls.__qualname__
-            self._measured[cls] = stand_in
-        return stand_in
+        charge = self._charge_contents
+        pairs = issubclass(cls, dict)
+        return self._stand_in(
+            cls, lambda make, args, kw: make(*charge(args, skip, pairs, len(kw)), **kw)
+        )
 
     def _charge_contents(
         self, args: tuple[Any, ...], skip: int, pairs: bool, keywords: int
@@ -402,15 +401,18 @@ class AllowListUnpickler(pickle.Unpickler):
                 work += len(contents)  # one character each, a string or bytes hashed at most once
             else:
                 if isinstance(contents, dict):
-                    contents = contents.keys()
-                elif (
-                    not isinstance(contents, list | tuple | set | frozenset)
-                    and iter(contents) is contents
-                ):
-                    contents = list(contents)
-                    args = (*args[:skip], contents, *args[skip + 1 :])
-                if pairs and not isinstance(contents, type({}.keys())):
-                    contents = [p[0] if isinstance(p, tuple | list) and p else p for p in contents]
+                    contents = contents.keys()  # a dict's keys, whether elements or keys
+                else:
+                    if (
+                        not isinstance(contents, list | tuple | set | frozenset)
+                        and iter(contents) is contents
+                    ):
+                        contents = list(contents)
+                        args = (*args[:skip], contents, *args[skip + 1 :])
+                    if pairs:
+                        contents = [
+                            p[0] if isinstance(p, tuple | list) and p else p for p in contents
+                        ]
                 if any(issubclass(kind, tuple) for kind in set(map(type, contents))):
                     measure = self._tuples.measure
                     for item in contents:
