@@ -394,9 +394,7 @@ class OpcodeScan:
             if len(stack) - count < max(fence, 1):
                 self._malformed(start, "the stack underflows")
             if hashes:  # SETITEM: its key
-                self._hashed += stack[-2] >> _SHIFT
-                if self._hashed > MIN_HASH_SIZE:
-                    self.charge(0, start)
+                self.charge(stack[-2] >> _SHIFT, start)
             del stack[len(stack) - count :]
         elif effect == _BUILD:
             if len(stack) - 2 < fence:
@@ -463,9 +461,7 @@ class OpcodeScan:
         the budget rounds up, by less than a value per key.
         """
         held = self._stack[mark::2] if hashes == _HASHES_KEYS else self._stack[mark:]
-        self._hashed += sum(held) >> _SHIFT
-        if self._hashed > MIN_HASH_SIZE:
-            self.charge(0, start)
+        self.charge(sum(held) >> _SHIFT, start)
 
     def charge(self, work: int, start: int | None = None) -> None:
         """Add *work* values hashed (keys and elements stored, by their sizes) to the budget.
@@ -480,8 +476,10 @@ class OpcodeScan:
         unpickler makes, behind the scan, bounded by all the bytes fed so far).
         """
         self._hashed += work
+        if self._hashed <= MIN_HASH_SIZE:  # the common case: nothing more to look at
+            return
         at = self._offset + start if start is not None else self._fed
-        if self._hashed > MIN_HASH_SIZE and self._hashed > max_hash_size(at):
+        if self._hashed > max_hash_size(at):
             raise InputError(
                 f"{self._source}: refused {'at' if start is not None else 'by'} byte {at:,}: "
                 f"hashing its keys and set elements would visit {self._hashed:,} values "
