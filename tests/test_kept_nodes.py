@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 import pytest
+from persistent import Persistent
 
 import snaptree
 from _threads import run_threads
@@ -174,3 +175,41 @@ def test_free_standing_nodes_are_read_anywhere() -> None:
     """Nodes not in a store have no connection: they read as the plain values they hold."""
     node = snaptree.to_persistent({"a": [1, {2}]})
     assert node["a"][0] == 1 and 2 in node["a"][1] and len(node) == 1
+
+
+class Box(Persistent):
+    """A user's own persistent class: its attributes are not checked on reads, but a ghost's
+    load is (the connection's setstate)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_a_kept_ghost_of_your_own_class_is_not_loaded_from_another_thread(store):
+    """Loading it would put its state into the cache of a call another thread is running,
+    from two threads at once: refused, and the call commits what it meant to."""
+    store.run(lambda root: root.update(box=Box(1)))
+    kept: dict[str, Any] = {}
+    inside, finish = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        store.run(lambda root: kept.update(box=root["box"]))
+        kept["box"]._p_deactivate()  # a ghost: reading it loads from the connection
+
+        def hold(root: Any) -> None:
+            root["other"] = 2  # the call has the connection; the kept box stays a ghost
+            inside.set()
+            assert finish.wait(TIMEOUT)
+
+        store.run(hold)
+
+    def intruder() -> None:
+        assert inside.wait(TIMEOUT)
+        try:
+            with pytest.raises(WrongThreadError, match="from another thread"):
+                _ = kept["box"].value
+        finally:
+            finish.set()
+
+    run_threads([owner, intruder], TIMEOUT)
+    assert store.run(lambda root: (root["box"].value, root["other"])) == (1, 2)

@@ -94,12 +94,7 @@ class OwnedConnection(Connection):
         """
         owner = self._snaptree_owner
         if owner != _IDLE and owner != _get_ident():
-            raise WrongThreadError(
-                f"{type(obj).__name__} was read from another thread while the call that "
-                "has its connection runs; persistent objects belong to the "
-                "store.run()/store.transaction() call that loaded them: read them inside "
-                "a call of your own (results come back as plain copies)"
-            )
+            raise _read_refused(obj, owner)
         super().setstate(obj)
 
     def check_owner(self, obj: object) -> None:
@@ -226,18 +221,23 @@ def check_readable(obj: object) -> None:
     """
     jar = obj._p_jar  # type: ignore[attr-defined]
     if type(jar) is OwnedConnection and jar._snaptree_owner != _get_ident():
-        if jar._snaptree_owner == _IDLE:
-            where = "after the call that loaded it ended"
-            why = "it holds what was committed then, not what other threads committed since"
-        else:
-            where = "from another thread while a call has its connection"
-            why = "it would show that call's changes before they are committed"
-        raise WrongThreadError(
-            f"{type(obj).__name__} was read {where}: {why}. Persistent objects belong "
-            "to the store.run()/store.transaction()/store.snapshot() call that loaded "
-            "them: read them inside a call (results come back as plain copies), or "
-            "keep the plain copy a call returns"
-        )
+        raise _read_refused(obj, jar._snaptree_owner)
+
+
+def _read_refused(obj: object, owner: int) -> WrongThreadError:
+    """The error for reading *obj* while its connection's owner is *owner*, not this thread."""
+    if owner == _IDLE:
+        where = "after the call that loaded it ended"
+        why = "it holds what was committed then, not what other threads committed since"
+    else:
+        where = "from another thread while a call has its connection"
+        why = "it would show that call's changes before they are committed"
+    return WrongThreadError(
+        f"{type(obj).__name__} was read {where}: {why}. Persistent objects belong "
+        "to the store.run()/store.transaction()/store.snapshot() call that loaded "
+        "them: read them inside a call (results come back as plain copies), or "
+        "keep the plain copy a call returns"
+    )
 
 
 def check_writable(obj: object) -> None:
