@@ -185,19 +185,29 @@ class Box(Persistent):
         self.value = value
 
 
-def test_a_kept_ghost_of_your_own_class_is_not_loaded_from_another_thread(store):
+#: A kept object made a ghost, and how to read it: a node, and one of your own class.
+GHOSTS = {
+    "node": (lambda: {"x": 1}, lambda kept: kept["x"]),
+    "your own class": (lambda: Box(1), lambda kept: kept.value),
+}
+
+
+@pytest.mark.parametrize("ghost", GHOSTS.values(), ids=GHOSTS.keys())
+def test_a_kept_ghost_is_not_loaded_from_another_thread(store, ghost):
     """Loading it would put its state into the cache of a call another thread is running,
-    from two threads at once: refused, and the call commits what it meant to."""
-    store.run(lambda root: root.update(box=Box(1)))
+    from two threads at once: refused (for a node by its read check, for your own class by
+    the connection's load), and the call commits what it meant to."""
+    make, read = ghost
+    store.run(lambda root: root.update(kept=make()))
     kept: dict[str, Any] = {}
     inside, finish = threading.Event(), threading.Event()
 
     def owner() -> None:
-        store.run(lambda root: kept.update(box=root["box"]))
-        kept["box"]._p_deactivate()  # a ghost: reading it loads from the connection
+        store.run(lambda root: kept.update(it=root["kept"]))
+        kept["it"]._p_deactivate()  # a ghost: reading it loads from the connection
 
         def hold(root: Any) -> None:
-            root["other"] = 2  # the call has the connection; the kept box stays a ghost
+            root["other"] = 2  # the call has the connection; the kept object stays a ghost
             inside.set()
             assert finish.wait(TIMEOUT)
 
@@ -207,9 +217,9 @@ def test_a_kept_ghost_of_your_own_class_is_not_loaded_from_another_thread(store)
         assert inside.wait(TIMEOUT)
         try:
             with pytest.raises(WrongThreadError, match="from another thread"):
-                _ = kept["box"].value
+                read(kept["it"])
         finally:
             finish.set()
 
     run_threads([owner, intruder], TIMEOUT)
-    assert store.run(lambda root: (root["box"].value, root["other"])) == (1, 2)
+    assert store.run(lambda root: (read(root["kept"]), root["other"])) == (1, 2)

@@ -1353,34 +1353,3 @@ def test_a_tuple_repeated_thousands_of_times_in_one_tuple_is_stored(store):
     pairs = tuple((i, "x") for i in range(1_000))
     store.run(lambda root: root.update(v=tuple([pairs] * 2_000)))
     assert store.run(lambda root: (len(root["v"]), root["v"][1_999][999])) == (2_000, (999, "x"))
-
-
-def test_a_node_read_from_another_thread_during_its_connections_call_is_refused(store):
-    """A ghost kept from a call, read from another thread while its connection served a
-    call, loaded into that call's cache from two threads at once; now it is refused."""
-    store.run(lambda root: root.update(a={"x": 1}))
-    kept: dict[str, Any] = {}
-    inside, finish = threading.Event(), threading.Event()
-
-    def writer() -> None:
-        store.run(lambda root: kept.update(node=root["a"]))
-        kept["node"]._p_deactivate()  # a ghost: reading it loads from the connection
-
-        def hold(root: Any) -> None:
-            root["b"] = 2  # the call has the connection; the kept node stays a ghost
-            inside.set()
-            assert finish.wait(TIMEOUT)
-
-        store.run(hold)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        assert inside.wait(TIMEOUT)
-        with pytest.raises(WrongThreadError, match="read from another thread"):
-            kept["node"]["x"]
-    finally:
-        finish.set()
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
-    assert store.run(lambda root: (root["a"]["x"], root["b"])) == (1, 2)
