@@ -43,11 +43,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 TORTURE_TIMEOUT = 1800
 
 
-#: Parametrized tests of the command line whose every case starts a process (about 0.45 s
-#: of imports on a 2-core machine): the fast suite runs their first case, the slow part of
-#: .ci/run all the others, so that the fast suite stays under a minute.
+#: Parametrized tests whose every case starts a process (about 0.45 s of imports on a
+#: 2-core machine) or loads millions of values: the fast suite runs their first case, the
+#: slow part of .ci/run all the others, so that the fast suite stays under a minute.
 FIRST_CASE_IN_THE_FAST_SUITE = {
     "test_export_command_usage_errors_exit_2",
+    "test_sigterm_ends_export_every_0_whatever_it_was_doing",
+    "test_tuples_repeated_through_the_memo_load_as_pickle_loads_them",
+    "test_the_same_tuple_hashed_a_few_times_loads",
+    "test_the_import_command_refuses_a_tuple_hashed_again_and_again",
+    "test_a_cold_export_asks_for_objects_in_full_batches",
+    "test_verify_json_prints_one_object_when_the_dump_fails_too",
+    "test_a_very_deep_json_dump_is_a_verify_error_not_a_recursion_error",
+    "test_a_name_and_a_compression_that_disagree_are_refused_before_anything_is_written",
+    "test_verify_reads_a_compressed_dump_as_it_reads_a_plain_one",
+    "test_a_killed_import_leaves_the_tree_as_before_and_the_next_import_cleans_up",
+    "test_a_broken_object_stops_the_export_and_says_why",
+    "test_verify_and_import_commands_of_a_forged_zexp_run_no_code",
     "test_a_damaged_zstd_source_is_bad_input_for_import_not_an_unexpected_error",
     "test_a_password_with_a_reserved_character_never_reaches_the_output",
     "test_a_failure_before_the_run_is_one_json_object_too",

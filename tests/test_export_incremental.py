@@ -284,6 +284,7 @@ def _apply(root: Any, op: str, a: Any, b: Any) -> None:
         root["c"].add(a)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,

@@ -373,7 +373,7 @@ def test_a_tuple_made_from_a_lists_items_cannot_hide_its_size_from_the_scan(tmp_
     assert result.returncode == 3 and "no pickler writes one" in result.stderr, result
 
 
-@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL, -1, -1))  # 0 is slowest
 def test_tuples_repeated_through_the_memo_load_as_pickle_loads_them(tmp_path, protocol):
     """Repeats are real pickles too: up to 20 million values counting repeats, in a few
     hundred KB (a review found the first bound refused the smaller of these)."""
@@ -421,7 +421,12 @@ def test_one_large_tuple_hashed_again_and_again_is_refused(tmp_path, how):
     assert len(data) < 1_000
     with pytest.raises(snaptree.InputError, match="hashing its keys and set elements"):
         snaptree.load_source(_write(tmp_path / f"{how}.pickle", data))
-    code, stderr = _import_exit(tmp_path, data)
+
+
+@pytest.mark.parametrize("how", ["keys", "additems", "set", "frozenset", "dict"])
+def test_the_import_command_refuses_a_tuple_hashed_again_and_again(tmp_path, how):
+    """The same refusal through ``snaptree import``: bad input, exit 3, one line."""
+    code, stderr = _import_exit(tmp_path, _one_tuple_hashed_again_and_again(21, 40, how))
     assert code == 3 and "counting repeats" in stderr, (code, stderr)
 
 

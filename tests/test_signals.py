@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import snaptree
 from _cli import reaped
 from _cli import start as start_snaptree
@@ -87,7 +89,8 @@ def test_a_signal_that_arrives_while_the_wait_blocks_wakes_it() -> None:
         assert proc.wait(WAIT) == 0
 
 
-def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attempt", range(20))
+def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path, attempt: int) -> None:
     """``export --every 0`` gets SIGTERM at 20 points of its loop (after 1, 2 or 3 runs it
     reported, in an export or the pause after one): it exits 0 each time, within WAIT."""
     db_file = tmp_path / "Data.fs"
@@ -96,14 +99,13 @@ def test_sigterm_ends_export_every_0_whatever_it_was_doing(tmp_path: Path) -> No
     store.close()
     out = tmp_path / "dumps"
     out.mkdir()
-    for attempt in range(20):
-        args = ("--db", str(db_file), "--dir", str(out), "--every", "0", "--json")
-        with reaped(start_snaptree("export", *args)) as proc:
-            assert proc.stdout is not None
-            for _ in range(1 + attempt % 3):
-                assert "written" in json.loads(proc.stdout.readline())
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(WAIT) == 0
+    args = ("--db", str(db_file), "--dir", str(out), "--every", "0", "--json")
+    with reaped(start_snaptree("export", *args)) as proc:
+        assert proc.stdout is not None
+        for _ in range(1 + attempt % 3):
+            assert "written" in json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
 
 
 def test_the_first_signal_is_announced_and_a_second_abandons_the_work() -> None:

@@ -140,6 +140,7 @@ def test_the_exporter_writes_a_prometheus_textfile_after_every_run(store, tmp_pa
     assert not list(tmp_path.glob(".snaptree.prom.*"))  # no temporary left beside it
 
 
+@pytest.mark.slow
 def test_a_failed_run_counts_and_counters_carry_on_from_the_file_a_cron_run_left(tmp_path):
     db = tmp_path / "Data.fs"
     metrics = tmp_path / "export.prom"

@@ -104,6 +104,7 @@ def test_chaos_exposes_a_retry_bug_even_in_a_store_a_conftest_opened_at_import(a
     assert "SOURCE memory://" in run.stdout  # the fixture's default backend
 
 
+@pytest.mark.slow
 def test_without_chaos_the_plugin_only_provides_the_fixture(app_suite):
     run = _pytest("-q", "-s", "--snaptree-backend=file", cwd=app_suite)
     assert run.returncode == 0, run.stdout + run.stderr

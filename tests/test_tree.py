@@ -868,6 +868,7 @@ def _depth(value: Any) -> int:
     return depth
 
 
+@pytest.mark.slow
 def test_to_plain_copies_a_50000_deep_tree_without_recursion():
     node = List()
     for _ in range(50_000):

@@ -99,6 +99,7 @@ def test_serve_stops_cleanly_on_sigint_and_logs_where_it_listens(tmp_path: Path)
     assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_file_another_server_holds(tmp_path: Path) -> None:
     """A second server on the same file: one line, and exit code 4 (the store is locked)."""
     with zeo_server(tmp_path) as server:
@@ -148,6 +149,7 @@ def test_serve_relaxed_keeps_every_commit_across_a_clean_stop(tmp_path: Path) ->
         assert store.run(lambda root: root["n"]) == 19
 
 
+@pytest.mark.slow
 def test_serve_refuses_group_durability_and_clients_cannot_choose_one(tmp_path: Path) -> None:
     """ZEO commits on one thread: no fsync to share. Exit 2, saying what it offers instead."""
     result = run_snaptree("serve", "--db", tmp_path / "Data.fs", "--durability", "group")
