@@ -70,6 +70,12 @@ READS = {
     "s | set()": ("s", lambda n: n | set()),
     "s.issubset": ("s", lambda n: n.issubset({1})),
     "s == set()": ("s", lambda n: n == set()),
+    "to_plain(m)": ("m", snaptree.to_plain),
+    "to_plain(m.items())": ("m", lambda n: snaptree.to_plain(n.items())),
+    "to_plain([m])": ("m", lambda n: snaptree.to_plain([n])),
+    "to_plain(f)": ("f", snaptree.to_plain),
+    "to_plain(l)": ("l", snaptree.to_plain),
+    "to_plain(s)": ("s", snaptree.to_plain),
     "int(counter)": ("c", int),
     "counter.value": ("c", lambda n: n.value),
 }

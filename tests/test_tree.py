@@ -678,6 +678,59 @@ def test_lookups_with_a_key_of_another_type_answer_like_a_dict():
         del node[5]
 
 
+#: Reads and operators whose answer, or exception, a review found differed from plain
+#: Python's: each is run on the plain value and, inside a call, on its node.
+AS_PLAIN = {
+    "[1] in m": ("m", lambda v: [1] in v),
+    "m.get([1])": ("m", lambda v: v.get([1])),
+    "m[[1]]": ("m", lambda v: v[[1]]),
+    "del m[[1]]": ("m", lambda v: v.__delitem__([1])),
+    "m.pop([1], 0)": ("m", lambda v: v.pop([1], 0)),
+    "[1] in empty": ("e", lambda v: [1] in v),
+    "empty[[1]]": ("e", lambda v: v[[1]]),
+    "empty.pop([1], 0)": ("e", lambda v: v.pop([1], 0)),
+    "1+0j in m": ("m", lambda v: 1 + 0j in v),
+    "m[2+0j]": ("m", lambda v: v[2 + 0j]),
+    "m.get(2+1j)": ("m", lambda v: v.get(2 + 1j)),
+    "m.pop(1+0j), m": ("m", lambda v: (v.pop(1 + 0j), dict(v))),
+    "del m[2+0j], m": ("m", lambda v: (v.__delitem__(2 + 0j), dict(v))),
+    "1 in m.items()": ("m", lambda v: 1 in v.items()),
+    "(1,) in m.items()": ("m", lambda v: (1,) in v.items()),
+    "(1, 'one') in m.items()": ("m", lambda v: (1, "one") in v.items()),
+    "1 in f.items()": ("f", lambda v: 1 in v.items()),
+    "l + (4,)": ("l", lambda v: v + (4,)),  # noqa: RUF005 - the concatenation is the test
+    "(4,) + l": ("l", lambda v: (4,) + v),  # noqa: RUF005
+    "l + 'ab'": ("l", lambda v: v + "ab"),
+    "[0] + l + [3]": ("l", lambda v: [0] + v + [3]),  # noqa: RUF005
+    "frozenset | s": ("s", lambda v: frozenset({1, 7}) | v),
+    "frozenset & s": ("s", lambda v: frozenset({1, 7}) & v),
+    "frozenset - s": ("s", lambda v: frozenset({1, 7}) - v),
+    "frozenset ^ s": ("s", lambda v: frozenset({1, 7}) ^ v),
+    "set | s": ("s", lambda v: {1, 7} | v),
+}
+AS_PLAIN_STATE = {"m": {1: "one", 2: "two"}, "e": {}, "f": {1: "x", "a": "y"}, "l": [1, 2]}
+
+
+def _outcome(operation: Callable[[], Any]) -> tuple[Any, ...]:
+    try:
+        value = operation()
+    except Exception as exc:
+        return ("raises", type(exc))
+    return ("gives", type(value) if isinstance(value, frozenset) else None, to_plain(value))
+
+
+@pytest.mark.parametrize("case", AS_PLAIN.values(), ids=AS_PLAIN.keys())
+def test_reads_and_operators_answer_or_raise_as_plain_python_does(store, case):
+    """An unhashable key is a TypeError, even where the BTree never hashes it; a complex
+    equal to an int key finds it; a list adds only lists; a frozenset on the left of a set
+    operator gives a frozenset."""
+    name, operation = case
+    state = {**AS_PLAIN_STATE, "s": {1, 5}}
+    store.run(lambda root: root.update(copy.deepcopy(state)))
+    expected = _outcome(lambda: operation(copy.deepcopy(state)[name]))
+    assert store.run(lambda root: _outcome(lambda: operation(root[name]))) == expected
+
+
 @pytest.mark.parametrize(
     "nan",
     [float("nan"), decimal.Decimal("NaN"), decimal.Decimal("sNaN"), (1, float("nan"))],

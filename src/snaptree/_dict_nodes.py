@@ -172,28 +172,55 @@ class MappingMethods(GuardedIteration, DictOperators):
         try:
             return _bt_getitem(self, key)
         except TypeError:  # a key of another type: not here, as a dict would say
-            hash(key)  # but an unhashable one is a TypeError, as a dict says too
-            raise KeyError(key) from None
+            value = self._get_equal(key)
+        except KeyError:
+            hash(key)  # an unhashable key is a TypeError, as a dict says, on an empty one too
+            raise
+        if value is MISSING:
+            raise KeyError(key)
+        return value
 
     def get(self, key: Any, default: Any = None) -> Any:
         jar = self._p_jar  # check_readable's test, inline: the commonest reads
         if type(jar) is OwnedConnection and jar._snaptree_owner != get_ident():
             check_readable(self)
         try:
-            return _bt_get(self, key, default)
+            value = _bt_get(self, key, MISSING)
         except TypeError:
+            value = self._get_equal(key)
+        if value is MISSING:
             hash(key)
             return default
+        return value
 
     def __contains__(self, key: Any) -> bool:
         jar = self._p_jar  # check_readable's test, inline: the commonest reads
         if type(jar) is OwnedConnection and jar._snaptree_owner != get_ident():
             check_readable(self)
         try:
-            return _bt_contains(self, key)
+            if _bt_contains(self, key):
+                return True
         except TypeError:
-            hash(key)
-            return False
+            return self._get_equal(key) is not MISSING
+        hash(key)
+        return False
+
+    def _get_equal(self, key: Any) -> Any:
+        """The value of a key equal to *key*, which does not compare with the keys here; MISSING.
+
+        A dict finds ``1+0j`` among int keys (equal, and hashed alike); a
+        BTree compares keys, and a complex compares with nothing, so it is
+        looked up by its real part. Any other key that does not compare is
+        of a type no key here equals; an unhashable one is a TypeError, as
+        a dict says.
+        """
+        hash(key)
+        if not isinstance(key, complex) or key.imag:
+            return MISSING
+        try:
+            return _bt_get(self, key.real, MISSING)
+        except TypeError:
+            return MISSING
 
     has_key = __contains__
 
@@ -289,13 +316,21 @@ class MappingMethods(GuardedIteration, DictOperators):
 
     def __delitem__(self, key: Any) -> None:
         check_writable(self)
+        self._delete(key)
+        if watches:
+            keys_changed(self)
+
+    def _delete(self, key: Any) -> None:
+        """Delete *key*, or the key equal to it that ``_get_equal`` finds; else KeyError."""
         try:
             _bt_delitem(self, key)
         except TypeError:
+            if self._get_equal(key) is MISSING:
+                raise KeyError(key) from None
+            _bt_delitem(self, key.real)
+        except KeyError:
             hash(key)
-            raise KeyError(key) from None
-        if watches:
-            keys_changed(self)
+            raise
 
     def insert(self, key: Any, value: Any) -> int:
         """BTree's insert: set *key* only if it is missing; 1 if it was."""
@@ -317,12 +352,14 @@ class MappingMethods(GuardedIteration, DictOperators):
         check_writable(self)
         if len(default) > 1:
             raise TypeError(f"pop expected at most 2 arguments, got {1 + len(default)}")
+        if default and not _bt_bool(self):
+            return default[0]  # without a look at the key, as a dict's pop does
         value = self.get(key, MISSING)
         if value is MISSING:
             if default:
                 return default[0]
             raise KeyError(key)
-        _bt_delitem(self, key)
+        self._delete(key)
         if watches:
             keys_changed(self)
         return value

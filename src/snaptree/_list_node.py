@@ -7,6 +7,7 @@ refuses a change before it touches its data.
 from __future__ import annotations
 
 import itertools
+from collections import UserList
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -87,6 +88,13 @@ class ListMethods(NodeBase):
     def __iadd__(self, values: Iterable[Any]) -> Any:
         self.extend(values)
         return self
+
+    # UserList's + takes any iterable (``l + "ab"`` adds two letters); a list's takes lists.
+    def __add__(self, other: Any) -> Any:
+        return super().__add__(other) if isinstance(other, list | UserList) else NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        return super().__radd__(other) if isinstance(other, list | UserList) else NotImplemented
 
     def __imul__(self, n: int) -> Any:
         check_writable(self)

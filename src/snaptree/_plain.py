@@ -11,6 +11,7 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree
 
+from ._connection import check_readable
 from ._dict_nodes import FlatMappingMethods, MappingMethods
 from ._list_node import ListMethods
 from ._set_node import SetMethods
@@ -76,6 +77,7 @@ class PlainCopier:
             source, out = pending.pop()
             if type(out) is dict:
                 if isinstance(source, MappingMethods):
+                    check_readable(source)  # BTree's own iteration, in C, is not checked
                     items: Any = _bt_items(source)
                 elif isinstance(source, FlatMappingMethods):
                     items = source.data.items()

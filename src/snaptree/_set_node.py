@@ -33,6 +33,14 @@ def _iterable_data(other: Any) -> Any:
     return other.data if isinstance(other, SetMethods) else other
 
 
+def _reflected(other: Any, result: Any) -> Any:
+    """A reflected operation's result: with a frozenset on the left, a frozenset
+    (``frozenset | set`` is one); else the new node."""
+    if isinstance(other, frozenset) and result is not NotImplemented:
+        return frozenset(result.data)
+    return result
+
+
 class SetMethods(NodeBase):
     """What :class:`snaptree.tree.Set` does on top of Persistent and MutableSet."""
 
@@ -203,26 +211,31 @@ class SetMethods(NodeBase):
     def __or__(self, other: Any) -> Any:
         return self.union(other) if _set_data(other) is not None else NotImplemented
 
-    __ror__ = __or__
+    def __ror__(self, other: Any) -> Any:
+        return _reflected(other, self.__or__(other))
 
     def __and__(self, other: Any) -> Any:
         return self.intersection(other) if _set_data(other) is not None else NotImplemented
 
-    __rand__ = __and__
+    def __rand__(self, other: Any) -> Any:
+        return _reflected(other, self.__and__(other))
 
     def __sub__(self, other: Any) -> Any:
         return self.difference(other) if _set_data(other) is not None else NotImplemented
 
     def __rsub__(self, other: Any) -> Any:
         data = _set_data(other)
-        return NotImplemented if data is None else self._new(self._incoming(data) - self.data)
+        if data is None:
+            return NotImplemented
+        return _reflected(other, self._new(self._incoming(data) - self.data))
 
     def __xor__(self, other: Any) -> Any:
         if _set_data(other) is None:
             return NotImplemented
         return self.symmetric_difference(other)
 
-    __rxor__ = __xor__
+    def __rxor__(self, other: Any) -> Any:
+        return _reflected(other, self.__xor__(other))
 
     def __eq__(self, other: object) -> bool:
         data = _set_data(other)

@@ -26,6 +26,7 @@ from typing import Any
 from BTrees.OOBTree import OOBTree
 
 from ._connection import check_readable
+from ._node_base import MISSING
 
 # BTree's iterators, faster than iterating its keys()/values()/items() sequences
 bt_keys = OOBTree.iterkeys
@@ -132,6 +133,14 @@ class MappingValues(abc.ValuesView):
 class MappingItems(abc.ItemsView):
     __slots__ = ()
 
+    def __contains__(self, item: object) -> bool:
+        """As a dict's items view says: only a pair can be in it (ItemsView unpacks anything)."""
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        key, value = item
+        found = self._mapping.get(key, MISSING)
+        return found is not MISSING and (found is value or found == value)
+
     def __iter__(self) -> Iterator[Any]:
         return self._mapping._iterate(bt_items)
 
@@ -181,6 +190,9 @@ class FlatValues(abc.ValuesView):
 
 class FlatItems(abc.ItemsView):
     __slots__ = ()
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._mapping.data.items()
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._mapping.data.items())
