@@ -370,6 +370,54 @@ def test_a_node_of_another_transaction_is_refused_by_assignment_and_import(store
     assert store.run(lambda root: "copy" in root) is False
 
 
+#: Reads of a snapshot's nodes that make a new node, as their plain versions make a new
+#: dict or list: inside a write call they were refused as storing another transaction's node.
+NEW_FROM_SNAPSHOT = {
+    "l[0:2]": lambda root: root["l"][0:2],
+    "l * 2": lambda root: root["l"] * 2,
+    "[] + l": lambda root: [] + root["l"],
+    "l.copy()": lambda root: root["l"].copy(),
+    "{} | m": lambda root: {} | root["m"],
+    "fromkeys": lambda root: Mapping.fromkeys(["k"], root["m"]["b"]),
+}
+
+
+@pytest.mark.parametrize("read", NEW_FROM_SNAPSHOT.values(), ids=NEW_FROM_SNAPSHOT.keys())
+def test_a_snapshot_read_inside_a_write_call_makes_new_nodes_as_outside(store, read):
+    state = {"l": [3, {"k": 2}], "m": {"a": 1, "b": {"x": 1}}}
+    store.run(lambda root: root.update(copy.deepcopy(state)))
+    with store.snapshot() as snap:
+        outside = to_plain(read(snap.root))
+
+    def inside(root: Any) -> Any:
+        with store.snapshot() as snap:
+            return to_plain(read(snap.root))
+
+    assert store.run(inside) == outside == read(copy.deepcopy(state))
+
+
+@pytest.mark.parametrize("how", ["run", "transaction", "run_batched"])
+def test_storing_a_new_node_that_holds_a_snapshots_node_is_refused_with_its_path(store, how):
+    """The new node is stored, and its snapshot's node would be a reference into another
+    connection: ZODB's bare InvalidObjectReference at commit becomes the conversion's error
+    and path; nothing is committed."""
+    store.run(lambda root: root.update(l=[3, {"k": 2}], deep={"a": [1]}))
+    with store.snapshot() as snap:
+        made = snap.root["l"][0:2]
+
+        def put(root: Any) -> None:
+            root["deep"]["a"].append(made)
+
+        message = r"^deep/a/1: this List holds a Mapping of another transaction"
+        with pytest.raises(UnstorableValueError, match=message):
+            if how == "transaction":
+                with store.transaction() as root:
+                    put(root)
+            else:
+                getattr(store, how)(put)
+    assert store.run(lambda root: root["deep"]) == {"a": [1]}
+
+
 # -- operators, equality, hashing ----------------------------------------------------------
 
 

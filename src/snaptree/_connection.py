@@ -18,19 +18,16 @@ from typing import Any
 
 from persistent.interfaces import UPTODATE
 from ZODB.Connection import Connection
+from ZODB.POSException import InvalidObjectReference
 from ZODB.utils import z64
 
 from ._guards import misuse_error
-from .errors import MisuseError, WrongThreadError
+from ._held import held as _held
+from .errors import MisuseError, UnstorableValueError, WrongThreadError
+from .paths import path_of
 
 _IDLE = 0  # thread idents are never 0 on CPython
 _get_ident = threading.get_ident
-
-#: Per thread, the connections it holds for store calls, innermost last.
-#: The conversion and the commit check ask for the innermost writable one: a
-#: node created outside the tree during a store call belongs to that call's
-#: transaction.
-_held = threading.local()
 
 
 class OwnedConnection(Connection):
@@ -132,18 +129,25 @@ class OwnedConnection(Connection):
         walk = _Walk(writer)
         try:
             Connection._store_objects(self, walk, transaction)
+        except InvalidObjectReference as exc:
+            error = _foreign_node(walk.current, exc)  # while the tree still holds it
+            self._forget_unstored(walk, writer)
+            raise error from exc
         except BaseException:
-            for obj in (walk.current, *writer._stack):
-                if (
-                    obj is not None
-                    and obj._p_jar is self
-                    and getattr(obj, "_p_serial", z64) == z64
-                    and self._cache.get(obj._p_oid) is not obj
-                ):
-                    self._creating.pop(obj._p_oid, None)
-                    del obj._p_jar
-                    del obj._p_oid
+            self._forget_unstored(walk, writer)
             raise
+
+    def _forget_unstored(self, walk: _Walk, writer: Any) -> None:
+        for obj in (walk.current, *writer._stack):
+            if (
+                obj is not None
+                and obj._p_jar is self
+                and getattr(obj, "_p_serial", z64) == z64
+                and self._cache.get(obj._p_oid) is not obj
+            ):
+                self._creating.pop(obj._p_oid, None)
+                del obj._p_jar
+                del obj._p_oid
 
     def register(self, obj: object) -> None:
         if self._snaptree_owner != _get_ident() or self._snaptree_read_only:
@@ -181,6 +185,22 @@ class _Walk:
         raise StopIteration
 
 
+def _foreign_node(holder: Any, exc: InvalidObjectReference) -> UnstorableValueError:
+    """The error for *holder*, being stored, holding an object of another connection.
+
+    Conversion refuses such a node when it is assigned, but a new node made
+    from a snapshot's nodes (``snap_list[0:2]``) holds them legitimately
+    until it is stored; ZODB refuses the reference when the commit pickles it.
+    """
+    foreign = exc.args[-1] if exc.args else None
+    return UnstorableValueError(
+        path_of(holder) or "",
+        f"this {type(holder).__name__} holds a {type(foreign).__name__} of another "
+        "transaction (a snapshot, another store call or another database); store a "
+        "plain copy made with snaptree.to_plain() instead",
+    )
+
+
 def _discard_refused_change(obj: object) -> None:
     """Turn *obj* back into a ghost, so that a refused change cannot be committed later.
 
@@ -197,14 +217,6 @@ def _discard_refused_change(obj: object) -> None:
     """
     if getattr(obj, "_p_state", None) == UPTODATE:
         obj._p_invalidate()  # type: ignore[attr-defined]
-
-
-def current_connection() -> OwnedConnection | None:
-    """The connection of the store call the calling thread is in, if it can write; else None."""
-    for conn in reversed(getattr(_held, "stack", ())):
-        if not conn._snaptree_read_only:
-            return conn
-    return None
 
 
 def check_readable(obj: object) -> None:

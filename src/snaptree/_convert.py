@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
-from ._connection import current_connection
+from ._held import current_connection
 from ._originals import originals_for
 from ._values import (
     CLOCK_TYPES,
@@ -466,7 +466,14 @@ class Converter:
         jar = value._p_jar
         if jar is None:
             return
-        target = getattr(self._anchor, "_p_jar", None) or current_connection()
+        target = getattr(self._anchor, "_p_jar", None)
+        if target is None:
+            if getattr(jar, "_snaptree_read_only", False):
+                # A new node holding a snapshot's nodes (``snap_list[0:2]``, ``{} | snap_map``
+                # inside a store call): a read, as it is outside one. Stored in the tree, it
+                # is refused when the commit meets the snapshot's node (OwnedConnection).
+                return
+            target = current_connection()
         if target is not None and jar is not target:
             raise UnstorableValueError(
                 self._path(self._keys(parent, position)),

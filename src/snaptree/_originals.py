@@ -28,7 +28,7 @@ from typing import Any
 
 from transaction.interfaces import NoTransaction
 
-from ._connection import current_connection
+from ._held import current_connection
 from ._values import type_name
 from .errors import MisuseError
 from .paths import join, path_of

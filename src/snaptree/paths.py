@@ -27,7 +27,7 @@ from typing import Any
 from persistent import Persistent
 from persistent.interfaces import GHOST
 
-from ._connection import current_connection
+from ._held import current_connection
 from .errors import ArgumentError
 
 ROOT = "/"
