@@ -138,6 +138,7 @@ class OwnedConnection(Connection):
             raise
 
     def _forget_unstored(self, walk: _Walk, writer: Any) -> None:
+        """Give the new objects not stored yet their jar and oid of None (_store_objects)."""
         for obj in (walk.current, *writer._stack):
             if (
                 obj is not None
