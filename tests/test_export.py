@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import errno
 import json
 import os
@@ -211,6 +212,33 @@ def test_json_names_the_path_of_a_value_it_cannot_hold(store, tmp_path):
     store.run(lambda root: root["people"]["ann"].__setitem__("born", float("nan")))
     with pytest.raises(UnstorableValueError, match="/people/ann/born"):
         store.export(tmp_path / "x.json", format="json")
+
+
+class Color(str, enum.Enum):  # noqa: UP042 - the mixed-in kind, whose str() is not its value
+    RED = "red"
+
+
+class Size(int, enum.Enum):
+    LARGE = 3
+
+
+def test_json_writes_enum_keys_by_their_value_as_json_dumps_does(store, tmp_path):
+    """An Enum mixed with str or int is a key JSON can hold: its value, not its str()
+    ("Color.RED"), which came back from the dump as a different key."""
+    tree = {"by_color": {Color.RED: 1}, "by_size": {Size.LARGE: 2}, "flat": {Color.RED: 1, 5: 2}}
+    store.run(lambda root: root.update(tree))
+    info = store.export(tmp_path / "x.json", format="json")
+    assert json.loads(info.path.read_text()) == json.loads(json.dumps(tree))
+
+
+def test_json_refuses_two_keys_it_would_write_as_one(store, tmp_path):
+    """{1: .., "1": ..} would be written with the key "1" twice, and loaded as one value."""
+    store.run(lambda root: root.__setitem__("both", {1: "int", "1": "str"}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnstorableValueError, match=r"^/both/'1': .* is written as \"1\""):
+        store.export(out / "x.json", format="json")
+    assert list(out.iterdir()) == []
 
 
 def test_historical_export(tmp_path):

@@ -95,7 +95,10 @@ class _JsonWriter:
                 f"JSON object keys are strings; cannot write the {type(key).__name__} key {key!r}",
             )
         try:
-            return _utf8_safe(self._encode(str(key)), f"{path}/{key!r}")
+            # As json.dumps writes a key: a str subclass's text and an int subclass's digits,
+            # not their str() (a mixed-in Enum's is "Color.RED", where its value is "red").
+            text = str.__str__(key) if isinstance(key, str) else int.__repr__(key)
+            return _utf8_safe(self._encode(text), f"{path}/{key!r}")
         except ValueError:  # an int key past sys.get_int_max_str_digits()
             raise UnstorableValueError(f"{path}/<int key>", _long_int_detail()) from None
 
@@ -122,9 +125,21 @@ class _JsonWriter:
                         pass  # find and name the offending value below
             self._emit("{")
             first = True
+            # A BTree's keys are all str or all int; other mappings may hold 1 and "1",
+            # which JSON would write as one key twice: json.load keeps only the last.
+            written: set[str] | None = None if isinstance(value, Mapping) else set()
             for key, item in items:
                 key_text = self._key(key, path)
                 child = f"{path}/{key}"
+                if written is not None:
+                    if key_text in written:
+                        raise UnstorableValueError(
+                            f"{path}/{key!r}",
+                            f"JSON object keys are strings: the key {key!r} is written as "
+                            f"{key_text}, as another key of this mapping is, and loading "
+                            "would keep one of them; export this tree as pickle or zodb",
+                        )
+                    written.add(key_text)
                 self._emit(("" if first else ",") + key_text + ":")
                 first = False
                 # inline rather than a helper: one Python frame per level of the tree
