@@ -1008,6 +1008,24 @@ def test_to_plain_gives_plain_types_at_every_level():
     assert type(plain["a"][0]["b"]) is set and type(plain["a"][1][1]) is list
 
 
+class Tagged(tuple):
+    """A tuple subclass that is not a namedtuple: made from one iterable, as tuple is."""
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+def test_tuple_subclasses_read_back_as_themselves_with_their_items(store):
+    """A one-string Tagged came back split into letters (``Tagged(*items)``)."""
+    tree = {"one": [Tagged(("ab",))], "holding": [Tagged(("ab", [1]))], "point": Point(1, [2])}
+    store.run(lambda root: root.update(tree))
+    for read in (lambda root: {k: root[k] for k in tree}, lambda root: to_plain(root)):
+        back = store.run(read)
+        assert {k: back[k] for k in tree} == tree
+        assert type(back["one"][0]) is Tagged and type(back["holding"][0]) is Tagged
+        assert type(back["point"]) is Point
+
+
 # -- pickle and copy ----------------------------------------------------------------------------
 
 PLAIN = {"a": [1, {"b": {1, 2}}], "f": {1: "x", "y": [2]}, "t": (1, [2])}

@@ -15,7 +15,7 @@ from ._connection import check_readable
 from ._dict_nodes import FlatMappingMethods, MappingMethods
 from ._list_node import ListMethods
 from ._set_node import SetMethods
-from ._values import SCALAR_TYPES
+from ._values import SCALAR_TYPES, rebuilt_tuple
 from ._views import FlatItems, FlatKeys, FlatValues, MappingItems, MappingKeys, MappingValues
 
 _bt_items = OOBTree.iteritems
@@ -57,7 +57,7 @@ class PlainCopier:
             out = value.value
         elif isinstance(value, tuple):
             items = [self.shell(v) for v in value]
-            out = tuple(items) if kind is tuple else type(value)(*items)
+            out = rebuilt_tuple(value, items)
         elif isinstance(value, MappingKeys | FlatKeys):
             return self.shell(value._mapping).keys()
         elif isinstance(value, MappingValues | FlatValues):

@@ -37,6 +37,7 @@ from BTrees.OOBTree import TreeItems, TreeItemsPy
 from persistent import Persistent
 
 from . import paths
+from ._values import rebuilt_tuple
 from .errors import MisuseError
 from .tree import Mapping, to_plain
 
@@ -276,11 +277,9 @@ def _copy(value: Any, memo: dict[int, Any]) -> Generator[Any, Any, Any]:
 
 
 def _rebuild(value: tuple | set | frozenset, items: list[Any]) -> Any:
-    kind = type(value)
     if isinstance(value, tuple):
-        if hasattr(kind, "_make"):  # a namedtuple
-            return kind._make(items)
-        return tuple(items) if kind is tuple else kind(items)
+        return rebuilt_tuple(value, items)
+    kind = type(value)
     try:
         return kind(items)
     except TypeError:

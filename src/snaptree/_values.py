@@ -229,3 +229,17 @@ def default_factory_detail(value: Any) -> str:
         "dict(value) and use node.setdefault(key, default) where you relied "
         "on the default"
     )
+
+
+def rebuilt_tuple(value: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """*value*, a tuple or one of its subclasses, holding *items* instead (plain copies).
+
+    A namedtuple takes its fields one by one; any other subclass takes one
+    iterable, as ``tuple`` does (``T(*items)`` split a one-string ``T`` into letters).
+    """
+    kind = type(value)
+    if kind is tuple:
+        return tuple(items)
+    if hasattr(kind, "_make"):  # a namedtuple
+        return kind._make(items)  # type: ignore[no-any-return]
+    return kind(items)
