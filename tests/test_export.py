@@ -344,6 +344,22 @@ def test_a_killed_export_leaves_no_file_under_the_final_name(tmp_path):
     )
 
 
+@pytest.mark.parametrize("fragments", [False, True], ids=["one-off", "with fragments"])
+def test_a_tree_of_many_frozensets_exports_as_pickle(store, tmp_path, fragments):
+    """CPython's memo-less pickler raised KeyError past 50 frozensets (gh-146059): such a
+    tree is written again with the pickler's memo, and loads equal."""
+    tree = {
+        "a": [frozenset({i, "x"}) for i in range(60)],  # first: a list left past the 50th
+        "by_id": {f"k{i}": {"in": (frozenset({i}),)} for i in range(200)},
+        "set": {frozenset({1}), (frozenset({2}),)},
+    }
+    store.run(lambda root: root.update(tree))
+    caches = exports.FragmentCaches() if fragments else None
+    for round_ in range(2):  # the second with the fragments of the first, if any
+        info = store.export(tmp_path / f"f{round_}.pickle", fragments=caches)
+        assert {k: v for k, v in _load(info).items() if k in tree} == tree
+
+
 class Linked(Persistent):
     """A user model object that may point back at another (a cycle)."""
 

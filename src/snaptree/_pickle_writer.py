@@ -43,15 +43,22 @@ class PlainPickler(pickle.Pickler):
     at a time, and *count* trims the cache every few thousand nodes.
     """
 
-    def __init__(self, file: Any, count: NodeCount, prefetcher: Prefetcher | None = None) -> None:
+    def __init__(
+        self,
+        file: Any,
+        count: NodeCount,
+        prefetcher: Prefetcher | None = None,
+        *,
+        memo: bool = False,
+    ) -> None:
         super().__init__(file, protocol=PROTOCOL)
         # No memo: with one, the pickler would hold every container and string
         # it wrote until the end (with protocol 4+ it cannot be cleared midway
         # without corrupting the stream), and memory would grow with the tree:
         # measured at about 570 bytes per object. Without it, an object
         # reachable twice is written twice (NodeCount bounds how often), and a
-        # cycle is an error.
-        self.fast = True
+        # cycle is an error. *memo* is for the trees it fails on (MemoNeeded).
+        self.fast = not memo
         self._add = count.add
         self._reducers = PLAIN_REDUCERS
         if prefetcher is not None and prefetcher.enabled:
@@ -138,13 +145,28 @@ def subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
     return None
 
 
+class MemoNeeded(Exception):
+    """The memo-less pickler failed on a good tree: write it again with a memo.
+
+    CPython's C pickler (3.11 at least, gh-146059) never leaves a frozenset in
+    its memo-less mode: past 50 frozensets it loses count of what it is
+    inside and raises KeyError as it leaves a container. With a memo it
+    writes the tree, at the memo's cost in memory.
+    """
+
+
 @contextlib.contextmanager
-def pickling_errors(where: str, too_deep: Exception) -> Iterator[None]:
-    """Turn what a pickler raises on a bad tree into one clear ExportError (or *too_deep*)."""
+def pickling_errors(where: str, too_deep: Exception, *, memo: bool = False) -> Iterator[None]:
+    """Turn what a pickler raises on a bad tree into one clear ExportError (or *too_deep*,
+    or MemoNeeded from a memo-less pickler)."""
     try:
         yield
     except RecursionError:
         raise too_deep from None
+    except KeyError as exc:
+        if memo:
+            raise ExportError(f"cannot pickle the tree at {where}: {exc!r}") from exc
+        raise MemoNeeded() from exc
     except ValueError as exc:
         if "cyclic" not in str(exc):
             raise
@@ -156,11 +178,13 @@ def pickling_errors(where: str, too_deep: Exception) -> Iterator[None]:
         raise ExportError(f"cannot pickle the tree at {where}: {exc}") from exc
 
 
-def write_pickle(node: Any, out: HashingWriter, connection: Connection, where: str) -> int:
+def write_pickle(
+    node: Any, out: HashingWriter, connection: Connection, where: str, *, memo: bool = False
+) -> int:
     """Write *node* (the subtree *where*) to *out* as one pickle; return the nodes written.
 
     One C frame a level of the tree, so it writes trees too deep for the
-    fragment writer.
+    fragment writer. *memo*: with the pickler's memo (see MemoNeeded).
     """
     count = NodeCount(connection, where, "pickle")
     prefetcher = Prefetcher(connection)
@@ -168,6 +192,6 @@ def write_pickle(node: Any, out: HashingWriter, connection: Connection, where: s
         f"{where} holds a reference cycle or is nested too deeply for the pickle writer; "
         "export it in the zodb format"
     )
-    with pickling_errors(where, too_deep):
-        PlainPickler(out, count, prefetcher).dump(node)
+    with pickling_errors(where, too_deep, memo=memo):
+        PlainPickler(out, count, prefetcher, memo=memo).dump(node)
     return count.nodes

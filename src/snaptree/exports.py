@@ -41,7 +41,7 @@ from . import _atomic, paths
 from ._compression import CompressingWriter
 from ._json_writer import write_json
 from ._pickle_fragments import FragmentCaches, TooDeepForFragments, write_pickle_with_fragments
-from ._pickle_writer import write_pickle
+from ._pickle_writer import MemoNeeded, write_pickle
 from ._store_files import StoreFiles
 from ._version import version
 from ._zexp import write_zexp
@@ -224,15 +224,20 @@ def _write_dump(
 ) -> tuple[Path, _atomic.HashingWriter, int]:
     """Stream the dump into a fsynced temporary file beside *final*: (temporary, what was
     written, nodes or records written). Nothing is renamed yet."""
-    try:
-        with _atomic.staged_file(final, mode=mode) as (out, temp):
-            objects = _write_format(node, out, format, compression, connection, where, fragments)
-    except TooDeepForFragments:
-        # The fragment writer recurses in Python, a few frames a level; the
-        # plain writer's C pickler takes one a level. Same file, written anew.
-        with _atomic.staged_file(final, mode=mode) as (out, temp):
-            objects = _write_format(node, out, format, compression, connection, where, None)
-    return temp, out, objects
+    memo = False
+    while True:  # at most three times: each retry gives up fragments or adds the memo
+        try:
+            with _atomic.staged_file(final, mode=mode) as (out, temp):
+                objects = _write_format(
+                    node, out, format, compression, connection, where, fragments, memo
+                )
+            return temp, out, objects
+        except TooDeepForFragments:
+            # The fragment writer recurses in Python, a few frames a level; the
+            # plain writer's C pickler takes one a level. Same file, written anew.
+            fragments = None
+        except MemoNeeded:
+            fragments, memo = None, True
 
 
 def _write_format(
@@ -243,8 +248,12 @@ def _write_format(
     connection: Connection,
     where: str,
     fragments: FragmentCaches | None,
+    memo: bool,
 ) -> int:
-    """Write *node* to *out* in *format*, through a compressor if asked; return what was written."""
+    """Write *node* to *out* in *format*, through a compressor if asked; return what was written.
+
+    *memo*: a pickle is written by the plain writer with a memo (MemoNeeded).
+    """
     sink: Any = out if compression is None else CompressingWriter(out)
     if format == "json":
         objects = write_json(node, sink, connection, where)
@@ -253,7 +262,7 @@ def _write_format(
     elif fragments is not None and fragments.wanted(connection):
         objects = write_pickle_with_fragments(node, sink, connection, where, fragments)
     else:
-        objects = write_pickle(node, sink, connection, where)
+        objects = write_pickle(node, sink, connection, where, memo=memo)
     if fragments is not None and format == "pickle":
         fragments.written(connection, objects)
     if compression is not None:
