@@ -10,6 +10,7 @@ rebuild the plain tree it holds; so a zodb export also imports anywhere
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -236,6 +237,18 @@ def test_a_class_of_yours_needs_allow(store: snaptree.Store, tmp_path: Path) -> 
         snaptree.verify(dump)
     loaded = snaptree.load_source(dump, allow=[Account])
     assert type(loaded["owners"]["a"]) is Account and loaded["owners"]["a"].owner == "ann"
+
+
+Pair = collections.namedtuple("Pair", "left right")
+
+
+def test_a_namedtuple_of_yours_holding_nodes_loads_with_them_rebuilt(store, tmp_path):
+    """Its nodes are records of their own: they were left as the reader's internal
+    references inside it (an import then refused "snaptree._zexp._Ref")."""
+    store.run(lambda root: root.__setitem__("n", [Pair({"a": 1}, [2, {"b": 3}])]))
+    dump = store.export(tmp_path / "n.zexp", subtree="n").path
+    assert snaptree.load_source(dump, allow=[Pair]) == [Pair({"a": 1}, [2, {"b": 3}])]
+    assert type(snaptree.load_source(dump, allow=[Pair])[0]) is Pair
 
 
 # -- the zodb round trip ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from ._atomic import HashingWriter
 from ._plain_nodes import Prefetcher
 from ._storage_facts import snapshot_load
 from ._unpickler import AllowListUnpickler, unpickling_errors
+from ._values import rebuilt_tuple
 from .errors import Error, ExportError, InputError
 from .tree import SCALAR_TYPES, Counter, FlatMapping, List, Mapping, Set
 
@@ -350,7 +351,8 @@ class _Rebuild:
                     f"{self.source}: record 0x{raw.oid.hex()}: a set containing itself"
                 )
             return value
-        if kind in (dict, list, tuple, set, frozenset):
+        if kind in (dict, list, tuple, set, frozenset) or isinstance(raw, tuple):
+            # A namedtuple of an allowed class may hold references too.
             return self.by_id.get(id(raw), _PENDING)
         if isinstance(raw, Persistent):
             # ZODB writes every persistent object as a record of its own and refers
@@ -386,7 +388,8 @@ class _Rebuild:
         items = []
 
         def finish() -> Any:
-            value = self.by_id[id(raw)] = kind(items)
+            value = rebuilt_tuple(raw, items) if isinstance(raw, tuple) else kind(items)
+            self.by_id[id(raw)] = value
             return value
 
         return _Fill(enumerate(raw), _appender(items), finish)
