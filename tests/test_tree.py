@@ -598,6 +598,42 @@ def test_a_change_to_an_equal_value_of_another_kind_fails_the_commit(store, befo
     assert store.run(lambda root: "row" in root) is False
 
 
+#: Changes through the original that == cannot see: inside a tuple, a key, a set element,
+#: a container put in place of another.
+HIDDEN_CHANGES = {
+    "in a tuple": lambda x: x.__setitem__("t", (True, 2)),
+    "zero in a tuple": lambda x: x.__setitem__("z", (-0.0,)),
+    "a key": lambda x: (x.__delitem__(1), x.__setitem__(True, "one")),
+    "a set element": lambda x: (x["s"].discard(1), x["s"].add(True)),
+    "a replaced dict": lambda x: x.__setitem__("sub", {"a": True}),
+}
+
+
+@pytest.mark.parametrize("change", HIDDEN_CHANGES.values(), ids=HIDDEN_CHANGES.keys())
+def test_an_equal_change_inside_keys_sets_and_tuples_fails_the_commit_too(store, change):
+    """The commit check compared keys, set elements and tuple items by == only: the tree
+    kept (1, 2), {1} and the key 1 where Python's object held True (a review found it)."""
+
+    def assign_then_change(root: Any) -> None:
+        x = {"t": (1, 2), "z": (0.0,), 1: "one", "s": {1}, "sub": {"a": 1}}
+        root["x"] = x
+        change(x)
+
+    with pytest.raises(MisuseError, match=r"^x(/s)?: the (dict|set) stored there was changed"):
+        store.run(assign_then_change)
+    assert store.run(lambda root: "x" in root) is False
+
+
+def test_the_same_values_assigned_again_through_the_original_still_commit(store):
+    def assign_then_repeat(root: Any) -> None:
+        x = {"t": (1, 2), "s": {1}, "sub": {"a": 1}}
+        root["x"] = x
+        x["t"], x["s"], x["sub"] = (1, 2), {1}, {"a": 1}  # new objects, the same values
+
+    store.run(assign_then_repeat)
+    assert store.run(lambda root: root["x"]) == {"t": (1, 2), "s": {1}, "sub": {"a": 1}}
+
+
 def test_an_equal_value_assigned_again_through_the_original_loses_nothing(store):
     def reassign(root: Any) -> None:
         row = {"name": "ann", "n": [1]}

@@ -9,9 +9,10 @@ each original whose node still exists with its copy: a difference fails the
 commit with the node's path. A node that no longer exists was never stored.
 
 The comparison is by identity first, so an unchanged tree costs one C-level
-pass over each container; then ``==``, with each value's type (and a
-float's or Decimal's text) the same: an equal value assigned again loses
-nothing, but ``1`` changed to ``True``, which compares equal, is a change.
+pass over each container; then equality with each value's type (and a
+float's or Decimal's text) the same, keys, set elements and tuple items
+included: an equal value assigned again loses nothing, but ``1`` changed
+to ``True``, which compares equal, is a change.
 
 The same record lets a later conversion in the transaction reuse the node of
 an original that is still unchanged: ``d["a"] = x; d["b"] = x`` then shares
@@ -102,10 +103,12 @@ def _unchanged(original: Any, shadow: Any) -> bool:
     """Whether *original* still holds what its copy *shadow* holds: the same values.
 
     First the same objects, in one C-level pass (the common case). Otherwise
-    ``==``, and then each value of the same type and, for floats and
-    Decimals, the same text: ``1`` replaced by ``True``, ``0.0`` by ``-0.0``
-    or ``Decimal("1.0")`` by ``Decimal("1.00")`` compare equal, but the tree
-    would keep the old one and the dump would say so.
+    the same keys and values, in the same order, each of the same type and,
+    for floats and Decimals, the same text, down through tuples, frozensets
+    and containers put in place of the copied ones: ``1`` replaced by
+    ``True`` (as a value, a key, a set element or inside a tuple), ``0.0``
+    by ``-0.0`` or ``Decimal("1.0")`` by ``Decimal("1.00")`` compare equal,
+    but the tree would keep the old one and the dump would say so.
     """
     try:
         if isinstance(original, dict):
@@ -115,23 +118,46 @@ def _unchanged(original: Any, shadow: Any) -> bool:
                 and all(map(operator.is_, original.values(), shadow.values()))
             ):
                 return True
-            return original == shadow and all(
-                _same_value(value, shadow[key]) for key, value in original.items()
+            return len(original) == len(shadow) and all(
+                map(_same_value, original.items(), shadow.items())
             )
         if isinstance(original, list):
             if len(original) == len(shadow) and all(map(operator.is_, original, shadow)):
                 return True
-            return original == shadow and all(map(_same_value, original, shadow))
-        return bool(original == shadow)  # a set: equal elements are one element
+            return len(original) == len(shadow) and all(map(_same_value, original, shadow))
+        return _same_elements(original, shadow)
     except Exception:  # a value whose == fails cannot be shown unchanged
         return False
 
 
 def _same_value(a: Any, b: Any) -> bool:
+    """*a* and *b* the same object, or equal with the same types all the way down.
+
+    A container held by both (the common case) is the same object, checked as
+    an original of its own; one put in place of another is compared here.
+    """
     if a is b:
         return True
     kind = type(a)
-    return kind is type(b) and (kind not in _TEXT_MATTERS or repr(a) == repr(b))
+    if kind is not type(b):
+        return False
+    if kind in _TEXT_MATTERS:
+        return repr(a) == repr(b)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(map(_same_value, a.items(), b.items()))
+    if isinstance(a, set | frozenset):
+        return _same_elements(a, b)
+    return bool(a == b)
+
+
+def _same_elements(a: Any, b: Any) -> bool:
+    """Sets: each element of *a* has an equal one in *b* that is the same value."""
+    if len(a) != len(b):
+        return False
+    held = {element: element for element in b}
+    return all(element in held and _same_value(element, held[element]) for element in a)
 
 
 #: Types whose equal values can still differ in what a dump holds.
