@@ -641,15 +641,12 @@ CASES = [
 #: run in the slow part of .ci/run, which runs every case.
 FAST_CASES = {
     "export-unknown-scheme",
-    "export-db-is-a-directory",
     "import-missing-file",
     "import-malformed-json",
     "import-pickle-calling-os-system",
-    "import-pickle-bomb",
     "export-json-of-bytes",
     "unknown-command",
     "verify-altered-dump",
-    "export-over-its-own-database",
 }
 assert {case.id for case in CASES} >= FAST_CASES, "FAST_CASES names a case that does not exist"
 
@@ -688,6 +685,7 @@ def test_a_password_in_the_uri_never_reaches_the_output(world: World) -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "uri",
     [

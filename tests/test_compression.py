@@ -100,6 +100,7 @@ def test_a_dump_of_any_format_imports_into_any_path_and_reads_back_equal(
         assert _plain(other, "restored/copy") == _plain(store)
 
 
+@pytest.mark.slow
 def test_a_name_and_a_compression_that_disagree_are_refused_before_anything_is_written(
     store, tmp_path
 ):
@@ -170,6 +171,7 @@ def test_a_schedule_writes_zst_dumps_with_their_own_latest_link(store, tmp_path)
     assert skipped.skipped
 
 
+@pytest.mark.slow
 def test_the_exporter_process_writes_compressed_dumps(tmp_path):
     db = tmp_path / "Data.fs"
     dumps = tmp_path / "dumps"

@@ -612,6 +612,7 @@ def test_unwritable_keys_and_counters_are_named_too(store, tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_json_export_of_a_lone_surrogate_on_the_command_line_is_one_line(tmp_path):
     """The CLI path of the same refusal: exit 3 (a value JSON cannot hold), one line, no file."""
     db = tmp_path / "app.fs"

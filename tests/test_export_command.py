@@ -69,6 +69,7 @@ def test_a_failure_before_the_run_is_one_json_object_too(db_file, tmp_path, what
     assert not (tmp_path / "nosuch.fs").exists()
 
 
+@pytest.mark.slow
 def test_verify_json_reports_a_missing_dump_as_one_object(tmp_path):
     result = run_snaptree("verify", tmp_path / "gone.pickle", "--json")
     assert result.returncode == 2
@@ -79,6 +80,7 @@ def test_verify_json_reports_a_missing_dump_as_one_object(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path):
     """The writer holds the FileStorage lock; the export opens the file read-only."""
     writer = snaptree.open(str(db_file))
@@ -91,6 +93,7 @@ def test_export_command_reads_a_file_another_process_has_open(db_file, tmp_path)
         writer.close()
 
 
+@pytest.mark.slow
 def test_export_command_on_a_live_file_logs_no_stale_index_warning(tmp_path):
     """A file its writer created and still has open has an empty .index: expected, not warned."""
     db_file = tmp_path / "live.fs"
@@ -128,6 +131,7 @@ def test_export_command_usage_errors_exit_2(db_file, tmp_path, args, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_subtree_is_a_usage_error(db_file, tmp_path):
     """``--subtree "$UNSET"`` is refused rather than read as the root."""
     result = run_snaptree("export", "--db", db_file, "-o", tmp_path / "x.pickle", "--subtree", "")
@@ -136,6 +140,7 @@ def test_an_empty_subtree_is_a_usage_error(db_file, tmp_path):
     assert not (tmp_path / "x.pickle").exists()
 
 
+@pytest.mark.slow
 def test_export_command_on_a_missing_store_exits_2(tmp_path):
     result = run_snaptree("export", "--db", tmp_path / "none.fs", "-o", tmp_path / "x")
     assert result.returncode == 2 and error_line(result)

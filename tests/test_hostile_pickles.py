@@ -94,6 +94,7 @@ def test_a_memo_index_far_past_the_pickle_is_refused_before_any_allocation(tmp_p
     assert "memo.pickle" in str(refused.value) and "byte 3" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_deep_tuple_in_a_zexp_record_is_refused_instead_of_crashing(tmp_path):
     """A .zexp record's state is read by the same unpickler, its two pickles scanned."""
     meta = b"\x80\x03cpersistent.mapping\nPersistentMapping\nN\x86."
@@ -131,6 +132,7 @@ def test_a_deep_tuple_made_by_a_call_from_a_list_is_counted(tmp_path):
     assert code == 3 and "no pickler writes one" in stderr, (code, stderr)
 
 
+@pytest.mark.slow
 def test_memoize_after_a_gap_in_the_memo_is_followed_as_the_unpickler_follows_it(tmp_path):
     """MEMOIZE stores at the number of entries stored, not after the highest index: the
     scan counted a deep tuple fetched back through the gap as depth 0."""
@@ -358,6 +360,7 @@ def test_tuples_that_hold_the_same_tuple_twice_over_and_over_are_refused(tmp_pat
         assert store.run(lambda root: dict(root)) == {}
 
 
+@pytest.mark.slow
 def test_a_tuple_made_from_a_lists_items_cannot_hide_its_size_from_the_scan(tmp_path):
     """The scan counted tuple([d, d]) as a call of 4 values: 21 doublings built on it
     looked like 8 million values and were 2**44, and hashing the key hung the import."""

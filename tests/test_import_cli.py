@@ -67,6 +67,7 @@ def test_savepoint_every_of_older_scripts_still_works(db: str, tmp_path: Path) -
     assert "--savepoint-every" not in invoke("--help").stdout
 
 
+@pytest.mark.slow
 def test_path_puts_the_data_in_a_subtree(db: str, tmp_path: Path) -> None:
     source = tmp_path / "a1.json"
     source.write_text('{"balance": 7}')
@@ -103,6 +104,7 @@ def test_malformed_json_exits_3_with_line_and_column_and_commits_nothing(
     assert state(db) == before
 
 
+@pytest.mark.slow
 def test_hostile_pickle_is_refused_and_runs_nothing(db: str, tmp_path: Path) -> None:
     canary = tmp_path / "pwned"
 
@@ -153,6 +155,7 @@ class Fraction13:
     """A plain class: loadable when allowed, but not storable."""
 
 
+@pytest.mark.slow
 def test_help_ends_with_an_example() -> None:
     result = invoke("--help")
     assert result.returncode == 0
@@ -210,6 +213,7 @@ def test_failure_is_one_line_on_stderr_and_success_is_quiet_off_a_terminal(tmp_p
     assert state(db)[1] == {"a": [1, 2]}
 
 
+@pytest.mark.slow
 def test_an_empty_path_is_a_usage_error_and_changes_nothing(db: str, tmp_path: Path) -> None:
     """``snaptree import f.json --path "$UNSET"``: refused (exit 2), not imported into the root."""
     source = tmp_path / "model.json"

@@ -316,6 +316,7 @@ def test_prune_command_deletes_under_the_lock_and_is_refused_while_a_schedule_ho
     assert [p for p in weeks_of_dumps if p.exists()] == weeks_of_dumps[-1:]
 
 
+@pytest.mark.slow
 def test_prune_without_a_rule_is_a_usage_error(tmp_path, weeks_of_dumps):
     result = run_snaptree("prune", tmp_path)
     assert result.returncode == 2 and "say what to keep" in result.stderr

@@ -254,6 +254,7 @@ def test_the_lock_file_names_its_holder_and_is_emptied_on_release(tmp_path):
     assert lock.path.read_text() == ""
 
 
+@pytest.mark.slow
 def test_the_lock_file_never_holds_a_password(tmp_path):
     """The command line is recorded with the URI's password masked."""
     listener = socket.create_server(("127.0.0.1", 0))

@@ -65,6 +65,7 @@ def test_a_dump_older_than_max_age_exits_6_and_still_says_what_it_is(tmp_path):
     assert dump_status(tmp_path, max_age=datetime.timedelta(hours=4)).ok
 
 
+@pytest.mark.slow
 def test_no_dump_at_all_exits_6(tmp_path):
     (tmp_path / "snaptree-20200101T000000.000000Z-0000000000000001.pickle").write_text("stray")
     result = run_snaptree("status", tmp_path)
@@ -172,6 +173,7 @@ def test_a_metrics_file_that_cannot_be_written_is_an_error_before_any_run(tmp_pa
         MetricsFile(tmp_path / "missing" / "x.prom", target=tmp_path, format="pickle")
 
 
+@pytest.mark.slow
 def test_a_failed_run_under_every_json_prints_a_json_object_saying_so(tmp_path):
     db = tmp_path / "Data.fs"
     with snaptree.open(str(db)) as store:

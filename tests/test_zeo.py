@@ -77,6 +77,7 @@ def test_a_store_opened_before_a_restart_keeps_working_with_oids_unique(tmp_path
                 assert check_books(snap.root) == (2, [])
 
 
+@pytest.mark.slow
 def test_history_survives_in_the_served_file_storage(tmp_path: Path) -> None:
     """Through ZEO, snapshot(at=) sees the tree as it was (the FileStorage keeps history)."""
     with zeo_server(tmp_path) as server, snaptree.open(server.uri) as store:
@@ -110,6 +111,7 @@ def test_serve_refuses_a_file_another_server_holds(tmp_path: Path) -> None:
     assert "another process has it open" in line
 
 
+@pytest.mark.slow
 def test_serve_rejects_a_malformed_listen_address(tmp_path: Path) -> None:
     """--listen must be HOST:PORT; anything else is a usage error, not a traceback."""
     result = run_snaptree("serve", "--db", tmp_path / "Data.fs", "--listen", "8100")
@@ -160,6 +162,7 @@ def test_serve_refuses_group_durability_and_clients_cannot_choose_one(tmp_path: 
         snaptree.open(server.uri, durability="relaxed")
 
 
+@pytest.mark.slow
 def test_sync_every_without_relaxed_durability_is_a_usage_error(tmp_path: Path) -> None:
     """--sync-every means nothing in commit mode: refused (exit 2), not silently ignored."""
     result = run_snaptree("serve", "--db", tmp_path / "Data.fs", "--sync-every", "0.5")
