@@ -58,6 +58,7 @@ from ._values import (
     clock_problem,
     default_factory_detail,
     hashable_problem,
+    rebuilt_tuple,
     unstorable_detail,
 )
 from .errors import UnstorableValueError
@@ -438,11 +439,8 @@ class Converter:
             done = source  # an immutable value holding nothing converted: itself
         elif kind == _FROZENSET:
             done = frozenset(out) if type(source) is frozenset else type(source)(out)
-        elif type(source) is tuple:
-            done = tuple(out)
-        else:  # a namedtuple, or another tuple subclass
-            make = getattr(type(source), "_make", None)
-            done = make(out) if make is not None else type(source)(out)
+        else:  # a tuple, a namedtuple, or another tuple subclass
+            done = rebuilt_tuple(source, out)
         if frame.depth:
             self._visited += len(out)
             size = 1 + len(out) + frame.extra

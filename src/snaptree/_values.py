@@ -232,7 +232,8 @@ def default_factory_detail(value: Any) -> str:
 
 
 def rebuilt_tuple(value: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
-    """*value*, a tuple or one of its subclasses, holding *items* instead (plain copies).
+    """*value*, a tuple or one of its subclasses, holding *items* instead (converted,
+    or plain copies).
 
     A namedtuple takes its fields one by one; any other subclass takes one
     iterable, as ``tuple`` does (``T(*items)`` split a one-string ``T`` into letters).
