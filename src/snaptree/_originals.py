@@ -118,14 +118,14 @@ def _unchanged(original: Any, shadow: Any) -> bool:
                 and all(map(operator.is_, original.values(), shadow.values()))
             ):
                 return True
-            return len(original) == len(shadow) and all(
-                map(_same_value, original.items(), shadow.items())
-            )
-        if isinstance(original, list):
-            if len(original) == len(shadow) and all(map(operator.is_, original, shadow)):
-                return True
-            return len(original) == len(shadow) and all(map(_same_value, original, shadow))
-        return _same_elements(original, shadow)
+        elif (
+            isinstance(original, list)
+            and len(original) == len(shadow)
+            and all(map(operator.is_, original, shadow))
+        ):
+            return True
+        # The original may be a dict subclass (an OrderedDict) where its copy is a dict.
+        return _same_contents(original, shadow)
     except Exception:  # a value whose == fails cannot be shown unchanged
         return False
 
@@ -143,21 +143,25 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
     if kind in _TEXT_MATTERS:
         return repr(a) == repr(b)
-    if isinstance(a, tuple | list):
-        return len(a) == len(b) and all(map(_same_value, a, b))
-    if isinstance(a, dict):
-        return len(a) == len(b) and all(map(_same_value, a.items(), b.items()))
-    if isinstance(a, set | frozenset):
-        return _same_elements(a, b)
+    if isinstance(a, tuple | list | dict | set | frozenset):
+        return _same_contents(a, b)
     return bool(a == b)
 
 
-def _same_elements(a: Any, b: Any) -> bool:
-    """Sets: each element of *a* has an equal one in *b* that is the same value."""
+def _same_contents(a: Any, b: Any) -> bool:
+    """Containers of the same kind holding the same values (see _same_value), in order.
+
+    Sets have no order: each element of *a* has an equal one in *b* that is
+    the same value.
+    """
     if len(a) != len(b):
         return False
-    held = {element: element for element in b}
-    return all(element in held and _same_value(element, held[element]) for element in a)
+    if isinstance(a, dict):
+        return all(map(_same_value, a.items(), b.items()))
+    if isinstance(a, set | frozenset):
+        held = {element: element for element in b}
+        return all(element in held and _same_value(element, held[element]) for element in a)
+    return all(map(_same_value, a, b))
 
 
 #: Types whose equal values can still differ in what a dump holds.
