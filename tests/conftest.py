@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -55,7 +56,6 @@ FIRST_CASE_IN_THE_FAST_SUITE = {
     "test_a_cold_export_asks_for_objects_in_full_batches",
     "test_verify_json_prints_one_object_when_the_dump_fails_too",
     "test_a_very_deep_json_dump_is_a_verify_error_not_a_recursion_error",
-    "test_a_name_and_a_compression_that_disagree_are_refused_before_anything_is_written",
     "test_verify_reads_a_compressed_dump_as_it_reads_a_plain_one",
     "test_a_killed_import_leaves_the_tree_as_before_and_the_next_import_cleans_up",
     "test_tuples_that_hold_the_same_tuple_twice_over_and_over_are_refused",
@@ -70,13 +70,14 @@ FIRST_CASE_IN_THE_FAST_SUITE = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Split the families above; long --torture runs get a longer hang guard (the default
     stays the 120 s of pyproject)."""
-    first_seen: set[str] = set()
+    first_seen: set[tuple[Any, str]] = set()  # per module: two modules may use one name
     for item in items:
         name = getattr(item, "originalname", item.name)
         if name in FIRST_CASE_IN_THE_FAST_SUITE:
-            if name in first_seen:
+            family = (item.path, name)
+            if family in first_seen:
                 item.add_marker(pytest.mark.slow)
-            first_seen.add(name)
+            first_seen.add(family)
         if config.getoption("--torture"):
             item.add_marker(pytest.mark.timeout(TORTURE_TIMEOUT))
 
