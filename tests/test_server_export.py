@@ -13,17 +13,25 @@ servers are slow tests.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ZEO.ClientStorage import ClientStorage
+from ZEO.Exceptions import ServerException
+from ZEO.StorageServer import StorageServer
 from ZODB.Connection import Connection
+from ZODB.FileStorage import FileStorage
 
 import snaptree
 from _servers import postgres_database, postgres_uri, zeo_server
-from snaptree import _pickle_fragments, _plain_nodes, _zexp
+from snaptree import _load_many, _pickle_fragments, _plain_nodes, _zexp
+from snaptree._load_many import LOAD_MANY, MOST_PER_REQUEST, serves_load_many
 from snaptree.exports import FragmentCaches
+from snaptree.server import STORAGE_NAME, Server
 
 SUFFIX = {"pickle": ".pickle", "json": ".json", "zodb": ".zexp"}
 
@@ -120,3 +128,173 @@ def test_a_cold_export_through_postgresql_holds_what_the_file_holds(expected, tm
     with snaptree.open(postgres) as store:
         store.run(_fill)
     assert _exports(postgres, tmp_path) == from_file
+
+
+# -- snaptree serve answers many objects in one request --------------------------------
+#
+# Through a server started by `snaptree serve` (here in this process, on a port chosen at
+# run time), a cold export asks for the objects its prefetcher names in one request
+# (_load_many.LOAD_MANY) and takes the answers straight into its loads, without ZEO's
+# per-object requests or its client cache. What must hold: the dump is the snapshot's,
+# whatever writers commit meanwhile, and a stock ZEO server is never asked.
+
+
+#: Loads of single objects an export of the accounts makes before its first batch is known.
+ONE_AT_A_TIME = 20
+
+
+@contextmanager
+def _snaptree_server(db: Path) -> Iterator[str]:
+    with Server(str(db), "127.0.0.1:0") as server:
+        yield server.uri
+
+
+@contextmanager
+def _stock_zeo_server(db: Path) -> Iterator[str]:
+    """ZEO's own StorageServer over *db*, which knows nothing of LOAD_MANY."""
+    storage = FileStorage(str(db))
+    zeo = StorageServer(("127.0.0.1", 0), {STORAGE_NAME: storage})
+    thread = threading.Thread(target=zeo.loop, daemon=True)
+    thread.start()
+    try:
+        yield f"zeo://127.0.0.1:{zeo.addr[1]}"
+    finally:
+        zeo.acceptor.event_loop.call_soon_threadsafe(zeo.close)
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def _accounts(root: Any) -> None:
+    root["accounts"] = {f"a{i}": {"balance": 100, "log": [i]} for i in range(1500)}
+
+
+def _double_balances(root: Any) -> None:
+    for account in root["accounts"].values():
+        account["balance"] *= 2
+
+
+class _ZeoCalls:
+    """Counts a store's per-object ZEO loads and prefetches from now on."""
+
+    def __init__(self, store: snaptree.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loads = self.prefetches = 0
+        load, prefetch = ClientStorage.loadBefore, ClientStorage.prefetch
+
+        def counted_load(storage: ClientStorage, *args: Any) -> Any:
+            self.loads += storage is store.db.storage
+            return load(storage, *args)
+
+        def counted_prefetch(storage: ClientStorage, *args: Any) -> Any:
+            self.prefetches += storage is store.db.storage
+            return prefetch(storage, *args)
+
+        monkeypatch.setattr(ClientStorage, "loadBefore", counted_load)
+        monkeypatch.setattr(ClientStorage, "prefetch", counted_prefetch)
+
+
+@pytest.fixture
+def accounts_file(tmp_path: Path) -> tuple[Path, Any]:
+    """A FileStorage of 1,500 accounts (3,002 nodes), and what an export of it holds."""
+    db = tmp_path / "Data.fs"
+    with snaptree.open(str(db)) as store:
+        store.run(_accounts)
+        info = store.export(tmp_path / "file.pickle", fragments=None)
+    return db, snaptree.load_source(info.path)
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "json", "zodb"])
+def test_a_cold_export_through_snaptree_serve_asks_for_many_objects_at_once(
+    accounts_file, tmp_path, monkeypatch, fmt
+):
+    db, from_file = accounts_file
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store:
+        assert serves_load_many(store.db.storage)
+        calls = _ZeoCalls(store, monkeypatch)
+        info = store.export(tmp_path / f"cold{SUFFIX[fmt]}", fragments=None)
+    assert info.objects > 3000
+    # The root, the accounts mapping and its interior nodes are loaded one at a time (they
+    # name the first batch); every other object came in a LOAD_MANY answer, none through
+    # ZEO's prefetch.
+    assert calls.loads <= ONE_AT_A_TIME
+    assert calls.prefetches == 0
+    assert snaptree.load_source(info.path) == from_file
+
+
+def test_answers_are_the_snapshots_while_writers_commit(accounts_file, tmp_path, monkeypatch):
+    """Every balance is doubled and committed after the export took its snapshot and before
+    it asked for any account: the answers, asked for after that commit, are still the
+    snapshot's."""
+    db, from_file = accounts_file
+    real_prefetch = _load_many._ManyLoads.prefetch
+    committed = threading.Event()
+
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store, snaptree.open(uri) as writer:
+
+        def commit_then_prefetch(loads: Any, oids: Any) -> None:
+            if not committed.is_set():
+                thread = threading.Thread(target=writer.run, args=(_double_balances,))
+                thread.start()
+                thread.join(30)
+                assert not thread.is_alive()
+                committed.set()
+            real_prefetch(loads, oids)
+
+        monkeypatch.setattr(_load_many._ManyLoads, "prefetch", commit_then_prefetch)
+        calls = _ZeoCalls(store, monkeypatch)
+        during = store.export(tmp_path / "during.pickle", fragments=None)
+        assert committed.is_set() and calls.loads <= ONE_AT_A_TIME
+        after = store.export(tmp_path / "after.pickle", fragments=None)
+    assert during.tid < after.tid
+    assert snaptree.load_source(during.path) == from_file
+    doubled = snaptree.load_source(after.path)
+    assert {a["balance"] for a in doubled["accounts"].values()} == {200}
+
+
+def test_a_past_state_exported_through_snaptree_serve_is_that_state(
+    accounts_file, tmp_path, monkeypatch
+):
+    db, from_file = accounts_file
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store:
+        with store.snapshot() as snap:
+            before_doubling = snap.tid
+        store.run(_double_balances)
+        store.db.cacheMinimize()
+        calls = _ZeoCalls(store, monkeypatch)
+        info = store.export(tmp_path / "past.pickle", at=before_doubling, fragments=None)
+    assert calls.loads <= ONE_AT_A_TIME
+    assert snaptree.load_source(info.path) == from_file
+
+
+@pytest.mark.parametrize(
+    ("oids", "before", "refused"),
+    [
+        ("not a list", b"\0" * 8, "oids must be a list"),
+        ([b"\0" * 8] * (MOST_PER_REQUEST + 1), b"\0" * 8, "oids must be a list of at most"),
+        ([b"short"], b"\0" * 8, "every oid must be 8 bytes"),
+        ([b"\0" * 8], "not a tid", "before must be 8 bytes"),
+    ],
+)
+def test_the_server_refuses_a_malformed_request_and_goes_on_serving(
+    accounts_file, oids, before, refused
+):
+    db, _ = accounts_file
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store:
+        with pytest.raises(ServerException, match=refused):
+            store.db.storage._server.call(LOAD_MANY, oids, before)
+        # An oid the storage never had is answered None (the client loads it alone).
+        missing = (2**60).to_bytes(8, "big")
+        assert store.db.storage._server.call(LOAD_MANY, [missing], b"\xff" * 8) == [None]
+        assert store.run(lambda root: len(root["accounts"])) == 1500
+
+
+def test_a_stock_zeo_server_is_never_asked(accounts_file, tmp_path, monkeypatch, caplog):
+    """ZEO drops a client that calls a method it does not list: only ZEO's prefetch here."""
+    db, from_file = accounts_file
+    with _stock_zeo_server(db) as uri, snaptree.open(uri) as store:
+        assert not serves_load_many(store.db.storage)
+        calls = _ZeoCalls(store, monkeypatch)
+        info = store.export(tmp_path / "stock.pickle", fragments=None)
+        assert store.run(lambda root: len(root["accounts"])) == 1500
+    assert calls.prefetches > 0 and calls.loads > info.objects / 2
+    assert "Invalid method" not in caplog.text
+    assert snaptree.load_source(info.path) == from_file

@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve()
 FORMATS = {"pickle": ".pickle", "json": ".json", "zodb": ".zexp"}
 #: The row of exports whose objects are all in the client's own cache already.
 CACHED = "pickle, from the client's cache"
+#: The row of ZEO exports that use ZEO's own prefetch, as through a stock ZEO server.
+ZEO_OWN = "pickle, ZEO's own prefetch (as from a stock ZEO server)"
 
 
 def cold_export(uri: str, out: Path, fmt: str, client_cache: bool = False) -> tuple[float, int]:
@@ -67,12 +69,17 @@ def cold_export(uri: str, out: Path, fmt: str, client_cache: bool = False) -> tu
 def _child(uri: str, out: str, fmt: str, prefetch: str) -> None:
     """One cold export in this process; with prefetch "off", exports load one object at a time.
 
-    With prefetch "cached", the objects come from the client's own cache (see cold_export).
+    With prefetch "cached", the objects come from the client's own cache (see cold_export);
+    with "zeo", through ZEO's own prefetch, as if ``snaptree serve`` did not answer LOAD_MANY.
     """
     if prefetch == "off":
         from snaptree import _plain_nodes
 
         _plain_nodes.is_client_of_a_server = lambda storage: False  # the bench's own switch
+    if prefetch == "zeo":
+        from snaptree import _load_many
+
+        _load_many.serves_load_many = lambda storage: False  # the bench's own switch
     seconds, objects = cold_export(uri, Path(out), fmt, client_cache=prefetch == "cached")
     print(json.dumps({"seconds": seconds, "objects": objects}))
 
@@ -164,6 +171,9 @@ def main() -> None:
                         rows[(backend, off)] = row
                 for backend, row in measure(uris, out, "pickle", repeat, "cached").items():
                     rows[(backend, CACHED)] = row
+                own = {"file": str(db), "zeo": zeo_uri}
+                for backend, row in measure(own, out, "pickle", repeat, "zeo").items():
+                    rows[(backend, ZEO_OWN)] = row
             results[size] = rows
 
     cmd = command_line(HERE, sys.argv[1:])
@@ -181,7 +191,9 @@ def main() -> None:
         "of the file. The last row of each size is the client's floor: every object "
         "unpickled again, but taken from the client's own cache (ZEO's cache file, "
         "RelStorage's local cache) filled by an untimed export just before, so the server "
-        "is asked for nothing.",
+        "is asked for nothing. The row of ZEO's own prefetch is what a cold export through "
+        "a stock ZEO server (or `snaptree serve` before it answered LOAD_MANY) does, "
+        "measured against the file's in turn.",
         "",
         "| objects (file / zeo / pg) | format | FileStorage | ZEO | vs file | PostgreSQL "
         "| vs file |",
@@ -189,7 +201,7 @@ def main() -> None:
     ]
     for rows in results.values():
         for (backend, fmt), row in rows.items():
-            if backend != "file":
+            if backend != "file" or fmt == ZEO_OWN:
                 continue  # the servers' figures go on the file's row
             zeo, pg = rows[("zeo", fmt)], rows[("postgresql", fmt)]
             base = row["seconds"]
@@ -207,6 +219,13 @@ def main() -> None:
                 f"| {zeo['objects']:,} | {off} | | {zeo['seconds']:.3f} s | "
                 f"{zeo['seconds'] / base:.2f}x | {pg['seconds']:.3f} s | "
                 f"{pg['seconds'] / base:.2f}x |"
+            )
+        if ("zeo", ZEO_OWN) in rows:
+            base, zeo = rows[("file", ZEO_OWN)], rows[("zeo", ZEO_OWN)]
+            lines.append(
+                f"| {base['objects']:,} / {zeo['objects']:,} | {ZEO_OWN} | "
+                f"{base['seconds']:.3f} s | {zeo['seconds']:.3f} s | "
+                f"{zeo['seconds'] / base['seconds']:.2f}x | | |"
             )
     markdown = "\n".join(lines) + "\n"
     print(markdown)

@@ -40,6 +40,7 @@ from ZODB.Connection import Connection
 from . import _atomic, paths
 from ._compression import CompressingWriter
 from ._json_writer import write_json
+from ._load_many import loading_many
 from ._pickle_fragments import FragmentCaches, TooDeepForFragments, write_pickle_with_fragments
 from ._pickle_writer import MemoNeeded, write_pickle
 from ._store_files import StoreFiles
@@ -227,7 +228,7 @@ def _write_dump(
     memo = False
     while True:  # at most three times: each retry gives up fragments or adds the memo
         try:
-            with _atomic.staged_file(final, mode=mode) as (out, temp):
+            with _atomic.staged_file(final, mode=mode) as (out, temp), loading_many(connection):
                 objects = _write_format(
                     node, out, format, compression, connection, where, fragments, memo
                 )

@@ -162,7 +162,7 @@ class Server:
 
     def start(self) -> tuple[str, int]:
         """Open the FileStorage, bind, and serve on a new thread; return the bound address."""
-        from ZEO.StorageServer import StorageServer
+        from ._zeo_storage import SnaptreeStorageServer
 
         host, port = self._listen
         context = self._tls.context() if self._tls else None
@@ -177,7 +177,7 @@ class Server:
         created = created_by_opening(self.path)
         storage = self._open_storage(created)
         try:
-            self._zeo = StorageServer(
+            self._zeo = SnaptreeStorageServer(
                 (host, port), {STORAGE_NAME: storage}, read_only=self._read_only, ssl=context
             )
         except OSError as exc:
