@@ -28,7 +28,7 @@ from ZODB.FileStorage import FileStorage
 
 import snaptree
 from _servers import postgres_database, postgres_uri, zeo_server
-from snaptree import _load_many, _pickle_fragments, _plain_nodes, _zexp
+from snaptree import _load_many, _pickle_fragments, _plain_nodes, _zeo_storage, _zexp
 from snaptree._load_many import LOAD_MANY, MOST_PER_REQUEST, serves_load_many
 from snaptree.exports import FragmentCaches
 from snaptree.server import STORAGE_NAME, Server
@@ -150,10 +150,10 @@ def _snaptree_server(db: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _stock_zeo_server(db: Path) -> Iterator[str]:
+def _stock_zeo_server(db: Path, port: int = 0) -> Iterator[str]:
     """ZEO's own StorageServer over *db*, which knows nothing of LOAD_MANY."""
     storage = FileStorage(str(db))
-    zeo = StorageServer(("127.0.0.1", 0), {STORAGE_NAME: storage})
+    zeo = StorageServer(("127.0.0.1", port), {STORAGE_NAME: storage})
     thread = threading.Thread(target=zeo.loop, daemon=True)
     thread.start()
     try:
@@ -296,5 +296,66 @@ def test_a_stock_zeo_server_is_never_asked(accounts_file, tmp_path, monkeypatch,
         info = store.export(tmp_path / "stock.pickle", fragments=None)
         assert store.run(lambda root: len(root["accounts"])) == 1500
     assert calls.prefetches > 0 and calls.loads > info.objects / 2
+    assert "Invalid method" not in caplog.text
+    assert snaptree.load_source(info.path) == from_file
+
+
+def test_a_node_in_two_places_is_asked_for_once(tmp_path, monkeypatch):
+    db = tmp_path / "Data.fs"
+    with snaptree.open(str(db)) as store:
+        store.run(lambda root: root.update(pair=[{"x": 1}]))
+        store.run(lambda root: root["pair"].append(root["pair"][0]))
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store:
+        for fmt in SUFFIX:
+            info = store.export(tmp_path / f"pair{SUFFIX[fmt]}", fragments=None)
+            assert snaptree.load_source(info.path)["pair"] == [{"x": 1}, {"x": 1}]
+
+
+def test_answers_stop_at_a_size_and_the_rest_is_asked_for_again(
+    accounts_file, tmp_path, monkeypatch
+):
+    """ZEO's client joins one message's pieces at a cost that grows with the square of its
+    size: an answer stops at MOST_BYTES_PER_ANSWER (here a few kB) and the client asks again."""
+    db, from_file = accounts_file
+    monkeypatch.setattr(_zeo_storage, "MOST_BYTES_PER_ANSWER", 3000)
+    answers: list[tuple[int, int]] = []  # (objects asked for, bytes answered)
+    real = _zeo_storage._ZEOStorage.snaptree_load_before_many
+
+    def recorded(handler: Any, oids: Any, before: Any) -> list[Any]:
+        states = real(handler, oids, before)
+        answers.append((len(oids), sum(len(state[0]) for state in states if state)))
+        return states
+
+    monkeypatch.setattr(_zeo_storage._ZEOStorage, "snaptree_load_before_many", recorded)
+    with _snaptree_server(db) as uri, snaptree.open(uri) as store:
+        calls = _ZeoCalls(store, monkeypatch)
+        info = store.export(tmp_path / "small-answers.pickle", fragments=None)
+    assert snaptree.load_source(info.path) == from_file
+    assert len(answers) > info.objects * 100 // 3000  # no answer much over 3,000 bytes
+    assert max(size for _, size in answers) < 3000 + 1000
+    assert calls.loads <= ONE_AT_A_TIME
+
+
+def test_a_client_that_reconnects_to_a_stock_zeo_server_stops_asking(
+    accounts_file, tmp_path, caplog
+):
+    """ZEO's client keeps what each server said at connection merged with what the servers
+    before it said: the flag of a snaptree server outlived a reconnection to a stock one, which
+    then dropped the client at each export."""
+    db, from_file = accounts_file
+    server = Server(str(db), "127.0.0.1:0")
+    server.start()
+    try:
+        store = snaptree.open(server.uri)
+        assert serves_load_many(store.db.storage)
+    finally:
+        server.stop()
+    try:
+        with _stock_zeo_server(db, port=server.address[1]):
+            assert store.run(lambda root: len(root["accounts"])) == 1500  # reconnected
+            assert not serves_load_many(store.db.storage)
+            info = store.export(tmp_path / "after.pickle", fragments=None)
+    finally:
+        store.close()
     assert "Invalid method" not in caplog.text
     assert snaptree.load_source(info.path) == from_file

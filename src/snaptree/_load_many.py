@@ -29,35 +29,49 @@ from typing import Any
 
 #: The server method, and the key in the server's ``get_info`` that says it answers it.
 LOAD_MANY = "snaptree_load_before_many"
-#: The most objects one request may name (the server refuses more).
-MOST_PER_REQUEST = 5000
+#: The most objects one request may name (the server refuses more): about 15 ms of the
+#: server's loop for small objects, as long as a commit holds it.
+MOST_PER_REQUEST = 1000
+#: An answer stops once its states reach this many bytes, and the rest is asked for
+#: again: ZEO's client joins the pieces of one message in a way whose cost grows with
+#: the square of its size (a 40 MB answer took 10 s), and its I/O thread, which every
+#: thread of the process needs for its own calls, does nothing else meanwhile.
+MOST_BYTES_PER_ANSWER = 1 << 20
 #: Seconds to wait for an answer before loading its objects one at a time instead.
 _ANSWER_TIMEOUT = 60.0
 
 
 def serves_load_many(storage: Any) -> bool:
-    """Whether *storage* is a ZEO client connected to a server that answers LOAD_MANY.
+    """Whether *storage* is a ZEO client whose server, as of now, answers LOAD_MANY.
 
-    ZEO's ClientStorage keeps the server's ``get_info`` answer in ``_info``
-    (checked against ZEO 6.2): private, and the only place the client says
-    what the server it is connected to offers.
+    The server is asked (``get_info``, one round trip): the answer ZEO's
+    ClientStorage keeps from the connection (``_info``) is each server's
+    merged into the ones before (checked against ZEO 6.2), so a snaptree
+    server's flag would outlive a reconnection to a stock server, which
+    drops a client that calls a method it does not list.
     """
-    info = getattr(storage, "_info", None)
+    if not type(storage).__module__.startswith("ZEO."):
+        return False
+    try:
+        info = storage._server.call("get_info")
+    except Exception:  # not connected: the export's loads will say so
+        return False
     return isinstance(info, dict) and bool(info.get(LOAD_MANY))
 
 
 @contextmanager
 def loading_many(connection: Any) -> Iterator[None]:
-    """While the block runs, *connection*'s prefetches ask the server for many objects at once.
+    """While the block runs, *connection*'s prefetches ask for many objects at once.
 
-    Does nothing unless the connection's storage serves LOAD_MANY. The
-    connection's storage adapter (``Connection._storage``, checked against
-    ZODB 6.4: the one attribute through which a connection loads and
-    prefetches) is wrapped for the block and put back after it.
+    Only through a ZEO client, and only if its server answers LOAD_MANY
+    when the first prefetch comes. The connection's storage adapter
+    (``Connection._storage``, checked against ZODB 6.4: the one attribute
+    through which a connection loads and prefetches) is wrapped for the
+    block and put back after it.
     """
     storage = connection.db().storage
     adapter = getattr(connection, "_storage", None)
-    if adapter is None or not serves_load_many(storage) or _before(adapter) is None:
+    if not type(storage).__module__.startswith("ZEO.") or _before(adapter) is None:
         yield
         return
     loads = _ManyLoads(adapter, storage)
@@ -81,12 +95,14 @@ class _ManyLoads:
     Every other attribute is the adapter's. Answers wait in ``_ready``
     until the connection loads their object (each is taken once); requests
     still in flight are in ``_pending``, and a load of one of their objects
-    waits for the answer.
+    waits for the answer. Whether the server answers LOAD_MANY is asked at
+    the first prefetch (an export that prefetches nothing asks nothing).
     """
 
     def __init__(self, adapter: Any, storage: Any) -> None:
         self._adapter = adapter
-        self._call = storage._server.call  # ZEO 6.2's ClientRunner; wait=False gives a future
+        self._storage = storage
+        self._serves: bool | None = None
         # What ClientStorage.loadBefore looks in first (ZEO 6.2): a state found there is
         # taken from it as that load would, not asked of the server again.
         self._cache_load = storage._cache.loadBefore
@@ -97,24 +113,29 @@ class _ManyLoads:
         return getattr(self._adapter, name)
 
     def prefetch(self, oids: Iterable[bytes]) -> None:
+        if self._serves is None:
+            self._serves = serves_load_many(self._storage)
         before = _before(self._adapter)
-        if before is None:
+        if not self._serves or before is None:
+            self._adapter.prefetch(oids)
             return
-        wanted = []
+        wanted: dict[bytes, None] = {}  # in order, each once: a node may be in two places
         for oid in oids:
-            if oid in self._ready or oid in self._pending:
+            if oid in wanted or oid in self._ready or oid in self._pending:
                 continue
             cached = self._cache_load(oid, before)
             if cached is None:
-                wanted.append(oid)
+                wanted[oid] = None
             else:
                 self._ready[oid] = (before, cached[0], cached[1])
-        if not wanted:
-            return
-        for start in range(0, len(wanted), MOST_PER_REQUEST):
-            asked = wanted[start : start + MOST_PER_REQUEST]
+        self._ask(list(wanted), before)
+
+    def _ask(self, oids: list[bytes], before: bytes, per_request: int = MOST_PER_REQUEST) -> None:
+        for start in range(0, len(oids), per_request):
+            asked = oids[start : start + per_request]
             try:
-                answer = self._call(LOAD_MANY, asked, before, wait=False)
+                # ZEO 6.2's ClientRunner.call; wait=False gives a concurrent future
+                answer = self._storage._server.call(LOAD_MANY, asked, before, wait=False)
             except Exception:  # disconnected: the loads will say so, or reconnect
                 return
             request = (asked, before, answer)
@@ -130,16 +151,25 @@ class _ManyLoads:
         return self._adapter.load(oid)  # type: ignore[no-any-return]
 
     def _receive(self, request: tuple[list[bytes], bytes, Any]) -> None:
-        """Wait for *request*'s answer and keep the states in it (none if it failed)."""
+        """Wait for *request*'s answer and keep its states; ask again for what it left out.
+
+        The server answers the first objects asked for, up to
+        MOST_BYTES_PER_ANSWER; the rest is asked for at once, in requests of
+        as many objects as this answer held (large objects: several requests
+        in flight, as ZEO's own prefetch would have). None if the request
+        failed: the objects are then loaded one at a time, with ZEO's own errors.
+        """
         asked, before, answer = request
         for oid in asked:
-            del self._pending[oid]
+            self._pending.pop(oid, None)
         try:
             states = answer.result(_ANSWER_TIMEOUT)
-        except Exception:  # the objects are loaded one at a time, with ZEO's own errors
+        except Exception:
             return
-        if not isinstance(states, list | tuple) or len(states) != len(asked):
+        if not isinstance(states, list | tuple) or not 0 < len(states) <= len(asked):
             return
-        for oid, state in zip(asked, states, strict=True):
+        for oid, state in zip(asked, states, strict=False):
             if state is not None:  # (data, serial, next serial), as loadBefore answers
                 self._ready[oid] = (before, state[0], state[1])
+        if len(states) < len(asked) and before == _before(self._adapter):
+            self._ask(asked[len(states) :], before, len(states))

@@ -16,7 +16,7 @@ from typing import Any
 from ZEO.StorageServer import StorageServer, ZEOStorage, registered_methods
 from ZODB.POSException import POSKeyError
 
-from ._load_many import LOAD_MANY, MOST_PER_REQUEST
+from ._load_many import LOAD_MANY, MOST_BYTES_PER_ANSWER, MOST_PER_REQUEST
 
 _OID_SIZE = 8
 
@@ -39,11 +39,13 @@ class _ZEOStorage(ZEOStorage):  # type: ignore[misc]
         return info
 
     def snaptree_load_before_many(self, oids: Any, before: Any) -> list[Any]:
-        """``loadBefore(oid, before)`` of each of *oids*; None where there is no such state.
+        """``loadBefore(oid, before)`` of the first of *oids*; None where there is no such state.
 
-        The request comes from the network: its shape is checked before
-        anything is loaded, and an object the storage does not have is None
-        (the client then loads it alone and gets ZODB's own error).
+        As many as fit in MOST_BYTES_PER_ANSWER (at least one): the client
+        asks again for the rest. The request comes from the network: its
+        shape is checked before anything is loaded, and an object the
+        storage does not have is None (the client then loads it alone and
+        gets ZODB's own error).
         """
         if not _is_tid(before):
             raise ValueError(f"{LOAD_MANY}: before must be 8 bytes")
@@ -53,12 +55,18 @@ class _ZEOStorage(ZEOStorage):  # type: ignore[misc]
             raise ValueError(f"{LOAD_MANY}: every oid must be 8 bytes")
         load = self.storage.loadBefore
         states: list[Any] = []
+        size = 0
         for oid in oids:
+            if size >= MOST_BYTES_PER_ANSWER:
+                break
             try:
-                states.append(load(oid, before))
+                state = load(oid, before)
             except POSKeyError:
-                states.append(None)
-        self.stats.loads += len(oids)
+                state = None
+            states.append(state)
+            if state is not None:
+                size += len(state[0])
+        self.stats.loads += len(states)
         return states
 
 
