@@ -56,8 +56,8 @@ class PlainPickler(pickle.Pickler):
         # it wrote until the end (with protocol 4+ it cannot be cleared midway
         # without corrupting the stream), and memory would grow with the tree:
         # measured at about 570 bytes per object. Without it, an object
-        # reachable twice is written twice (NodeCount bounds how often), and a
-        # cycle is an error. *memo* is for the trees it fails on (MemoNeeded).
+        # reachable twice is written twice (NodeCount bounds how often), and it
+        # cannot write a cycle. *memo* is for the trees it fails on (MemoNeeded).
         self.fast = not memo
         self._add = count.add
         self._reducers = PLAIN_REDUCERS
@@ -146,12 +146,14 @@ def subclass_reducer(obj: Any) -> Callable[[Any], Any] | None:
 
 
 class MemoNeeded(Exception):
-    """The memo-less pickler failed on a good tree: write it again with a memo.
+    """The memo-less pickler cannot write this tree: write it again with a memo.
 
-    CPython's C pickler (3.11 at least, gh-146059) never leaves a frozenset in
-    its memo-less mode: past 50 frozensets it loses count of what it is
-    inside and raises KeyError as it leaves a container. With a memo it
-    writes the tree, at the memo's cost in memory.
+    A cycle (through your own persistent objects) needs the memo, as it does
+    in ``pickle.dump``. And CPython's C pickler (3.11 at least, gh-146059)
+    never leaves a frozenset in its memo-less mode: past 50 frozensets it
+    loses count of what it is inside and raises KeyError as it leaves a
+    container, or reports a cycle when it meets one of those frozensets
+    again. With a memo it writes the tree, at the memo's cost in memory.
     """
 
 
@@ -168,12 +170,9 @@ def pickling_errors(where: str, too_deep: Exception, *, memo: bool = False) -> I
             raise ExportError(f"cannot pickle the tree at {where}: {exc!r}") from exc
         raise MemoNeeded() from exc
     except ValueError as exc:
-        if "cyclic" not in str(exc):
+        if "cyclic" not in str(exc) or memo:
             raise
-        raise ExportError(
-            f"{where} holds a reference cycle (through your own persistent objects); "
-            "the pickle format writes a tree: export it in the zodb format"
-        ) from None
+        raise MemoNeeded() from exc
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise ExportError(f"cannot pickle the tree at {where}: {exc}") from exc
 
@@ -188,10 +187,14 @@ def write_pickle(
     """
     count = NodeCount(connection, where, "pickle")
     prefetcher = Prefetcher(connection)
-    too_deep = ExportError(
-        f"{where} holds a reference cycle or is nested too deeply for the pickle writer; "
-        "export it in the zodb format"
-    )
+    # Without the memo, a cycle through your own persistent objects recurses without
+    # end, as a tree nested too deeply does: both are written again with the memo, which
+    # writes the cycle; a tree still too deep then is the error.
+    too_deep: Exception = MemoNeeded()
+    if memo:
+        too_deep = ExportError(
+            f"{where} is nested too deeply for the pickle writer; export it in the zodb format"
+        )
     with pickling_errors(where, too_deep, memo=memo):
         PlainPickler(out, count, prefetcher, memo=memo).dump(node)
     return count.nodes
