@@ -50,7 +50,7 @@ def serves_load_many(storage: Any) -> bool:
     server's flag would outlive a reconnection to a stock server, which
     drops a client that calls a method it does not list.
     """
-    if not type(storage).__module__.startswith("ZEO."):
+    if not _is_zeo_client(storage):
         return False
     try:
         info = storage._server.call("get_info")
@@ -71,7 +71,7 @@ def loading_many(connection: Any) -> Iterator[None]:
     """
     storage = connection.db().storage
     adapter = getattr(connection, "_storage", None)
-    if not type(storage).__module__.startswith("ZEO.") or _before(adapter) is None:
+    if not _is_zeo_client(storage) or _before(adapter) is None:
         yield
         return
     loads = _ManyLoads(adapter, storage)
@@ -81,6 +81,15 @@ def loading_many(connection: Any) -> Iterator[None]:
     finally:
         if connection._storage is loads:  # a savepoint would have put its own in place
             connection._storage = adapter
+
+
+def _is_zeo_client(storage: Any) -> bool:
+    """Whether *storage* is ZEO 6.2's ClientStorage, with the two private parts used here."""
+    return (
+        type(storage).__module__.startswith("ZEO.")
+        and hasattr(getattr(storage, "_server", None), "call")
+        and hasattr(getattr(storage, "_cache", None), "loadBefore")
+    )
 
 
 def _before(adapter: Any) -> bytes | None:
@@ -117,7 +126,9 @@ class _ManyLoads:
             self._serves = serves_load_many(self._storage)
         before = _before(self._adapter)
         if not self._serves or before is None:
-            self._adapter.prefetch(oids)
+            prefetch = getattr(self._adapter, "prefetch", None)  # a past state's has none
+            if prefetch is not None:
+                prefetch(oids)
             return
         wanted: dict[bytes, None] = {}  # in order, each once: a node may be in two places
         for oid in oids:

@@ -18,7 +18,7 @@ from ZODB.POSException import POSKeyError
 
 from ._load_many import LOAD_MANY, MOST_BYTES_PER_ANSWER, MOST_PER_REQUEST
 
-_OID_SIZE = 8
+_P64_SIZE = 8
 
 
 class SnaptreeStorageServer(StorageServer):  # type: ignore[misc]
@@ -47,11 +47,11 @@ class _ZEOStorage(ZEOStorage):  # type: ignore[misc]
         storage does not have is None (the client then loads it alone and
         gets ZODB's own error).
         """
-        if not _is_tid(before):
+        if not _eight_bytes(before):
             raise ValueError(f"{LOAD_MANY}: before must be 8 bytes")
         if not isinstance(oids, list | tuple) or len(oids) > MOST_PER_REQUEST:
             raise ValueError(f"{LOAD_MANY}: oids must be a list of at most {MOST_PER_REQUEST}")
-        if not all(_is_tid(oid) for oid in oids):
+        if not all(_eight_bytes(oid) for oid in oids):
             raise ValueError(f"{LOAD_MANY}: every oid must be 8 bytes")
         load = self.storage.loadBefore
         states: list[Any] = []
@@ -70,5 +70,5 @@ class _ZEOStorage(ZEOStorage):  # type: ignore[misc]
         return states
 
 
-def _is_tid(value: Any) -> bool:
-    return isinstance(value, bytes) and len(value) == _OID_SIZE
+def _eight_bytes(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == _P64_SIZE
