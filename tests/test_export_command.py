@@ -118,6 +118,7 @@ def test_export_command_on_a_live_file_logs_no_stale_index_warning(tmp_path):
         (["--keep", "3"], "--keep needs --dir"),
         (["--keep-daily", "3"], "so does every --keep-* option"),
         (["--keep-within", "3 days"], "is not a duration"),
+        (["--keep-within", "1m"], "restic and borg read m as months"),
         ([], "exactly one of -o FILE or --dir DIR"),
         (["--every", "5", "--at", "040d41d07e885dbb"], "--at exports one past state"),
     ],

@@ -141,10 +141,19 @@ def test_durations_read_as_people_write_them(text, seconds):
     assert retention.parse_duration(retention.format_duration(span)) == span
 
 
-@pytest.mark.parametrize("text", ["", "3 days", "1y", "2mo", "-5m", "0s", "h"])
+@pytest.mark.parametrize("text", ["", "3 days", "1y", "2mo", "-5m", "0s", "h", "1e-9", "1e-7"])
 def test_a_duration_that_is_not_one_is_refused_with_the_forms_it_takes(text):
     with pytest.raises(snaptree.ArgumentError, match="duration"):
         retention.parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["1m", "1M", "2d30m", "1.5m"])
+def test_keep_within_refuses_m_which_restic_reads_as_months(text):
+    """``--keep-within 1m`` kept a minute of dumps where restic and borg keep a month."""
+    with pytest.raises(snaptree.ArgumentError, match="restic and borg read m as months"):
+        retention.parse_retention_window(text)
+    assert retention.parse_retention_window("31d") == datetime.timedelta(days=31)
+    assert retention.parse_duration(text)  # elsewhere (--every, --max-age) m is a minute
 
 
 # -- properties against a brute-force reading of restic's rules ---------------------------
@@ -246,6 +255,30 @@ def test_prune_deletes_what_no_rule_keeps_and_nothing_else(tmp_path, weeks_of_du
     assert not any(manifest_path(p).exists() for p in result.deleted)
     assert (tmp_path / "notes.txt").exists()
     assert [p for p, _ in result.ignored] == [damaged]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"committed_at": "0001-01-01T00:00:00+14:00"},  # no UTC equivalent
+        {"committed_at": "9999-12-31T23:00:00-14:00"},
+        "[" * 100_000,  # json.loads nests in C frames
+    ],
+    ids=["year 1 at +14:00", "year 9999 at -14:00", "nested"],
+)
+def test_a_manifest_retention_cannot_date_is_damaged_not_a_stop(tmp_path, damage):
+    """A commit time with no UTC equivalent stopped prune and every scheduled retention
+    (OverflowError), a deeply nested manifest too (RecursionError): the dump is reported
+    and kept, the others are pruned."""
+    dumps = [fabricate(tmp_path, T0 - hours(h)) for h in (3, 2, 1, 0)]
+    odd = fabricate(tmp_path, T0 - datetime.timedelta(days=30))
+    manifest = manifest_path(odd)
+    if isinstance(damage, dict):
+        damage = json.dumps(json.loads(manifest.read_text()) | damage)
+    manifest.write_text(damage)
+    [result] = snaptree.prune(tmp_path, Retention(last=1))
+    assert set(result.deleted) == set(dumps[:3])
+    assert [p for p, _ in result.ignored] == [odd] and odd.exists() and dumps[3].exists()
 
 
 def test_a_damaged_newest_dump_never_leaves_it_the_only_one_kept(tmp_path):

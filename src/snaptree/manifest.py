@@ -183,6 +183,8 @@ def read_manifest(dump: Path) -> ExportInfo:
         ) from None
     except (OSError, ValueError) as exc:
         raise VerifyError(f"{path}: unreadable manifest: {exc}") from None
+    except RecursionError:  # json nests in C frames: a hostile "[[[[..." manifest
+        raise VerifyError(f"{path}: unreadable manifest: nested too deeply") from None
     if not isinstance(data, dict) or "snaptree_manifest" not in data:
         raise VerifyError(f"{path}: not a snaptree manifest")
     fmt = data.get("format")
@@ -231,11 +233,14 @@ def _is_count(value: Any) -> bool:
 
 
 def _is_aware_time(value: Any) -> bool:
+    """An aware time that has a UTC equivalent: retention and status take periods and ages
+    in UTC (``0001-01-01T00:00+14:00`` has none, and stopped every later retention)."""
     if not isinstance(value, str):
         return False
     try:
-        return datetime.datetime.fromisoformat(value).tzinfo is not None
-    except ValueError:
+        moment = datetime.datetime.fromisoformat(value)
+        return moment.tzinfo is not None and moment.astimezone(datetime.UTC) is not None
+    except (ValueError, OverflowError):
         return False
 
 

@@ -185,9 +185,27 @@ def parse_duration(text: str) -> datetime.timedelta:
                 "(s, m for minutes, h, d, w; no months or years: use days)"
             ) from None
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if not 0 < seconds < 100 * 365 * 86400:
+    span = datetime.timedelta(seconds=seconds)
+    if not datetime.timedelta(0) < span < datetime.timedelta(days=100 * 365):
+        # (compared as a timedelta: "1e-9" is above 0 but a timedelta of 0)
         raise ArgumentError(f"{text!r}: a duration must be above 0 and under 100 years")
-    return datetime.timedelta(seconds=seconds)
+    return span
+
+
+def parse_retention_window(text: str) -> datetime.timedelta:
+    """A ``--keep-within`` duration: :func:`parse_duration`, refusing ``m``.
+
+    restic and borg, whose rules the retention follows, read ``1m`` as a
+    month; snaptree's durations read it as a minute. The same words must not
+    keep a month of dumps in one tool and delete all but a minute's in the
+    other.
+    """
+    if any(unit == "m" for _, unit in _DURATION.findall(text.strip().lower())):
+        raise ArgumentError(
+            f"{text!r} is ambiguous here: restic and borg read m as months, snaptree as "
+            "minutes; write minutes as seconds or hours (900s, 1h) and months as days (31d)"
+        )
+    return parse_duration(text)
 
 
 def format_duration(span: datetime.timedelta) -> str:

@@ -10,9 +10,11 @@ durations they take are defined here once, for ``export`` and ``prune``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from ..errors import Error
 from ..export_run import RunResult, describe_failure, export_file, export_into, failure_json
 from ..manifest import COMPRESSIONS, FORMATS, verify
 from ..monitoring import MetricsFile
-from ..retention import Retention, parse_duration
+from ..retention import Retention, parse_duration, parse_retention_window
 from .options import allow_option, db_option
 
 
@@ -52,15 +54,21 @@ def _checked_point(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 class Duration(click.ParamType):
-    """A duration on the command line: 90s, 15m, 36h, 7d, 2w, 1d12h (see parse_duration)."""
+    """A duration on the command line: 90s, 15m, 36h, 7d, 2w, 1d12h (see parse_duration).
+
+    *parse* reads it: parse_retention_window for --keep-within.
+    """
 
     name = "DURATION"
+
+    def __init__(self, parse: Callable[[str], datetime.timedelta] = parse_duration) -> None:
+        self._parse = parse
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
         try:
-            return parse_duration(value)
+            return self._parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -111,9 +119,9 @@ def retention_options(command: Any) -> Any:
         click.option(
             "--keep-within",
             "keep_within",
-            type=Duration(),
-            help="Keep every dump committed less than DURATION (90s, 15m, 36h, 7d, 2w) before "
-            "the newest one.",
+            type=Duration(parse_retention_window),
+            help="Keep every dump committed less than DURATION (900s, 36h, 7d, 2w; m, which "
+            "restic reads as months, is refused) before the newest one.",
         ),
     ]
     for option in reversed(options):
