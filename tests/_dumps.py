@@ -19,9 +19,16 @@ from snaptree.manifest import ExportInfo, manifest_bytes, manifest_path
 
 
 def fabricate(
-    directory: Path, when: datetime.datetime, compressed: bool = False, fmt: str = "pickle"
+    directory: Path,
+    when: datetime.datetime,
+    compressed: bool = False,
+    fmt: str = "pickle",
+    *,
+    source: str = "",
+    subtree: str = "/",
 ) -> Path:
-    """A complete dump of *fmt* committed at *when* (aware), as a schedule would have named it."""
+    """A complete dump of *fmt* committed at *when* (aware), as a schedule would have named it;
+    its manifest names the store (*source*) and the *subtree* it was exported from."""
     utc = when.astimezone(datetime.UTC)
     tid = TimeStamp(*utc.timetuple()[:5], utc.second + utc.microsecond / 1e6).raw().hex()
     path = directory / dump_name(fmt, when, tid, "zstd" if compressed else None)
@@ -36,6 +43,8 @@ def fabricate(
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         compression="zstd" if compressed else None,
+        source=source,
+        subtree=subtree,
     )
     manifest_path(path).write_bytes(manifest_bytes(info))
     return path

@@ -281,6 +281,19 @@ def test_a_manifest_retention_cannot_date_is_damaged_not_a_stop(tmp_path, damage
     assert [p for p, _ in result.ignored] == [odd] and odd.exists() and dumps[3].exists()
 
 
+def test_dumps_of_another_store_or_subtree_are_pruned_as_their_own_history(tmp_path):
+    """Two schedules that took turns in one directory: the second's ``--keep-last 1`` deleted
+    the first's only dump (restic groups snapshots by host and paths likewise)."""
+    ours = [fabricate(tmp_path, T0 - hours(h), source="/srv/a.fs") for h in (4, 2, 0)]
+    theirs = [fabricate(tmp_path, T0 - hours(h), source="/srv/b.fs") for h in (5, 3)]
+    part = fabricate(tmp_path, T0 - hours(1), source="/srv/a.fs", subtree="/users")
+    [result] = snaptree.prune(tmp_path, Retention(last=1))
+    assert set(result.deleted) == {*ours[:2], theirs[0]}
+    assert ours[2].exists() and theirs[1].exists() and part.exists()
+    times = [d.committed_at for d in result.decisions]
+    assert times == sorted(times, reverse=True)  # one list, newest first
+
+
 def test_a_damaged_newest_dump_never_leaves_it_the_only_one_kept(tmp_path):
     """The newest dump whose checksum holds is kept too, whatever the policy says."""
     oldest, good, newer, newest = (fabricate(tmp_path, T0 - hours(h)) for h in (3, 2, 1, 0))

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import snaptree
+from _cli import files_under
 from snaptree import dump_directory, retention, schedule
 from snaptree.export_run import export_file, export_into
 
@@ -211,21 +212,24 @@ def test_directory_mode_names_latest_keep_and_skips_unchanged(store, tmp_path):
         assert part in line
 
 
-def test_a_run_of_another_subtree_is_not_skipped_as_unchanged(store, tmp_path):
-    """Nothing committed since the newest dump, but that dump holds another part of the tree."""
+def test_a_run_of_another_subtree_is_refused_and_replaces_nothing(store, tmp_path):
+    """Nothing committed since the newest dump, which holds another part of the tree: the dump
+    of the whole tree would have taken its name (time and tid) and replaced it."""
     store.run(lambda root: root.update(accounts={"a": 1}, settings={"x": 2}))
     out = tmp_path / "dumps"
     out.mkdir()
     part = export_into(store, out, subtree="/accounts")
-    whole = export_into(store, out, subtree="/")
-    assert not whole.skipped and whole.info.subtree == "/"
+    before = files_under(out)
+    with pytest.raises(snaptree.ArgumentError, match=r"dumps of the subtree /accounts .* into "):
+        export_into(store, out, subtree="/")
+    assert files_under(out) == before
     with open(out / "latest.pickle", "rb") as f:
-        assert pickle.load(f) == {"accounts": {"a": 1}, "settings": {"x": 2}}
-    assert export_into(store, out, subtree="/").skipped
+        assert pickle.load(f) == {"a": 1}
+    assert export_into(store, out, subtree="accounts/").skipped  # the same part, spelt so
     fixed = tmp_path / "fixed.pickle"
     export_file(store, fixed, subtree="accounts", skip_unchanged=True)
     again = export_file(store, fixed, subtree="/accounts/", skip_unchanged=True)
-    assert again.info is None and again.skipped_tid == part.info.tid  # the same part, spelt so
+    assert again.info is None and again.skipped_tid == part.info.tid
     assert export_file(store, fixed, skip_unchanged=True).info.subtree == "/"
 
 

@@ -151,6 +151,8 @@ def _export_held(
     _atomic.existing_directory(folder, f"cannot export {fmt} dumps")  # still there?
     _atomic.remove_stale_temporaries(folder, owned=OWNED)
     existing = complete_dumps(folder, fmt)
+    if existing:
+        _refuse_another_subtree(existing[-1], subtree, folder, fmt)
     last_tid = _unchanged_tid(existing[-1], subtree) if existing and not force else None
     info = export_snapshot(
         store,
@@ -200,6 +202,26 @@ def export_file(
         fragments=fragments,
     )
     return RunResult(info, target.parent, format, skipped_tid=None if info else last_tid)
+
+
+def _refuse_another_subtree(newest: Path, subtree: str, folder: Path, fmt: str) -> None:
+    """Refuse to export *subtree* into a directory whose newest dump holds another one.
+
+    A dump is named after its commit time and tid: a dump of another
+    subtree at the same tid would take the name of the one there and
+    replace it (nothing committed between two runs whose --subtree differs).
+    """
+    try:
+        info = read_manifest(newest)
+    except VerifyError:
+        return
+    wanted = paths.absolute(paths.parse(subtree, what="subtree"))
+    if info.subtree != wanted:
+        raise ArgumentError(
+            f"{folder} holds {fmt} dumps of the subtree {info.subtree} (the newest: "
+            f"{newest.name}); a dump directory keeps the dumps of one subtree, so that none "
+            f"replaces another of the same tid: export {wanted} into another directory"
+        )
 
 
 def _unchanged_tid(dump: Path, subtree: str) -> str | None:

@@ -369,23 +369,32 @@ def plan(
     to hold: the dump a run has just written), so that a damaged newest dump
     is never the only one left.
     """
-    dated, ignored = [], []
+    histories: dict[tuple[str, str], list[Dated]] = {}
+    ignored = []
     for dump in complete_dumps(directory, format):
         try:
             info = read_manifest(dump)
         except VerifyError as exc:
             ignored.append((dump, f"{exc}; never deleted"))
             continue
-        dated.append(Dated(info, info.committed_at))
+        histories.setdefault((info.source, info.subtree), []).append(Dated(info, info.committed_at))
     protected = latest_targets(directory, format)
-    decisions = [
-        d
-        if d.keep or d.dump.path not in protected
-        else Decision(d.dump, d.committed_at, True, ("latest points at it",))
-        for d in decide(dated, policy)
-    ]
-    if not all(d.keep for d in decisions):
-        _keep_newest_intact(decisions, intact)
+    decisions: list[Decision] = []
+    # Each history (the store and subtree the manifests name) on its own, as restic groups
+    # snapshots by host and paths: the dumps of another store that shares the directory
+    # never count for this one's rules, and its newest is never deleted.
+    for dated in histories.values():
+        history = [
+            d
+            if d.keep or d.dump.path not in protected
+            else Decision(d.dump, d.committed_at, True, ("latest points at it",))
+            for d in decide(dated, policy)
+        ]
+        if not all(d.keep for d in history):
+            _keep_newest_intact(history, intact)
+        decisions += history
+    if len(histories) > 1:
+        decisions.sort(key=lambda d: d.committed_at, reverse=True)
     return Pruned(directory, format, policy, decisions, ignored, deleted=[], dry_run=True)
 
 
