@@ -294,6 +294,24 @@ def test_dumps_of_another_store_or_subtree_are_pruned_as_their_own_history(tmp_p
     assert times == sorted(times, reverse=True)  # one list, newest first
 
 
+def test_a_run_without_a_rule_deletes_no_manifest_and_none_leads_nowhere(store, tmp_path):
+    """A run deleted the manifests whose dumps were away (a symlink into a volume not
+    mounted, a dump compressed by hand), their only record, though no rule was given."""
+    away = fabricate(tmp_path, T0 - datetime.timedelta(days=300))
+    linked = tmp_path / "dumps" / away.name
+    linked.parent.mkdir()
+    linked.symlink_to(away)
+    manifest_path(linked).write_bytes(manifest_path(away).read_bytes())
+    away.unlink()  # the volume is gone
+    gzipped = fabricate(linked.parent, T0 - datetime.timedelta(days=200))
+    gzipped.rename(gzipped.with_name(gzipped.name + ".gz"))
+    export_into(store, linked.parent)
+    assert manifest_path(linked).exists() and manifest_path(gzipped).exists()
+    export_into(store, linked.parent, keep=Retention(last=5), force=True)
+    assert manifest_path(linked).exists()  # its dump is a symlink, however dangling
+    assert not manifest_path(gzipped).exists()  # retention's: the dump it describes is gone
+
+
 def test_a_damaged_newest_dump_never_leaves_it_the_only_one_kept(tmp_path):
     """The newest dump whose checksum holds is kept too, whatever the policy says."""
     oldest, good, newer, newest = (fabricate(tmp_path, T0 - hours(h)) for h in (3, 2, 1, 0))

@@ -454,15 +454,21 @@ def retain(
 ) -> list[Path]:
     """After a scheduled run that wrote *written*: apply *keep* (if any); the dumps deleted.
 
-    Also removes manifests left without their dump (a crash between the two
-    renames of an export, or between the two deletions of :func:`apply`).
+    With a policy, also removes the manifests left without their dump (a
+    crash between the two renames of an export, or between the two
+    deletions of :func:`apply`). Not without one, and not one whose dump is
+    a symlink that leads nowhere (a volume not mounted): the manifest is
+    the only record of what a dump held, and a run that deletes no dump
+    deletes no record of one either.
     """
-    deleted = [] if keep is None else apply(directory, format, keep, intact=written).deleted
+    if keep is None:
+        return []
+    deleted = apply(directory, format, keep, intact=written).deleted
     for entry in directory.iterdir():
         if not entry.name.endswith(MANIFEST_SUFFIX):
             continue
         dump = entry.with_name(entry.name[: -len(MANIFEST_SUFFIX)])
-        if is_dump_of(dump.name, format) and not dump.exists() and _vouched_for(dump):
+        if is_dump_of(dump.name, format) and not os.path.lexists(dump) and _vouched_for(dump):
             _atomic.discard(entry)
     return deleted
 
