@@ -96,6 +96,19 @@ def test_a_damaged_manifest_on_the_newest_dump_is_broken_too(tmp_path):
     assert not status.ok  # the command exits 3, as for a checksum mismatch
 
 
+def test_a_newest_dump_status_cannot_read_is_broken_not_a_crash(tmp_path):
+    """A monitoring user without read access got exit 1 ("unexpected PermissionError") and no
+    JSON; any OSError reading the dump is the dump being broken (here a symlink loop, since
+    the tests run as root, which reads every file)."""
+    fabricate(tmp_path, NOW - datetime.timedelta(hours=2))
+    newest = fabricate(tmp_path, NOW)
+    newest.unlink()
+    newest.symlink_to(newest.name)
+    status = dump_status(tmp_path, now=NOW)
+    assert status.broken and status.path == newest and not status.ok
+    assert "cannot read the dump: Too many levels of symbolic links" in status.problem
+
+
 def test_status_looks_at_one_format_when_asked(tmp_path):
     pickled = fabricate(tmp_path, NOW - datetime.timedelta(hours=2))
     fabricate(tmp_path, NOW, fmt="json")

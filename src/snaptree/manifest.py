@@ -274,15 +274,20 @@ def check_checksum(info: ExportInfo) -> None:
         size = dump.stat().st_size
     except FileNotFoundError:
         raise VerifyError(f"{dump}: the dump is missing (its manifest exists)") from None
+    except OSError as exc:
+        raise VerifyError(f"{dump}: cannot read the dump: {exc.strerror or exc}") from None
     if size != info.bytes:
         raise VerifyError(
             f"{dump}: {size} bytes, but the manifest says {info.bytes}; "
             "the file is truncated or was changed after the export"
         )
     digest = hashlib.sha256()
-    with open(dump, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(dump, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:  # a monitoring user without read access, an I/O error
+        raise VerifyError(f"{dump}: cannot read the dump: {exc.strerror or exc}") from None
     if digest.hexdigest() != info.sha256:
         raise VerifyError(
             f"{dump}: sha256 {digest.hexdigest()} does not match the manifest's "
