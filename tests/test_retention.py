@@ -312,6 +312,34 @@ def test_a_run_without_a_rule_deletes_no_manifest_and_none_leads_nowhere(store, 
     assert not manifest_path(gzipped).exists()  # retention's: the dump it describes is gone
 
 
+def test_prune_takes_every_format_lock_before_it_deletes_anything(tmp_path):
+    """A schedule held the json lock: prune deleted the pickle dumps, then failed on json
+    (exit 5) without reporting what it had deleted."""
+    pickles = [fabricate(tmp_path, T0 - hours(h)) for h in (2, 1, 0)]
+    jsons = [fabricate(tmp_path, T0 - hours(h), fmt="json") for h in (1, 0)]
+
+    def dumps() -> dict:
+        return {k: v for k, v in files_under(tmp_path).items() if not k.endswith(".lock")}
+
+    before = dumps()
+    with lock_directory(tmp_path, "json"), pytest.raises(snaptree.ExportError, match="held by"):
+        snaptree.prune(tmp_path, Retention(last=1))
+    assert dumps() == before
+    deleted = [set(r.deleted) for r in snaptree.prune(tmp_path, Retention(last=1))]
+    assert deleted == [set(pickles[:2]), {jsons[0]}]
+
+
+def test_a_directory_named_like_a_dump_is_nobodys_dump(tmp_path):
+    """Retention tried to delete it (IsADirectoryError, exit 1, with the deletions before it
+    unreported)."""
+    older, newest = fabricate(tmp_path, T0 - hours(1)), fabricate(tmp_path, T0)
+    odd = fabricate(tmp_path, T0 - hours(2))
+    odd.unlink()
+    odd.mkdir()
+    [result] = snaptree.prune(tmp_path, Retention(last=1))
+    assert result.deleted == [older] and newest.exists() and odd.is_dir()
+
+
 def test_a_damaged_newest_dump_never_leaves_it_the_only_one_kept(tmp_path):
     """The newest dump whose checksum holds is kept too, whatever the policy says."""
     oldest, good, newer, newest = (fabricate(tmp_path, T0 - hours(h)) for h in (3, 2, 1, 0))

@@ -73,7 +73,10 @@ def complete_dumps(directory: Path, format: str) -> list[Path]:  # noqa: A002
         (
             entry
             for entry in directory.iterdir()
-            if is_dump_of(entry.name, format) and manifest_path(entry).is_file()
+            # (a directory named like a dump is nobody's dump, and retention must not try it)
+            if is_dump_of(entry.name, format)
+            and manifest_path(entry).is_file()
+            and not entry.is_dir()
         ),
         key=lambda p: p.name,
     )

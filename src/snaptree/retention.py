@@ -33,6 +33,7 @@ schedule, with a dry run that says what would go and why.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -491,16 +492,15 @@ def prune(
     assert policy is not None
     folder = _atomic.existing_directory(directory, "cannot prune")
     formats = [check_format(format)] if format is not None else list(FORMATS)
-    results = []
-    for fmt in formats:
-        if format is None and not complete_dumps(folder, fmt):
-            continue
-        if dry_run:
-            results.append(plan(folder, fmt, policy))
-            continue
-        with lock_directory(folder, fmt) as lock:
-            results.append(apply(lock.directory, fmt, policy))
-    return results
+    if format is None:
+        formats = [fmt for fmt in formats if complete_dumps(folder, fmt)]
+    if dry_run:
+        return [plan(folder, fmt, policy) for fmt in formats]
+    # Every lock first: a schedule holding one fails the prune before anything is
+    # deleted, rather than after the formats before it were pruned (and not reported).
+    with contextlib.ExitStack() as held:
+        locks = [held.enter_context(lock_directory(folder, fmt)) for fmt in formats]
+        return [apply(lock.directory, lock.format, policy) for lock in locks]
 
 
 def _vouched_for(dump: Path) -> bool:
