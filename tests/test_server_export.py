@@ -173,6 +173,15 @@ def _double_balances(root: Any) -> None:
         account["balance"] *= 2
 
 
+def _double_after_now(store: snaptree.Store) -> str:
+    """The tid of the state now; then every balance doubled, and the caches emptied."""
+    with store.snapshot() as snap:
+        now = snap.tid
+    store.run(_double_balances)
+    store.db.cacheMinimize()
+    return now
+
+
 class _ZeoCalls:
     """Counts a store's per-object ZEO loads and prefetches from now on."""
 
@@ -255,10 +264,7 @@ def test_a_past_state_exported_through_snaptree_serve_is_that_state(
 ):
     db, from_file = accounts_file
     with _snaptree_server(db) as uri, snaptree.open(uri) as store:
-        with store.snapshot() as snap:
-            before_doubling = snap.tid
-        store.run(_double_balances)
-        store.db.cacheMinimize()
+        before_doubling = _double_after_now(store)
         calls = _ZeoCalls(store, monkeypatch)
         info = store.export(tmp_path / "past.pickle", at=before_doubling, fragments=None)
     assert calls.loads <= ONE_AT_A_TIME
@@ -294,12 +300,7 @@ def test_a_stock_zeo_server_is_never_asked(accounts_file, tmp_path, monkeypatch,
     db, from_file = accounts_file
     with _stock_zeo_server(db) as uri, snaptree.open(uri) as store:
         assert not serves_load_many(store.db.storage)
-        at = None
-        if past:
-            with store.snapshot() as snap:
-                at = snap.tid
-            store.run(_double_balances)
-            store.db.cacheMinimize()
+        at = _double_after_now(store) if past else None
         calls = _ZeoCalls(store, monkeypatch)
         info = store.export(tmp_path / "stock.pickle", at=at, fragments=None)
         assert store.run(lambda root: len(root["accounts"])) == 1500
