@@ -109,6 +109,32 @@ def test_a_newest_dump_status_cannot_read_is_broken_not_a_crash(tmp_path):
     assert "cannot read the dump: Too many levels of symbolic links" in status.problem
 
 
+def test_a_newest_dump_committed_in_the_future_is_not_fresh(tmp_path):
+    """A day ahead of this machine's clock it counted as fresh (age -1 day) and passed any
+    --max-age: a stopped exporter would go unnoticed for a day."""
+    newest = fabricate(tmp_path, NOW + datetime.timedelta(days=1))
+    status = dump_status(tmp_path, now=NOW, max_age=datetime.timedelta(hours=1))
+    assert not status.ok and status.path == newest
+    assert "1d after this machine's time" in status.problem
+    assert dump_status(tmp_path, now=NOW + datetime.timedelta(days=1, seconds=30)).ok
+
+
+def test_a_manifest_that_disagrees_with_its_dumps_name_is_damaged(tmp_path):
+    """Status takes the newest by name, retention by the manifest's time: a manifest that
+    says another time than the name made them disagree on which is the newest."""
+    older = fabricate(tmp_path, NOW - datetime.timedelta(hours=2))
+    newest = fabricate(tmp_path, NOW)
+    manifest = Path(f"{newest}.manifest.json")
+    data = json.loads(manifest.read_text())
+    data["committed_at"] = (NOW - datetime.timedelta(days=9)).isoformat()
+    manifest.write_text(json.dumps(data))
+    status = dump_status(tmp_path, now=NOW)
+    assert status.broken and status.path == newest and "the dump's name another" in status.problem
+    [result] = snaptree.prune(tmp_path, 1, dry_run=True)
+    assert [p for p, _ in result.ignored] == [newest]
+    assert [d.dump.path for d in result.decisions] == [older]
+
+
 def test_status_looks_at_one_format_when_asked(tmp_path):
     pickled = fabricate(tmp_path, NOW - datetime.timedelta(hours=2))
     fabricate(tmp_path, NOW, fmt="json")

@@ -34,7 +34,8 @@ from pathlib import Path
 from . import _atomic
 from ._compression import ZSTD_SUFFIX, compression_of
 from ._directory_lock import DirectoryLock
-from .manifest import SUFFIXES, manifest_path
+from .errors import VerifyError
+from .manifest import SUFFIXES, ExportInfo, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,39 @@ def dump_name(
     compression: str | None = None,
 ) -> str:
     """``snaptree-20261125T171200.123456Z-<tid>.pickle``: sorts in commit order."""
-    stamp = committed_at.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = _stamp(committed_at)
     zst = ZSTD_SUFFIX if compression else ""
     return f"snaptree-{stamp}-{tid}{SUFFIXES[format]}{zst}"
+
+
+def _stamp(committed_at: datetime.datetime) -> str:
+    """A commit time as a dump's name carries it: UTC, to the microsecond."""
+    return committed_at.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def is_dump_of(name: str, format: str) -> bool:  # noqa: A002
     """Whether *name* is named like a dump of *format* (complete or not)."""
     match = DUMP_NAME.match(name)
     return match is not None and match["suffix"] == SUFFIXES[format]
+
+
+def read_dump_manifest(dump: Path) -> ExportInfo:
+    """:func:`read_manifest` of a dump in a directory, checked against the dump's name.
+
+    The name carries the commit time and tid the export wrote into the
+    manifest: a manifest that says otherwise was not written with this dump,
+    and status (which takes the newest by name) and retention (by the
+    manifest's time) would disagree on which dump is the newest.
+    """
+    info = read_manifest(dump)
+    match = DUMP_NAME.match(dump.name)
+    if match is not None and (match["tid"], match["time"]) != (info.tid, _stamp(info.committed_at)):
+        raise VerifyError(
+            f"{manifest_path(dump)}: damaged manifest: it says tid {info.tid} committed "
+            f"{info.committed_at.isoformat()}, the dump's name another; export the dump "
+            "again, or restore the manifest that was written with it"
+        )
+    return info
 
 
 def complete_dumps(directory: Path, format: str) -> list[Path]:  # noqa: A002

@@ -35,10 +35,10 @@ from typing import Any
 from persistent.timestamp import TimeStamp
 
 from . import _atomic
-from .dump_directory import DUMP_NAME, complete_dumps
+from .dump_directory import DUMP_NAME, complete_dumps, read_dump_manifest
 from .errors import ExportError, VerifyError, one_line
 from .export_run import RunResult
-from .manifest import FORMATS, ExportInfo, check_checksum, check_format, read_manifest
+from .manifest import FORMATS, ExportInfo, check_checksum, check_format
 from .retention import format_duration
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,10 @@ class DumpStatus:
         )
 
 
+#: How far in the future a dump's commit time may be (clocks of two machines) and count as now.
+CLOCK_SKEW = datetime.timedelta(minutes=1)
+
+
 def dump_status(
     directory: str | os.PathLike[str],
     *,
@@ -137,11 +141,21 @@ def dump_status(
     newest = max(dumps, key=_name_time)
     status = replace(status, path=newest)
     try:
-        info = read_manifest(newest)
+        info = read_dump_manifest(newest)
         check_checksum(info)
     except VerifyError as exc:
         return replace(status, problem=one_line(str(exc)))
-    return replace(status, newest=info, age=now - info.committed_at)
+    age = now - info.committed_at
+    if age < -CLOCK_SKEW:  # fresh for as long as the clocks disagree: a stopped exporter hides
+        return replace(
+            status,
+            problem=(
+                f"{newest}: committed {info.committed_at.isoformat()}, "
+                f"{format_duration(-age)} after this machine's time {now.isoformat()}; the "
+                "exporter's clock or this one is wrong, and the dump's age cannot be told"
+            ),
+        )
+    return replace(status, newest=info, age=age)
 
 
 def _name_time(dump: Path) -> tuple[str, str]:

@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _atomic
-from .dump_directory import complete_dumps, is_dump_of, latest_targets, lock_directory
+from .dump_directory import (
+    complete_dumps,
+    is_dump_of,
+    latest_targets,
+    lock_directory,
+    read_dump_manifest,
+)
 from .errors import ArgumentError, VerifyError
 from .manifest import (
     FORMATS,
@@ -374,7 +380,7 @@ def plan(
     ignored = []
     for dump in complete_dumps(directory, format):
         try:
-            info = read_manifest(dump)
+            info = read_dump_manifest(dump)
         except VerifyError as exc:
             ignored.append((dump, f"{exc}; never deleted"))
             continue
