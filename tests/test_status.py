@@ -129,10 +129,13 @@ def test_a_manifest_that_disagrees_with_its_dumps_name_is_damaged(tmp_path):
     data["committed_at"] = (NOW - datetime.timedelta(days=9)).isoformat()
     manifest.write_text(json.dumps(data))
     status = dump_status(tmp_path, now=NOW)
-    assert status.broken and status.path == newest and "the dump's name another" in status.problem
+    assert status.broken and status.path == newest and "the dump's name says" in status.problem
     [result] = snaptree.prune(tmp_path, 1, dry_run=True)
     assert [p for p, _ in result.ignored] == [newest]
     assert [d.dump.path for d in result.decisions] == [older]
+    data["committed_at"], data["format"] = NOW.isoformat(), "json"  # another format's name
+    manifest.write_text(json.dumps(data))
+    assert "format json" in dump_status(tmp_path, now=NOW).problem
 
 
 def test_status_looks_at_one_format_when_asked(tmp_path):

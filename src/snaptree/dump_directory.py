@@ -76,18 +76,24 @@ def is_dump_of(name: str, format: str) -> bool:  # noqa: A002
 def read_dump_manifest(dump: Path) -> ExportInfo:
     """:func:`read_manifest` of a dump in a directory, checked against the dump's name.
 
-    The name carries the commit time and tid the export wrote into the
-    manifest: a manifest that says otherwise was not written with this dump,
-    and status (which takes the newest by name) and retention (by the
-    manifest's time) would disagree on which dump is the newest.
+    The name carries the commit time, tid, format and compression the export
+    wrote into the manifest: a manifest that says otherwise was not written
+    with this dump, and status (which takes the newest by name) and
+    retention (by the manifest's time) would disagree on which dump is the
+    newest, or count a dump in another format's history.
     """
     info = read_manifest(dump)
     match = DUMP_NAME.match(dump.name)
-    if match is not None and (match["tid"], match["time"]) != (info.tid, _stamp(info.committed_at)):
+    if match is None:
+        return info
+    named = (match["tid"], match["time"], match["suffix"], bool(match["zst"]))
+    recorded = (info.tid, _stamp(info.committed_at), SUFFIXES[info.format], bool(info.compression))
+    if named != recorded:
         raise VerifyError(
             f"{manifest_path(dump)}: damaged manifest: it says tid {info.tid} committed "
-            f"{info.committed_at.isoformat()}, the dump's name another; export the dump "
-            "again, or restore the manifest that was written with it"
+            f"{info.committed_at.isoformat()}, format {info.format}"
+            f"{', ' + info.compression if info.compression else ''}; the dump's name says "
+            "otherwise; export the dump again, or restore the manifest that was written with it"
         )
     return info
 
