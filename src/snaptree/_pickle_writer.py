@@ -60,8 +60,8 @@ class PlainPickler(pickle.Pickler):
         # cannot write a cycle. *memo* is for the trees it fails on (MemoNeeded).
         self.fast = not memo
         self._add = count.add
-        self._reducers = PLAIN_REDUCERS
-        if prefetcher is not None and prefetcher.enabled:
+        self._reducers = MEMO_REDUCERS if memo else PLAIN_REDUCERS
+        if prefetcher is not None and prefetcher.enabled:  # (items follow their container)
             self._reducers = prefetching_reducers(prefetcher)
 
     def reducer_override(self, obj: Any) -> Any:
@@ -110,6 +110,18 @@ PLAIN_REDUCERS: dict[type, Callable[[Any], Any]] = {
     List: _reduce_list,
     Set: _reduce_set,
     Counter: _reduce_counter,
+}
+
+
+#: PLAIN_REDUCERS for a pickler with a memo, which may meet a node again inside itself
+#: (a cycle through your own objects): a list's or flat mapping's items follow the
+#: container, which the pickler memoizes first. Given whole as the argument, the items
+#: were pickled before it: met again inside them, the node was written from its data
+#: list as far as that had been written (nothing), and loaded back empty.
+MEMO_REDUCERS: dict[type, Callable[[Any], Any]] = {
+    **PLAIN_REDUCERS,
+    FlatMapping: lambda obj: (dict, (), None, None, iter(obj.data.items())),
+    List: lambda obj: (list, (), None, iter(obj.data)),
 }
 
 
