@@ -292,6 +292,9 @@ def test_dumps_of_another_store_or_subtree_are_pruned_as_their_own_history(tmp_p
     assert ours[2].exists() and theirs[1].exists() and part.exists()
     times = [d.committed_at for d in result.decisions]
     assert times == sorted(times, reverse=True)  # one list, newest first
+    newest = {d.dump.path: d.reasons[0] for d in result.decisions if d.keep}
+    assert newest[theirs[1]] == "newest of the dumps of /srv/b.fs, subtree /"
+    assert newest[part] == "newest of the dumps of /srv/a.fs, subtree /users"
 
 
 def test_a_run_without_a_rule_deletes_no_manifest_and_none_leads_nowhere(store, tmp_path):

@@ -389,8 +389,10 @@ def plan(
     decisions: list[Decision] = []
     # Each history (the store and subtree the manifests name) on its own, as restic groups
     # snapshots by host and paths: the dumps of another store that shares the directory
-    # never count for this one's rules, and its newest is never deleted.
-    for dated in histories.values():
+    # never count for this one's rules, and its newest is never deleted. The store is named
+    # as it was written (db.fs and ./db.fs are two histories, each keeping what the rules
+    # keep of it): when there are several, the newest of each says which it is.
+    for (source, subtree), dated in histories.items():
         history = [
             d
             if d.keep or d.dump.path not in protected
@@ -399,6 +401,12 @@ def plan(
         ]
         if not all(d.keep for d in history):
             _keep_newest_intact(history, intact)
+        if len(histories) > 1:
+            named = f"newest of the dumps of {source or '(no source)'}, subtree {subtree}"
+            history = [
+                replace(d, reasons=tuple(named if r == "newest" else r for r in d.reasons))
+                for d in history
+            ]
         decisions += history
     if len(histories) > 1:
         decisions.sort(key=lambda d: d.committed_at, reverse=True)
