@@ -325,7 +325,8 @@ def test_prune_takes_every_format_lock_before_it_deletes_anything(tmp_path):
         return {k: v for k, v in files_under(tmp_path).items() if not k.endswith(".lock")}
 
     before = dumps()
-    with lock_directory(tmp_path, "json"), pytest.raises(snaptree.ExportError, match="held by"):
+    prune_json = f"cannot prune json dumps in {tmp_path}: .snaptree-export-json.lock is held by"
+    with lock_directory(tmp_path, "json"), pytest.raises(snaptree.ExportError, match=prune_json):
         snaptree.prune(tmp_path, Retention(last=1))
     assert dumps() == before
     deleted = [set(r.deleted) for r in snaptree.prune(tmp_path, Retention(last=1))]

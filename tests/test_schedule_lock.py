@@ -228,7 +228,7 @@ def test_two_commands_on_one_directory_and_a_killed_holder(db_file, tmp_path):
         refused = run_snaptree("export", "--db", db_file, "--dir", dumps)
         assert refused.returncode == 5  # the export failed
         assert refused.stderr.count("\n") == 1 and error_line(refused).startswith(
-            f"snaptree: error: cannot export pickle dumps into {dumps}: "
+            f"snaptree: error: cannot export pickle dumps in {dumps}: "
             f".snaptree-export-pickle.lock is held by pid {holder.pid} "
         )
         assert "--every 3600" in refused.stderr  # its command

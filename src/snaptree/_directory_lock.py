@@ -99,10 +99,19 @@ class DirectoryLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, directory: str | os.PathLike[str], format: str) -> DirectoryLock:  # noqa: A002
-        """Take the lock, or raise ExportError naming its holder and what to do."""
+    def acquire(
+        cls,
+        directory: str | os.PathLike[str],
+        format: str,  # noqa: A002
+        *,
+        verb: str = "export",
+    ) -> DirectoryLock:
+        """Take the lock, or raise ExportError naming its holder and what to do.
+
+        *verb* says in the errors what the lock was taken for ("prune").
+        """
         check_format(format)
-        folder = _atomic.existing_directory(directory, f"cannot export {format} dumps")
+        folder = _atomic.existing_directory(directory, f"cannot {verb} {format} dumps")
         path = lock_path(folder, format)
         holder = {
             "pid": os.getpid(),
@@ -117,7 +126,7 @@ class DirectoryLock:
             if isinstance(cause, OSError) and cause.errno not in (errno.EAGAIN, errno.EACCES):
                 raise ExportError(_atomic.describe_os_error(cause, path)) from cause
             raise ExportError(
-                f"cannot export {format} dumps into {folder}: {path.name} is held by "
+                f"cannot {verb} {format} dumps in {folder}: {path.name} is held by "
                 f"{_describe_holder(path)}, which exports them there (itself or through its "
                 "export process), and two writers in one directory delete each other's "
                 "dumps; stop that schedule or wait for its run to end, or export into "

@@ -157,13 +157,19 @@ def latest_targets(directory: Path, format: str) -> set[Path]:  # noqa: A002
     }
 
 
-def lock_directory(directory: str | os.PathLike[str], format: str) -> DirectoryLock:  # noqa: A002
+def lock_directory(
+    directory: str | os.PathLike[str],
+    format: str,  # noqa: A002
+    *,
+    verb: str = "export",
+) -> DirectoryLock:
     """Become the one writer of *format*'s dumps in *directory* (see DirectoryLock).
 
-    Raises ExportError naming the holder when another writer is. Says once
-    per writer which dumps retention will never delete.
+    Raises ExportError naming the holder when another writer is (*verb*:
+    what the lock is for, in that message). Says once per writer which
+    dumps retention will never delete.
     """
-    lock = DirectoryLock.acquire(directory, format)
+    lock = DirectoryLock.acquire(directory, format, verb=verb)
     _warn_about_dumps_without_manifest(lock.directory, format)
     return lock
 

@@ -513,7 +513,7 @@ def prune(
     # Every lock first: a schedule holding one fails the prune before anything is
     # deleted, rather than after the formats before it were pruned (and not reported).
     with contextlib.ExitStack() as held:
-        locks = [held.enter_context(lock_directory(folder, fmt)) for fmt in formats]
+        locks = [held.enter_context(lock_directory(folder, fmt, verb="prune")) for fmt in formats]
         return [apply(lock.directory, lock.format, policy) for lock in locks]
 
 
