@@ -151,9 +151,8 @@ def _export_held(
     _atomic.existing_directory(folder, f"cannot export {fmt} dumps")  # still there?
     _atomic.remove_stale_temporaries(folder, owned=OWNED)
     existing = complete_dumps(folder, fmt)
-    if existing:
-        _refuse_another_subtree(existing[-1], subtree, folder, fmt)
-    last_tid = _unchanged_tid(existing[-1], subtree) if existing and not force else None
+    newest_tid = _newest_tid(existing[-1], subtree, folder, fmt) if existing else None
+    last_tid = None if force else newest_tid
     info = export_snapshot(
         store,
         lambda snap: folder / dump_name(fmt, snap.committed_at, snap.tid, compress),
@@ -204,17 +203,19 @@ def export_file(
     return RunResult(info, target.parent, format, skipped_tid=None if info else last_tid)
 
 
-def _refuse_another_subtree(newest: Path, subtree: str, folder: Path, fmt: str) -> None:
-    """Refuse to export *subtree* into a directory whose newest dump holds another one.
+def _newest_tid(newest: Path, subtree: str, folder: Path, fmt: str) -> str | None:
+    """The tid the *newest* dump's manifest vouches for (None if it cannot be trusted);
+    ArgumentError if that dump holds another subtree than *subtree*.
 
-    A dump is named after its commit time and tid: a dump of another
-    subtree at the same tid would take the name of the one there and
-    replace it (nothing committed between two runs whose --subtree differs).
+    A run skips when the snapshot it would write holds this tid. And a dump
+    is named after its commit time and tid: a dump of another subtree at the
+    same tid would take the name of the one there and replace it (nothing
+    committed between two runs whose --subtree differs).
     """
     try:
         info = read_manifest(newest)
     except VerifyError:
-        return
+        return None
     wanted = paths.absolute(paths.parse(subtree, what="subtree"))
     if info.subtree != wanted:
         raise ArgumentError(
@@ -222,6 +223,7 @@ def _refuse_another_subtree(newest: Path, subtree: str, folder: Path, fmt: str) 
             f"{newest.name}); a dump directory keeps the dumps of one subtree, so that none "
             f"replaces another of the same tid: export {wanted} into another directory"
         )
+    return info.tid
 
 
 def _unchanged_tid(dump: Path, subtree: str) -> str | None:

@@ -226,19 +226,20 @@ def _write_dump(
     """Stream the dump into a fsynced temporary file beside *final*: (temporary, what was
     written, nodes or records written). Nothing is renamed yet."""
     memo = False
-    while True:  # at most three times: each retry gives up fragments or adds the memo
-        try:
-            with _atomic.staged_file(final, mode=mode) as (out, temp), loading_many(connection):
-                objects = _write_format(
-                    node, out, format, compression, connection, where, fragments, memo
-                )
-            return temp, out, objects
-        except TooDeepForFragments:
-            # The fragment writer recurses in Python, a few frames a level; the
-            # plain writer's C pickler takes one a level. Same file, written anew.
-            fragments = None
-        except MemoNeeded:
-            fragments, memo = None, True
+    with loading_many(connection):  # once for every attempt: answers not yet read serve a retry
+        while True:  # at most three times: each retry gives up fragments or adds the memo
+            try:
+                with _atomic.staged_file(final, mode=mode) as (out, temp):
+                    objects = _write_format(
+                        node, out, format, compression, connection, where, fragments, memo
+                    )
+                return temp, out, objects
+            except TooDeepForFragments:
+                # The fragment writer recurses in Python, a few frames a level; the
+                # plain writer's C pickler takes one a level. Same file, written anew.
+                fragments = None
+            except MemoNeeded:
+                fragments, memo = None, True
 
 
 def _write_format(
