@@ -344,6 +344,46 @@ def test_a_thread_keeps_its_connection_between_calls(store):
     assert (stats["connections_open"], stats["connections_kept"]) == (0, 1)
 
 
+def _replace_tree(store: snaptree.Store, tree: dict, *, elsewhere: bool = True) -> None:
+    """Put a new root node under ZODB's root (as snaptree.testing's replicas do), on
+    another thread's connection or on the calling thread's own."""
+
+    def replace() -> None:
+        with store.transaction() as root:
+            root._p_jar.root()["snaptree"] = snaptree.Mapping(tree)
+
+    if elsewhere:
+        run_threads([replace])
+    else:
+        replace()
+
+
+@pytest.mark.parametrize(
+    "meanwhile", ["nothing", "an export", "a second replacement", "a replacement here"]
+)
+def test_a_thread_whose_tree_was_replaced_writes_to_the_new_tree(store, tmp_path, meanwhile):
+    """Each call finds the tree's root node without looking it up through ZODB's root
+    (the connection keeps it): a root node replaced since must still be the one the
+    thread's next call reads and changes, whether ZODB's root was invalidated, loaded
+    again by an export on the same connection, replaced twice, or replaced on the
+    thread's own connection."""
+    store.run(lambda root: root.update(old=True))
+    _replace_tree(store, {"new": 1}, elsewhere=meanwhile != "a replacement here")
+    if meanwhile == "an export":
+        store.export(tmp_path / "between.pickle")  # loads ZODB's root on the kept connection
+    elif meanwhile == "a second replacement":
+        store.run(lambda root: root.update(older=True))
+        _replace_tree(store, {"new": 2})
+    assert store.run(lambda root: sorted(root)) == ["new"]
+    store.run(lambda root: root.update(written=True))
+    with store.snapshot() as snap:
+        assert sorted(snap.root) == ["new", "written"]
+    store.close()
+    if store.source != "memory://":
+        with snaptree.open(store.source) as again:
+            assert again.run(lambda root: sorted(root)) == ["new", "written"]
+
+
 @pytest.mark.slow
 def test_forty_threads_never_open_more_connections_than_the_pool_and_never_warn(store_uri, caplog):
     """40 writers and 4 snapshot readers at pool_size 32: kept connections change hands."""

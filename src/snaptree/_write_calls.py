@@ -156,7 +156,6 @@ class WriteCalls:
         pair = self._pool.acquire(prefer)
         if pair.synchronizers is not self._synchronizers:
             pair.use_synchronizers(self._synchronizers)
-        pair.conn.claim()
         return pair
 
     def _commit(self, pair: Pair) -> int:
@@ -165,18 +164,12 @@ class WriteCalls:
         Returns how many commits the storage has flushed by then: what a
         caller waits for to be durable (everything its call could see).
         """
-        pool = self._pool
-        pool.begin_commit(pair)
-        try:
-            pair.tm.commit()
-        finally:
-            pool.end_commit(pair)
+        self._pool.commit(pair)
         durable = self._durable
         return durable.flushed if durable is not None else 0
 
     def _committed(self, pair: Pair, calls: int = 1) -> None:
         """Give back the pair of an attempt that committed *calls* calls."""
-        pair.conn.release()
         pair.commits += calls
         self._pool.release(pair)
 
@@ -186,7 +179,6 @@ class WriteCalls:
         Whether *exc* is transient is decided before the pair's transaction
         is aborted: after the abort its manager can no longer tell.
         """
-        pair.conn.release()
         replacement = replacement_error(self._pool, exc, pair, txn)
         error: Exception = exc if replacement is None else replacement
         transient = replacement is None and is_transient(exc, pair.tm, txn)
@@ -198,7 +190,6 @@ class WriteCalls:
 
     def _give_back(self, pair: Pair) -> None:
         """Give back the pair of an attempt an interrupt (a BaseException) cut short."""
-        pair.conn.release()
         self._pool.release(pair, failed=True)
 
     def _attempt(
@@ -225,8 +216,8 @@ class WriteCalls:
             txn = tm.begin()
             if self._synchronizers:  # what they may want to know about the commit
                 txn.set_data(CallAttempt, CallAttempt(fn, number, policy.attempts, (fn,)))
-            root = conn.root()
-            result = fn(root if root_key is None else root[root_key], *args, **kwargs)
+            root = conn.root() if root_key is None else pair.tree_root(root_key)
+            result = fn(root, *args, **kwargs)
             # tm.get() raises NoTransaction if the function aborted: a misuse, below
             if calls.used or conn.snaptree_misuse or tm.get() is not txn:
                 check_guards(calls, conn, tm, txn)
@@ -317,7 +308,7 @@ class WriteCalls:
             txn = tm.begin()
             if self._synchronizers:
                 txn.set_data(CallAttempt, _batch_attempt(batch))
-            root = conn.root()[ROOT_KEY]
+            root = pair.tree_root(ROOT_KEY)
             for current in batch:
                 calls.used = None
                 result = current.context.run(current.fn, root, *current.args, **current.kwargs)
@@ -352,7 +343,7 @@ class WriteCalls:
             txn = None
             try:
                 txn = tm.begin()
-                yield pair.conn.root()[ROOT_KEY]
+                yield pair.tree_root(ROOT_KEY)
                 check_guards(calls, pair.conn, tm, txn)
                 flushed = self._commit(pair)
             except Exception as exc:
