@@ -20,6 +20,24 @@ Cells (variant x storage x threads):
   ``off`` (``relaxed`` with ``os.fsync`` made a no-op in that process: the
   same work with no fsync at all) and ``memory`` (memory://).
 
+The layer's cost is then measured a second way, which this machine's
+noise cannot hide: in one process, on one store, each writer thread
+alternates call by call between ``store.run`` and the hand-written loop
+on the very connection ``store.run`` keeps for that thread (lent by the
+store's pool; only the loop's own work is timed), the order rotating at
+every call. Both then read and write the same objects in the same memory:
+across processes, where each variant opens its own database, the layout
+of the objects alone moved the rate by up to a tenth.
+
+The layer's own cost is also counted in instructions (valgrind's
+cachegrind, when installed): ``hand`` and ``run`` on memory:// and
+``off``, one thread, each call counted as the difference between a child
+that makes INSTRUCTION_CALLS[1] calls and one that makes
+INSTRUCTION_CALLS[0] (start-up cancels out), with a fixed hash seed.
+Instructions do not depend on what else the machine runs; on this shared
+machine the same cell's wall-clock rate moves by up to a fifth from one
+minute to the next, more than the difference being measured.
+
 Then, in the same run: writer processes through ``snaptree serve`` in each
 mode it offers; two writer threads during back-to-back exports in each mode
 (the writers/exporter scenario of bench_export.py); and the cost of keeping
@@ -38,6 +56,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -64,6 +83,9 @@ MODES = ("commit", "group", "relaxed")
 
 #: The tree exported while the writers work (as in bench_export.py's smallest size).
 EXPORT_OBJECTS = 10_000
+
+#: The two call counts whose instruction counts are subtracted (after a warm-up of 300).
+INSTRUCTION_CALLS = (500, 1500)
 
 #: save_index_every for the index measurement: small, so that the run stays short.
 INDEX_EVERY = 2**20
@@ -211,6 +233,153 @@ def child_cell(variant: str, storage: str, threads: int, seconds: float, path: s
 
 
 _storages: list[Any] = []
+
+
+def child_count(variant: str, storage: str, calls: int, path: str) -> None:
+    """Make exactly *calls* calls after a warm-up, on one thread: counted under valgrind."""
+    if storage == "off":
+        _switch_fsync_off()
+    per_thread, close = _opener(variant, storage, path)
+    call = per_thread()
+    rng = random.Random(0)
+    for _ in range(300 + calls):
+        a, b = rng.sample(range(ACCOUNTS), 2)
+        call(f"{a:08d}", f"{b:08d}")
+    close()
+
+
+def child_layer(storage: str, threads: int, seconds: float, path: str) -> None:
+    """store.run and the hand-written loop, interleaved on each thread's own connection."""
+    import snaptree
+
+    if storage == "off":
+        _switch_fsync_off()
+    if storage == "memory":
+        store = snaptree.open("memory://")
+        store.run(make_accounts)
+    else:
+        store = snaptree.open(path, durability="relaxed" if storage == "off" else storage)
+    pool = store._pool  # the hand-written loop borrows the connection store.run keeps
+    clock = time.perf_counter
+    barrier = threading.Barrier(threads + 1)
+    stop = threading.Event()
+    spent = [[0.0, 0.0] for _ in range(threads)]  # per thread: hand, store.run
+    made = [[0, 0] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def hand(a: str, b: str) -> float:
+        pair = pool.acquire()
+        conn, tm = pair.conn, pair.tm
+        conn.snaptree_committing = True  # the one commit snaptree's connection allows
+        try:
+            began = clock()
+            for attempt in tm.attempts(20):
+                with attempt:
+                    transfer(conn.root()["snaptree"], a, b)
+            return clock() - began
+        finally:
+            conn.snaptree_committing = False
+            pool.release(pair)
+
+    def mine(a: str, b: str) -> float:
+        began = clock()
+        store.run(transfer, a, b)
+        return clock() - began
+
+    def work(i: int) -> None:
+        try:
+            rng = random.Random(i)
+            variants = (hand, mine)
+            for _ in range(20):
+                for variant in variants:
+                    a, b = rng.sample(range(ACCOUNTS), 2)
+                    variant(f"{a:08d}", f"{b:08d}")
+            barrier.wait(120)
+            turn = 0
+            while not stop.is_set():
+                a, b = rng.sample(range(ACCOUNTS), 2)
+                a, b = f"{a:08d}", f"{b:08d}"
+                for k in (turn, 1 - turn):  # the order rotates: the first of two pays more
+                    spent[i][k] += variants[k](a, b)
+                    made[i][k] += 1
+                turn = 1 - turn
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    pool_threads = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for thread in pool_threads:
+        thread.start()
+    barrier.wait(300)
+    stop.wait(seconds)
+    stop.set()
+    for thread in pool_threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    store.close()
+    hand_us = sum(t[0] for t in spent) / sum(m[0] for m in made) * 1e6
+    run_us = sum(t[1] for t in spent) / sum(m[1] for m in made) * 1e6
+    print(json.dumps({"hand_us": hand_us, "run_us": run_us, "ratio": hand_us / run_us}))
+
+
+def measure_layer(storage: str, threads: int, seconds: float, work: Path, template: Path) -> dict:
+    path = work / "layer.fs"
+    for suffix in ("", ".index", ".lock", ".tmp"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(template, path)
+    shutil.copyfile(f"{template}.index", f"{path}.index")
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--layer", storage, str(threads), str(seconds), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"layer {storage} {threads} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def measure_instructions(variant: str, storage: str, work: Path, template: Path) -> float | None:
+    """Instructions per call of *variant* on *storage*; None without valgrind."""
+    if shutil.which("valgrind") is None:
+        return None
+    counts = []
+    for calls in INSTRUCTION_CALLS:
+        path = work / f"count-{variant}-{storage}.fs"
+        shutil.copyfile(template, path)
+        shutil.copyfile(f"{template}.index", f"{path}.index")
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=cachegrind",
+                "--cache-sim=no",
+                "--cachegrind-out-file=/dev/null",
+                sys.executable,
+                str(HERE),
+                "--count",
+                variant,
+                storage,
+                str(calls),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            timeout=900,
+            check=False,
+        )
+        for suffix in ("", ".index", ".lock", ".tmp"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        found = re.findall(r"I\s+refs:\s+([\d,]+)", out.stderr)
+        if out.returncode != 0 or not found:
+            raise RuntimeError(
+                f"counting {variant} on {storage} failed (exit {out.returncode}):\n"
+                f"{out.stderr[-2000:]}"
+            )
+        counts.append(int(found[-1].replace(",", "")))
+    return (counts[1] - counts[0]) / (INSTRUCTION_CALLS[1] - INSTRUCTION_CALLS[0])
 
 
 def _fsyncs() -> int:
@@ -496,6 +665,7 @@ def report(args: argparse.Namespace, figures: dict[str, Any], cmd: str) -> str:
     ]
     if figures.get("cells"):
         lines += _cells_section(args, figures)
+    lines += _layer_measures(args, figures)
     if figures.get("serve"):
         lines += _serve_section(figures["serve"])
     if figures.get("exports"):
@@ -622,6 +792,51 @@ def _cells_section(args: argparse.Namespace, figures: dict[str, Any]) -> list[st
     return lines
 
 
+def _layer_measures(args: argparse.Namespace, figures: dict[str, Any]) -> list[str]:
+    """The layer's cost measured on one store, and counted in instructions."""
+    lines: list[str] = []
+    layer = figures.get("layer") or {}
+    if layer:
+        lines += [
+            "",
+            "Measured the second way (one store, each thread alternating call by call between "
+            "the two on the connection store.run keeps; "
+            f"{len(next(iter(layer.values())))} runs of {args.seconds * 2:g} s, medians):",
+            "",
+            "| storage | threads | hand-written, us per call | store.run | ratio | "
+            "target >= 0.95x |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for key, rows in layer.items():
+            storage, n = key.split(":")
+            value = statistics.median(row["ratio"] for row in rows)
+            lines.append(
+                f"| {storage} | {n} | {statistics.median(row['hand_us'] for row in rows):.0f} | "
+                f"{statistics.median(row['run_us'] for row in rows):.0f} | {value:.3f}x | "
+                f"{'met' if value >= 0.95 else 'missed'} |"
+            )
+    counted = figures.get("instructions") or {}
+    if any(value is not None for value in counted.values()):
+        lines += [
+            "",
+            "Instructions per call, one thread (valgrind's cachegrind: the same calls give the "
+            "same count on any run, whatever else the machine does):",
+            "",
+            "| storage | hand-written | store.run | ratio (hand / store.run) | target >= 0.95x |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for storage in ("memory", "off"):
+            hand, mine = counted.get(f"hand:{storage}"), counted.get(f"run:{storage}")
+            if hand is None or mine is None:
+                continue
+            value = hand / mine
+            lines.append(
+                f"| {storage} | {hand:,.0f} | {mine:,.0f} | {value:.3f}x | "
+                f"{'met' if value >= 0.95 else 'missed'} |"
+            )
+    return lines
+
+
 def _serve_section(serve: dict[str, Any]) -> list[str]:
     writers = serve["writers"]
     lines = [
@@ -700,10 +915,22 @@ def main() -> None:
     parser.add_argument("--threads", default=None, help="writer threads, e.g. 1,2,4,8")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--only", default="cells,serve,exports,index", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", default="cells,layer,instructions,serve,exports,index", help=argparse.SUPPRESS
+    )
     parser.add_argument("--cell", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--zeo-writer", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--count", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--layer", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.layer:
+        storage, threads, seconds, path = args.layer
+        child_layer(storage, int(threads), float(seconds), path)
+        return
+    if args.count:
+        variant, storage, calls, path = args.count
+        child_count(variant, storage, int(calls), path)
+        return
     if args.cell:
         variant, storage, threads, seconds, path = args.cell
         child_cell(variant, storage, int(threads), float(seconds), path)
@@ -742,6 +969,29 @@ def main() -> None:
             template = work / "template.fs"
             if not template.exists():
                 build_template(work)
+            if "layer" in parts:
+                layer: dict[str, list[dict[str, Any]]] = {}
+                four = 4 if 4 in threads else threads[-1]
+                for _ in range(args.rounds):
+                    for storage in ("memory", "commit", "off"):
+                        for n in sorted({1, four}):
+                            row = measure_layer(storage, n, args.seconds * 2, work, template)
+                            layer.setdefault(f"{storage}:{n}", []).append(row)
+                            print(f"layer {storage} {n}: {row}", file=sys.stderr, flush=True)
+                figures["layer"] = layer
+            if "instructions" in parts:
+                counted = {}
+                for storage in ("memory", "off"):
+                    for variant in ("hand", "run"):
+                        counted[f"{variant}:{storage}"] = measure_instructions(
+                            variant, storage, work, template
+                        )
+                        print(
+                            f"instructions {variant} {storage}: {counted[f'{variant}:{storage}']}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                figures["instructions"] = counted
             if "serve" in parts:
                 writers = [1, 2] if args.quick else [1, 2, 4]
                 serve: dict[str, Any] = {"writers": writers, "modes": {}}

@@ -273,7 +273,8 @@ class ConnectionPool:
         return pair
 
     def release(self, pair: Pair, *, failed: bool = False, misused: bool = False) -> None:
-        """Take back a pair whose call ended (*failed*: its transaction still needs an abort).
+        """Take back a pair whose call ended, its connection unclaimed (*failed*: its
+        transaction still needs an abort).
 
         A *misused* pair is closed, its cache dropped first: after a misuse,
         objects may hold changes made outside any transaction (after an
