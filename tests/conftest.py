@@ -108,3 +108,18 @@ def store(store_uri: str) -> Iterator[snaptree.Store]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_connection_left_claimed() -> Iterator[None]:
+    """Every store call gives its connection back: none is left claimed by the test's thread.
+
+    A connection left claimed stays the thread's current one: later conversions
+    in that thread (a later test's, in the same worker) would join its transaction.
+    """
+    yield
+    from snaptree._held import held
+
+    left = list(getattr(held, "stack", ()))
+    held.stack = []
+    assert not left, f"connections left claimed by the test's thread: {left}"

@@ -1235,8 +1235,9 @@ def test_closing_while_a_call_is_between_two_transactions_closes_the_storage(sto
     the storage open. The pool's own acquire() is that moment, held still."""
     store = snaptree.open(store_uri)
     store.run(lambda root: root.update(n=1))
-    store._pool.acquire()  # a call's connection, in use, no transaction begun
+    pair = store._pool.acquire()  # a call's connection, in use, no transaction begun
     store.close(timeout=0)  # raised NoTransaction
+    pair.conn.release()  # as the call's end would (the connection stays its thread's otherwise)
     if store_uri != "memory://":
         with snaptree.open(store_uri) as again:  # the file's lock was released
             assert again.run(lambda root: root["n"]) == 1

@@ -82,15 +82,15 @@ class Pair:
 
         Looking it up through ``conn.root()`` made up 1.4% of a small write
         call's instructions (a wrapper object and two Python lookups), so
-        the node is kept with the state of ZODB's root it came from. The kept one is
-        used only while that root object is loaded and in the same committed
-        state (its serial): a change committed elsewhere ghosts it when the
-        transaction begins, one committed or read again through this
-        connection changes its serial, and an abort ghosts it. (The object
-        stays the connection's own: ZODB swaps a connection's cache only when
-        the connection is opened again, and a kept one is never closed.) Only
-        write calls ask, right after they begin, before their function can
-        change anything.
+        the node is kept with the state of ZODB's root it came from. The
+        kept one is used only while that root object is loaded and in the
+        same committed state (its serial): a change committed elsewhere
+        ghosts it when the transaction begins, one committed or read again
+        through this connection changes its serial, and an abort ghosts it.
+        (The object stays the connection's own: ZODB swaps a connection's
+        cache only when the connection is opened again, and a kept one is
+        never closed.) Only write calls ask, right after they begin, before
+        their function can change anything.
         """
         root = self._zodb_root
         if (
