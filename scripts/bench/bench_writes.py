@@ -34,9 +34,10 @@ cachegrind, when installed): ``hand`` and ``run`` on memory:// and
 ``off``, one thread, each call counted as the difference between a child
 that makes INSTRUCTION_CALLS[1] calls and one that makes
 INSTRUCTION_CALLS[0] (start-up cancels out), with a fixed hash seed.
-Instructions do not depend on what else the machine runs; on this shared
-machine the same cell's wall-clock rate moves by up to a fifth from one
-minute to the next, more than the difference being measured.
+Instructions hardly depend on what else the machine runs (three counts
+of one cell stayed within 1%); on this shared machine the same cell's
+wall-clock rate moves by up to a fifth from one minute to the next, more
+than the difference being measured.
 
 Then, in the same run: writer processes through ``snaptree serve`` in each
 mode it offers; two writer threads during back-to-back exports in each mode
@@ -174,32 +175,65 @@ def child_cell(variant: str, storage: str, threads: int, seconds: float, path: s
     if storage == "off":
         _switch_fsync_off()
     per_thread, close = _opener(variant, storage, path)
-    barrier = threading.Barrier(threads + 1)
-    stop = threading.Event()
     counts = [0] * threads
     latencies: list[list[float]] = [[] for _ in range(threads)]
+
+    def work(i: int, ready: Callable[[], None], stop: threading.Event) -> None:
+        rng = random.Random(i)
+        call = per_thread()
+        for _ in range(20):  # warm this thread's cache before the clock starts
+            a, b = rng.sample(range(ACCOUNTS), 2)
+            call(f"{a:08d}", f"{b:08d}")
+        ready()
+        clock, mine = time.perf_counter, latencies[i]
+        while not stop.is_set():
+            a, b = rng.sample(range(ACCOUNTS), 2)
+            began = clock()
+            call(f"{a:08d}", f"{b:08d}")
+            mine.append(clock() - began)
+        counts[i] = len(mine)
+
+    elapsed, cpu, fsyncs = _drive(threads, seconds, work)
+    close()
+    total = sum(counts)
+    every = sorted(x for mine in latencies for x in mine)
+    print(
+        json.dumps(
+            {
+                "per_s": total / elapsed,
+                "p50_ms": every[len(every) // 2] * 1e3,
+                "p99_ms": every[int(len(every) * 0.99)] * 1e3,
+                "cpu_us": cpu / max(total, 1) * 1e6,
+                "commits_per_fsync": total / fsyncs if fsyncs > 0 else None,
+                "pressure": cpu_pressure(),
+            }
+        )
+    )
+
+
+def _drive(
+    threads: int,
+    seconds: float,
+    work: Callable[[int, Callable[[], None], threading.Event], None],
+) -> tuple[float, float, int]:
+    """Run ``work(i, ready, stop)`` on *threads* threads, timed from all ready for *seconds*.
+
+    Each thread warms up, calls ``ready()``, and works until ``stop`` is set.
+    Returns the elapsed seconds, the process's CPU seconds and the fsyncs
+    of the timed span; a thread's failure is raised here.
+    """
+    barrier = threading.Barrier(threads + 1)
+    stop = threading.Event()
     errors: list[BaseException] = []
 
-    def work(i: int) -> None:
+    def run(i: int) -> None:
         try:
-            rng = random.Random(i)
-            call = per_thread()
-            for _ in range(20):  # warm this thread's cache before the clock starts
-                a, b = rng.sample(range(ACCOUNTS), 2)
-                call(f"{a:08d}", f"{b:08d}")
-            barrier.wait(120)
-            clock, mine = time.perf_counter, latencies[i]
-            while not stop.is_set():
-                a, b = rng.sample(range(ACCOUNTS), 2)
-                began = clock()
-                call(f"{a:08d}", f"{b:08d}")
-                mine.append(clock() - began)
-            counts[i] = len(mine)
+            work(i, lambda: barrier.wait(120), stop)
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
 
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for thread in pool:
         thread.start()
     barrier.wait(300)
@@ -213,23 +247,8 @@ def child_cell(variant: str, storage: str, threads: int, seconds: float, path: s
         thread.join(120)
     if errors:
         raise errors[0]
-    fsyncs = _fsyncs() - fsyncs_before
-    close()
-    total = sum(counts)
-    every = sorted(x for mine in latencies for x in mine)
     cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-    print(
-        json.dumps(
-            {
-                "per_s": total / elapsed,
-                "p50_ms": every[len(every) // 2] * 1e3,
-                "p99_ms": every[int(len(every) * 0.99)] * 1e3,
-                "cpu_us": cpu / max(total, 1) * 1e6,
-                "commits_per_fsync": total / fsyncs if fsyncs > 0 else None,
-                "pressure": cpu_pressure(),
-            }
-        )
-    )
+    return elapsed, cpu, _fsyncs() - fsyncs_before
 
 
 _storages: list[Any] = []
@@ -261,11 +280,8 @@ def child_layer(storage: str, threads: int, seconds: float, path: str) -> None:
         store = snaptree.open(path, durability="relaxed" if storage == "off" else storage)
     pool = store._pool  # the hand-written loop borrows the connection store.run keeps
     clock = time.perf_counter
-    barrier = threading.Barrier(threads + 1)
-    stop = threading.Event()
     spent = [[0.0, 0.0] for _ in range(threads)]  # per thread: hand, store.run
     made = [[0, 0] for _ in range(threads)]
-    errors: list[BaseException] = []
 
     def hand(a: str, b: str) -> float:
         pair = pool.acquire()
@@ -286,37 +302,24 @@ def child_layer(storage: str, threads: int, seconds: float, path: str) -> None:
         store.run(transfer, a, b)
         return clock() - began
 
-    def work(i: int) -> None:
-        try:
-            rng = random.Random(i)
-            variants = (hand, mine)
-            for _ in range(20):
-                for variant in variants:
-                    a, b = rng.sample(range(ACCOUNTS), 2)
-                    variant(f"{a:08d}", f"{b:08d}")
-            barrier.wait(120)
-            turn = 0
-            while not stop.is_set():
+    def work(i: int, ready: Callable[[], None], stop: threading.Event) -> None:
+        rng = random.Random(i)
+        variants = (hand, mine)
+        for _ in range(20):
+            for variant in variants:
                 a, b = rng.sample(range(ACCOUNTS), 2)
-                a, b = f"{a:08d}", f"{b:08d}"
-                for k in (turn, 1 - turn):  # the order rotates: the first of two pays more
-                    spent[i][k] += variants[k](a, b)
-                    made[i][k] += 1
-                turn = 1 - turn
-        except BaseException as exc:
-            errors.append(exc)
-            barrier.abort()
+                variant(f"{a:08d}", f"{b:08d}")
+        ready()
+        turn = 0
+        while not stop.is_set():
+            a, b = rng.sample(range(ACCOUNTS), 2)
+            a, b = f"{a:08d}", f"{b:08d}"
+            for k in (turn, 1 - turn):  # the order rotates: the first of two pays more
+                spent[i][k] += variants[k](a, b)
+                made[i][k] += 1
+            turn = 1 - turn
 
-    pool_threads = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in pool_threads:
-        thread.start()
-    barrier.wait(300)
-    stop.wait(seconds)
-    stop.set()
-    for thread in pool_threads:
-        thread.join(120)
-    if errors:
-        raise errors[0]
+    _drive(threads, seconds, work)
     store.close()
     hand_us = sum(t[0] for t in spent) / sum(m[0] for m in made) * 1e6
     run_us = sum(t[1] for t in spent) / sum(m[1] for m in made) * 1e6
@@ -324,21 +327,8 @@ def child_layer(storage: str, threads: int, seconds: float, path: str) -> None:
 
 
 def measure_layer(storage: str, threads: int, seconds: float, work: Path, template: Path) -> dict:
-    path = work / "layer.fs"
-    for suffix in ("", ".index", ".lock", ".tmp"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    shutil.copyfile(template, path)
-    shutil.copyfile(f"{template}.index", f"{path}.index")
-    out = subprocess.run(
-        [sys.executable, str(HERE), "--layer", storage, str(threads), str(seconds), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"layer {storage} {threads} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    path = _copy_template(template, work / "layer.fs")
+    return _child(["--layer", storage, str(threads), str(seconds), str(path)], dict(os.environ))
 
 
 def measure_instructions(variant: str, storage: str, work: Path, template: Path) -> float | None:
@@ -347,9 +337,7 @@ def measure_instructions(variant: str, storage: str, work: Path, template: Path)
         return None
     counts = []
     for calls in INSTRUCTION_CALLS:
-        path = work / f"count-{variant}-{storage}.fs"
-        shutil.copyfile(template, path)
-        shutil.copyfile(f"{template}.index", f"{path}.index")
+        path = _copy_template(template, work / f"count-{variant}-{storage}.fs")
         out = subprocess.run(
             [
                 "valgrind",
@@ -434,29 +422,19 @@ def baseline_source(work: Path) -> Iterator[Path | None]:
     yield target / "src"
 
 
-def measure_cell(
-    cell: tuple[str, str, int], seconds: float, work: Path, template: Path, baseline: Path | None
-) -> dict[str, Any]:
-    variant, storage, threads = cell
-    path = work / "cell.fs"
+def _copy_template(template: Path, path: Path) -> Path:
+    """A fresh copy of the template store at *path*, its index with it."""
     for suffix in ("", ".index", ".lock", ".tmp"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     shutil.copyfile(template, path)
     shutil.copyfile(f"{template}.index", f"{path}.index")
-    env = dict(os.environ)
-    if variant == "today":
-        env["PYTHONPATH"] = str(baseline)
+    return path
+
+
+def _child(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run this script as a child with *argv*; the JSON of its last line of output."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE),
-            "--cell",
-            variant,
-            storage,
-            str(threads),
-            str(seconds),
-            str(path),
-        ],
+        [sys.executable, str(HERE), *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -464,8 +442,19 @@ def measure_cell(
         check=False,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"cell {cell} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def measure_cell(
+    cell: tuple[str, str, int], seconds: float, work: Path, template: Path, baseline: Path | None
+) -> dict[str, Any]:
+    variant, storage, threads = cell
+    path = _copy_template(template, work / "cell.fs")
+    env = dict(os.environ)
+    if variant == "today":
+        env["PYTHONPATH"] = str(baseline)
+    return _child(["--cell", variant, storage, str(threads), str(seconds), str(path)], env)
 
 
 def run_cells(
@@ -819,8 +808,8 @@ def _layer_measures(args: argparse.Namespace, figures: dict[str, Any]) -> list[s
     if any(value is not None for value in counted.values()):
         lines += [
             "",
-            "Instructions per call, one thread (valgrind's cachegrind: the same calls give the "
-            "same count on any run, whatever else the machine does):",
+            "Instructions per call, one thread (valgrind's cachegrind: the count hardly depends "
+            "on what else the machine does: three runs of a cell stayed within 1%):",
             "",
             "| storage | hand-written | store.run | ratio (hand / store.run) | target >= 0.95x |",
             "|---|---:|---:|---:|---|",
