@@ -358,8 +358,7 @@ def measure_instructions(variant: str, storage: str, work: Path, template: Path)
             timeout=900,
             check=False,
         )
-        for suffix in ("", ".index", ".lock", ".tmp"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        _remove_store(path)
         found = re.findall(r"I\s+refs:\s+([\d,]+)", out.stderr)
         if out.returncode != 0 or not found:
             raise RuntimeError(
@@ -422,10 +421,15 @@ def baseline_source(work: Path) -> Iterator[Path | None]:
     yield target / "src"
 
 
-def _copy_template(template: Path, path: Path) -> Path:
-    """A fresh copy of the template store at *path*, its index with it."""
+def _remove_store(path: Path) -> None:
+    """Remove the FileStorage at *path* and the files ZODB keeps beside it."""
     for suffix in ("", ".index", ".lock", ".tmp"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _copy_template(template: Path, path: Path) -> Path:
+    """A fresh copy of the template store at *path*, its index with it."""
+    _remove_store(path)
     shutil.copyfile(template, path)
     shutil.copyfile(f"{template}.index", f"{path}.index")
     return path

@@ -202,18 +202,9 @@ class ConnectionPool:
         if prefer is not None and self._take_idle(prefer):
             pair = prefer
         else:
-            try:
-                pair = self._local.holder.pair
-            except AttributeError:  # the thread's first call
-                pair = None
-            with self._lock:
-                if self.closing:
-                    raise self.closed_error()
-                if pair is not None and self._idle.pop(pair, True) is None:
-                    self._in_use += 1
-                else:
-                    pair = None
-            if pair is None:
+            holder = getattr(self._local, "holder", None)  # None: the thread's first call
+            pair = holder.pair if holder is not None else None
+            if pair is None or not self._take_idle(pair):
                 pair = self._acquire_another()
         pair.conn.claim()
         return pair
