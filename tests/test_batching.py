@@ -320,7 +320,8 @@ def test_batches_run_on_the_connection_of_the_last_batch_whichever_thread_combin
     seen: list[Any] = []
 
     def other_thread() -> None:
-        seen.append(patient.run(_jar_and_loads)[0])  # this thread's own connection
+        with patient.transaction() as root:  # this thread's own connection (runs take turns)
+            seen.append(_jar_and_loads(root)[0])
         ready.set()
         assert done.wait(WAIT)
 

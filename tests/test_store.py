@@ -292,8 +292,9 @@ def test_32_threads_at_once_trigger_no_pool_warning_and_leak_nothing(store, capl
     assert store.stats()["connections_open"] == 0
 
 
-def test_more_threads_than_connections_wait_instead_of_warning(tmp_path, caplog):
-    s = snaptree.open(str(tmp_path / "Data.fs"), pool_size=3)
+@pytest.mark.parametrize("take_turns", [False, True])
+def test_more_threads_than_connections_wait_instead_of_warning(tmp_path, caplog, take_turns):
+    s = snaptree.open(str(tmp_path / "Data.fs"), pool_size=3, take_turns=take_turns)
     try:
         s.run(lambda root: root.update(hits=snaptree.Counter()))
         with caplog.at_level(logging.WARNING, logger="ZODB"):
@@ -385,9 +386,12 @@ def test_a_thread_whose_tree_was_replaced_writes_to_the_new_tree(store, tmp_path
 
 
 @pytest.mark.slow
-def test_forty_threads_never_open_more_connections_than_the_pool_and_never_warn(store_uri, caplog):
+@pytest.mark.parametrize("take_turns", [False, True])
+def test_forty_threads_never_open_more_connections_than_the_pool_and_never_warn(
+    store_uri, caplog, take_turns
+):
     """40 writers and 4 snapshot readers at pool_size 32: kept connections change hands."""
-    s = snaptree.open(store_uri, pool_size=32)
+    s = snaptree.open(store_uri, pool_size=32, take_turns=take_turns)
     try:
         s.run(lambda root: root.update(hits=snaptree.Counter()))
         start = threading.Barrier(44, timeout=BARRIER_TIMEOUT)
@@ -421,7 +425,7 @@ def test_forty_threads_never_open_more_connections_than_the_pool_and_never_warn(
 
 def test_a_thread_that_ends_gives_its_connection_to_the_next_thread(store_uri):
     """The ended thread's connection is reused (warm) before a new one is opened."""
-    with snaptree.open(store_uri, pool_size=4) as s:
+    with snaptree.open(store_uri, pool_size=4, take_turns=False) as s:
         first = run_threads([lambda: s.run(_jar)])[0]
         assert run_threads([lambda: s.run(_jar)])[0] == first
         # The main thread's (it created the tree) and the one passed on: no third.
@@ -430,7 +434,7 @@ def test_a_thread_that_ends_gives_its_connection_to_the_next_thread(store_uri):
 
 def test_an_idle_threads_connection_serves_a_thread_that_needs_one(store_uri):
     """pool_size=1: the main thread keeps the only connection, idle; another thread takes it."""
-    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT) as s:
+    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT, take_turns=False) as s:
         kept = s.run(_jar)
         assert run_threads([lambda: s.run(_jar)])[0] == kept
         assert s.run(_jar) == kept  # and back
@@ -442,7 +446,7 @@ def test_an_idle_threads_connection_serves_a_thread_that_needs_one(store_uri):
 
 def test_a_call_waits_for_a_connection_held_by_a_call_in_another_thread(store_uri):
     """pool_size=1 and the one connection busy: the other call waits for it, then runs."""
-    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT) as s:
+    with snaptree.open(store_uri, pool_size=1, pool_timeout=BARRIER_TIMEOUT, take_turns=False) as s:
         inside, finish = threading.Event(), threading.Event()
 
         def hold(root: Any) -> None:

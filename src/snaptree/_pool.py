@@ -311,6 +311,7 @@ class ConnectionPool:
         read_only: bool = False,
         wait: float | None = None,
         borrow: bool = False,
+        prefer: Pair | None = None,
     ) -> Iterator[tuple[Any, Any]]:
         """Borrow a connection (as of tid *at*, if given) with its own manager, for one block.
 
@@ -319,13 +320,14 @@ class ConnectionPool:
         store closes gets StoreClosedError at once.
 
         With *borrow*, a read of the newest state from a thread between its
-        write calls borrows the thread's own kept pair instead (see
-        :meth:`_lend_own`): only for a reader that keeps none of its objects
-        past the block (an export), since the thread's next write call takes
-        every object of that connection for its own.
+        write calls borrows *prefer* or the thread's own kept pair instead,
+        whichever is idle first (see :meth:`_lend_own`): only for a reader
+        that keeps none of its objects past the block (an export), since the
+        next write call on that pair takes every object of its connection
+        for its own.
         """
         if borrow and at is None and read_only:
-            own = self._own_idle_pair()
+            own = self._own_idle_pair(prefer)
             if own is not None:
                 with self._lend_own(own) as lent:
                     yield lent
@@ -371,14 +373,15 @@ class ConnectionPool:
                     self._free += 1
                     self._wake_one()
 
-    def _own_idle_pair(self) -> Pair | None:
-        """The calling thread's kept pair, taken out of the idle ones; None if it has none idle."""
+    def _own_idle_pair(self, prefer: Pair | None) -> Pair | None:
+        """*prefer*, else the calling thread's kept pair, taken out of the idle ones; None if
+        neither is idle."""
         holder = getattr(self._local, "holder", None)
-        pair = holder.pair if holder is not None else None
-        if pair is None or not self._take_idle(pair):
-            return None
-        holder.leases += 1  # the thread's own count: only it reads it
-        return pair
+        for pair in (prefer, holder.pair if holder is not None else None):
+            if pair is not None and self._take_idle(pair):
+                self._holder().leases += 1  # the thread's own count: only it reads it
+                return pair
+        return None
 
     def _take_idle(self, pair: Pair) -> bool:
         """Take *pair* out of the idle ones, for a call or a lease; False if it is not idle

@@ -7,7 +7,8 @@ transaction manager from the pool (:mod:`snaptree._pool`), calls the
 function on the tree's root under the guards that turn silent misuse into
 errors (:mod:`snaptree._guards`), reads its result to the end
 (:mod:`snaptree._results`), and commits; a transient failure is aborted and
-tried again. Once committed, the call waits until its commit is as durable
+tried again. Calls of several threads may take turns
+(:mod:`snaptree._write_turns`). Once committed, the call waits until its commit is as durable
 as the storage's mode promises (:mod:`snaptree._durable_file`): the
 storage's count of flushed commits, read right after the commit, is what it
 waits for. Batched calls (:mod:`snaptree._batching`) take the same path with
@@ -33,6 +34,7 @@ from ._batching import BatchCommitFailed, BatchedCall, Combiner
 from ._guards import GlobalTransactionGuard, ThreadCalls, call_misuse, check_guards, misuse_error
 from ._pool import ConnectionPool, Pair
 from ._results import detach, detach_error
+from ._write_turns import Turns
 from .errors import ArgumentError, Error, MisuseError, StoreClosedError, raised_by_server
 from .paths import ROOT_KEY
 from .retry import ConflictStats, Retry, RetryPolicy, is_transient, run_with_retries
@@ -106,7 +108,8 @@ class WriteCalls:
     *durable* is the storage a call waits on after its commit
     (``wait_durable``), or None when nothing is waited for (``relaxed``, and
     storages whose durability snaptree does not decide). *locate* finds the
-    path of a conflicting object for RetriesExhausted.
+    path of a conflicting object for RetriesExhausted. *turns*, if given,
+    makes ``run`` and ``transactional`` calls take turns (:mod:`snaptree._write_turns`).
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class WriteCalls:
         stats: ConflictStats,
         durable: Any,
         locate: Callable[[bytes], str | None],
+        turns: Turns | None,
     ) -> None:
         self._pool = pool
+        self._turns = turns
         self._stats = stats
         self._durable = durable
         self._locate = locate
@@ -131,6 +136,10 @@ class WriteCalls:
             stats,
             locate,
         )
+
+    def turns_pair(self) -> Pair | None:
+        """The pair the last turn ran on, whose cache holds what the calls committed."""
+        return self._turns.pair if self._turns is not None else None
 
     def inside(self) -> bool:
         """Whether the calling thread is inside a write call."""
@@ -207,36 +216,45 @@ class WriteCalls:
         Returns the result and the storage's flushed count after the commit.
         ``root_key=None`` hands ``fn`` ZODB's own root (only for creating the tree).
         """
-        pair = self._take_pair()
-        conn, tm = pair.conn, pair.tm
-        txn = None
+        turns = self._turns
+        taken = turns is not None and turns.take()
         try:
-            # Beginning can fail transiently too: with ZEO's server_sync the
-            # begin pings a server that may be restarting.
-            txn = tm.begin()
-            if self._synchronizers:  # what they may want to know about the commit
-                txn.set_data(CallAttempt, CallAttempt(fn, number, policy.attempts, (fn,)))
-            root = conn.root() if root_key is None else pair.tree_root(root_key)
-            result = fn(root, *args, **kwargs)
-            # tm.get() raises NoTransaction if the function aborted: a misuse, below
-            if calls.used or conn.snaptree_misuse or tm.get() is not txn:
-                check_guards(calls, conn, tm, txn)
-            if result is not None:
-                result = detach(result)
-                if calls.used or conn.snaptree_misuse:  # reading a returned iterator ran code
+            if taken:  # on the pair the last turn ran on, if it is free (_write_turns)
+                pair = turns.pair = self._take_pair(turns.pair)  # type: ignore[union-attr]
+            else:
+                pair = self._take_pair()
+            conn, tm = pair.conn, pair.tm
+            txn = None
+            try:
+                # Beginning can fail transiently too: with ZEO's server_sync the
+                # begin pings a server that may be restarting.
+                txn = tm.begin()
+                if self._synchronizers:  # what they may want to know about the commit
+                    txn.set_data(CallAttempt, CallAttempt(fn, number, policy.attempts, (fn,)))
+                root = conn.root() if root_key is None else pair.tree_root(root_key)
+                result = fn(root, *args, **kwargs)
+                # tm.get() raises NoTransaction if the function aborted: a misuse, below
+                if calls.used or conn.snaptree_misuse or tm.get() is not txn:
                     check_guards(calls, conn, tm, txn)
-            flushed = self._commit(pair)
-        except Exception as exc:
-            detach_error(exc)  # before the abort: the copies hold what the function saw
-            error = self._end_attempt(pair, exc, txn)
-            if error is exc:
+                if result is not None:
+                    result = detach(result)
+                    if calls.used or conn.snaptree_misuse:  # reading a returned iterator ran code
+                        check_guards(calls, conn, tm, txn)
+                flushed = self._commit(pair)
+            except Exception as exc:
+                detach_error(exc)  # before the abort: the copies hold what the function saw
+                error = self._end_attempt(pair, exc, txn)
+                if error is exc:
+                    raise
+                raise error from exc
+            except BaseException:  # an interrupt: nothing to classify, the pair goes back
+                self._give_back(pair)
                 raise
-            raise error from exc
-        except BaseException:  # an interrupt: nothing to classify, the pair goes back all the same
-            self._give_back(pair)
-            raise
-        self._committed(pair)
-        return result, flushed
+            self._committed(pair)
+            return result, flushed
+        finally:
+            if taken:  # after the pair went back: the next turn finds it idle
+                turns.give_back()  # type: ignore[union-attr]
 
     # -- the calls -------------------------------------------------------------------
 
