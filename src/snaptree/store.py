@@ -522,8 +522,8 @@ def open(  # noqa: A001 - snaptree.open() is the API the issue asks for
 
     ``take_turns`` decides whether ``run`` and ``transactional`` calls of
     several threads take turns, one transaction at a time on one connection
-    (never longer than a few milliseconds' wait: a call whose turn does not
-    come runs alongside). By default they do on memory:// and a FileStorage,
+    (a call whose turn has not changed hands for 20 ms, or has not come
+    within 0.2 s, runs alongside instead). By default they do on memory:// and a FileStorage,
     where that commits about twice as much with four threads, and not
     through ZEO or PostgreSQL, where other threads use a commit's network
     wait. docs/store.md has the measurements.
