@@ -477,6 +477,19 @@ def test_race_passes_when_operations_keep_the_invariant(racing_bank_store, capsy
     assert store.run(bank.total) == 150
 
 
+def test_race_runs_each_workers_calls_alongside_on_its_own_connection(bank_store):
+    """Taking turns, the workers' transactions would hardly ever be open at once, and a
+    race would miss the interleavings (write skew) it is there to find."""
+    seen: set[tuple[int, int]] = set()
+
+    def note(root: Any, rng: Any) -> None:
+        seen.add((threading.get_ident(), id(root._p_jar)))
+
+    race(bank_store, [note], lambda root: None, threads=3, seconds=0.2, seed=1)
+    assert len({thread for thread, _ in seen}) == 3
+    assert len({jar for _, jar in seen}) == len(seen) == 3
+
+
 def test_race_fails_with_the_tid_the_message_and_the_seed(racing_bank_store, capsys):
     """With seed 8 the first operation of worker 0 is the lossy fee: the race must fail."""
     racing_bank_store.run(bank.transfer, "a", "c", 50)  # every account can pay a fee

@@ -176,3 +176,21 @@ def test_an_export_borrows_the_connection_the_calls_took_turns_on(store_uri, tmp
         assert opened == []
         with (tmp_path / "dump.pickle").open("rb") as dump:
             assert pickle.load(dump)["items"][-1] == 100
+
+
+def _other_threads_jar(store: snaptree.Store) -> int:
+    """The connection a new thread's call runs on."""
+    return run_threads([lambda: store.run(_jar_and_loads)[0]])[0]
+
+
+def test_calls_run_alongside_until_the_last_alongside_block_ends(store):
+    """Blocks that overlap (not nested): turns resume only when both have ended."""
+    turn_jar = store.run(_jar_and_loads)[0]
+    first, second = store.alongside(), store.alongside()
+    first.__enter__()
+    second.__enter__()
+    assert _other_threads_jar(store) != turn_jar
+    first.__exit__(None, None, None)
+    assert _other_threads_jar(store) != turn_jar
+    second.__exit__(None, None, None)
+    assert _other_threads_jar(store) == turn_jar

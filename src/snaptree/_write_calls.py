@@ -121,7 +121,9 @@ class WriteCalls:
         turns: Turns | None,
     ) -> None:
         self._pool = pool
-        self._turns = turns
+        self._turns = self._own_turns = turns
+        self._alongside = 0  # alongside() blocks open: no turns meanwhile
+        self._alongside_lock = threading.Lock()
         self._stats = stats
         self._durable = durable
         self._locate = locate
@@ -139,7 +141,21 @@ class WriteCalls:
 
     def turns_pair(self) -> Pair | None:
         """The pair the last turn ran on, whose cache holds what the calls committed."""
-        return self._turns.pair if self._turns is not None else None
+        return self._own_turns.pair if self._own_turns is not None else None
+
+    @contextmanager
+    def alongside(self) -> Iterator[None]:
+        """Calls run alongside, not taking turns, until every such block has ended."""
+        with self._alongside_lock:
+            self._alongside += 1
+            self._turns = None
+        try:
+            yield
+        finally:
+            with self._alongside_lock:
+                self._alongside -= 1
+                if not self._alongside:
+                    self._turns = self._own_turns
 
     def inside(self) -> bool:
         """Whether the calling thread is inside a write call."""
@@ -217,10 +233,12 @@ class WriteCalls:
         ``root_key=None`` hands ``fn`` ZODB's own root (only for creating the tree).
         """
         turns = self._turns
-        taken = turns is not None and turns.take()
+        if turns is not None and not (turns.lock.acquire(False) or turns.wait()):
+            turns = None  # this call runs alongside the one whose turn it is
         try:
-            if taken:  # on the pair the last turn ran on, if it is free (_write_turns)
-                pair = turns.pair = self._take_pair(turns.pair)  # type: ignore[union-attr]
+            if turns is not None:  # on the pair the last turn ran on, if it is free
+                turns.taken += 1
+                pair = turns.pair = self._take_pair(turns.pair)
             else:
                 pair = self._take_pair()
             conn, tm = pair.conn, pair.tm
@@ -253,8 +271,8 @@ class WriteCalls:
             self._committed(pair)
             return result, flushed
         finally:
-            if taken:  # after the pair went back: the next turn finds it idle
-                turns.give_back()  # type: ignore[union-attr]
+            if turns is not None:  # after the pair went back: the next turn finds it idle
+                turns.lock.release()
 
     # -- the calls -------------------------------------------------------------------
 

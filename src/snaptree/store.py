@@ -243,6 +243,16 @@ class Store:
         self._pool.check_open()
         return self._writes.transaction()
 
+    def alongside(self) -> AbstractContextManager[None]:
+        """A block during which write calls run alongside one another instead of taking turns.
+
+        For tests that look for interleavings (write skew needs two
+        transactions open at once, which turns make rare):
+        ``snaptree.testing``'s ``race`` and ``interleave`` run in one.
+        Blocks may nest and overlap; turns resume when the last one ends.
+        """
+        return self._writes.alongside()
+
     def register_synchronizer(self, synchronizer: Any) -> None:
         """Register a ``transaction`` ISynchronizer with every later write call's transaction.
 

@@ -89,7 +89,7 @@ def interleave(
             second_waits.set()
 
     thread = threading.Thread(target=run_second, name="snaptree-interleave-second", daemon=True)
-    with in_control(store):
+    with in_control(store), store.alongside():  # first must not wait for second's turn
         thread.start()
         try:
             if not second_waits.wait(timeout):
@@ -216,21 +216,23 @@ def race(
         threading.Thread(target=worker, args=(i,), name=f"snaptree-race-{i}", daemon=True)
         for i in range(threads)
     ]
-    if check("before any operation ran"):
-        for thread in workers:
-            thread.start()
-        while not failed.is_set() and time.monotonic() < deadline:
-            checked += 1
-            if not check("while the operations ran"):
-                break
-        for thread in workers:
-            thread.join(WAIT_TIMEOUT)
-        stuck = [thread.name for thread in workers if thread.is_alive()]
-        if stuck:
-            fail(f"threads still running {WAIT_TIMEOUT:g} s after the race ended: {stuck}")
-        elif not failures:
-            checked += 1
-            check("after the race")
+    # Turns would make the workers' transactions overlap rarely: interleavings are the point.
+    with store.alongside():
+        if check("before any operation ran"):
+            for thread in workers:
+                thread.start()
+            while not failed.is_set() and time.monotonic() < deadline:
+                checked += 1
+                if not check("while the operations ran"):
+                    break
+            for thread in workers:
+                thread.join(WAIT_TIMEOUT)
+            stuck = [thread.name for thread in workers if thread.is_alive()]
+            if stuck:
+                fail(f"threads still running {WAIT_TIMEOUT:g} s after the race ended: {stuck}")
+            elif not failures:
+                checked += 1
+                check("after the race")
     if failures:
         raise AssertionError(f"{failures[0]} [seed {seed}: repeat with race(..., seed={seed})]")
     return RaceReport(
