@@ -194,3 +194,29 @@ def test_calls_run_alongside_until_the_last_alongside_block_ends(store):
     assert _other_threads_jar(store) != turn_jar
     second.__exit__(None, None, None)
     assert _other_threads_jar(store) == turn_jar
+
+
+def test_a_starving_call_is_handed_the_turn_before_newcomers(monkeypatch):
+    """Python's lock lets a newcomer take the turn before a thread that has waited long;
+    a call that waited STARVING is handed the turn directly, the lock never free between."""
+    monkeypatch.setattr(_write_turns, "STARVING", 0.001)
+    monkeypatch.setattr(_write_turns, "PATIENCE", WAIT)  # it never gives up here
+    monkeypatch.setattr(_write_turns, "LONGEST_WAIT", WAIT)
+    turns = _write_turns.Turns()
+    assert turns.lock.acquire(False)  # this thread holds the turn
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(turns.wait()))
+    waiter.start()
+    queued = threading.Event()
+    for _ in range(3000):  # until the waiter has queued (bounded: 30 s)
+        if turns.starving:
+            queued.set()
+            break
+        waiter.join(0.01)
+    assert queued.is_set()
+    turns.give_back()
+    waiter.join(WAIT)
+    assert waited == [True]
+    assert not turns.lock.acquire(False)  # handed over: a newcomer finds it taken
+    turns.give_back()  # the waiter's call ends
+    assert turns.lock.acquire(False)

@@ -272,7 +272,10 @@ class WriteCalls:
             return result, flushed
         finally:
             if turns is not None:  # after the pair went back: the next turn finds it idle
-                turns.lock.release()
+                if turns.starving:
+                    turns.give_back()
+                else:
+                    turns.lock.release()
 
     # -- the calls -------------------------------------------------------------------
 
